@@ -1,0 +1,93 @@
+"""``pve-gpu-hook recover``: start the guests the hook stopped that are still off."""
+
+from __future__ import annotations
+
+import argparse
+
+from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, GpuHookError
+from pvegpuhook.log import Log
+from pvegpuhook.restore import record_label, restore
+from pvegpuhook.settings import load_settings
+from pvegpuhook.state import StateStore
+
+
+def vmid_arg(text: str) -> int:
+    from pvegpuhook.hook import parse_vmid
+
+    vmid = parse_vmid(text)
+    if vmid is None:
+        raise argparse.ArgumentTypeError(f"invalid VMID {text!r} (100-999999999)")
+    return vmid
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "recover",
+        help="start guests the hook stopped that are still off",
+        description=(
+            "Start every recorded guest that is still stopped and whose devices are free, "
+            "confirm it runs and drop its record. Guests whose GPU is held by another running "
+            "guest are reported, never forced. Safe to run again."
+        ),
+    )
+    parser.add_argument("vmids", metavar="VMID", nargs="*", type=vmid_arg, help="only these guests")
+    parser.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
+    parser.add_argument(
+        "--forget",
+        action="store_true",
+        help="drop the records of the given VMIDs without starting anything",
+    )
+    parser.add_argument(
+        "--wait", type=float, default=10.0, metavar="SECONDS", help="how long to wait for the lock"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    store = StateStore()
+    wanted = set(args.vmids)
+    if args.forget and not wanted:
+        raise GpuHookError("--forget needs the VMIDs whose records to drop", EXIT_USAGE)
+    if args.dry_run:
+        return _report(store, settings, wanted, dry_run=True)
+    store.acquire(args.wait, "recover")
+    try:
+        if store.salvaged:
+            print(f"state file was corrupt, kept aside: {store.salvaged}")
+        known = {r.vmid for r in store.load()}
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise GpuHookError(
+                f"no record for {', '.join(map(str, unknown))}: pve-gpu-hook did not stop it",
+                EXIT_USAGE,
+            )
+        if args.forget:
+            store.save([r for r in store.load() if r.vmid not in wanted])
+            for vmid in sorted(wanted):
+                Log("recover", vmid, echo=False).file("record dropped by the admin (--forget)")
+                print(f"record of {vmid} dropped; nothing was started")
+            return EXIT_OK
+        return _report(store, settings, wanted, dry_run=False)
+    finally:
+        store.release()
+
+
+def _report(store: StateStore, settings, wanted: set[int], *, dry_run: bool) -> int:
+    log = Log("recover", echo=False)
+    report = restore(
+        store, settings, log, lambda r: not wanted or r.vmid in wanted, dry_run=dry_run
+    )
+    rows = []
+    verb = "would start" if dry_run else "started"
+    rows += [(r.vmid, record_label(r), verb) for r in report.started]
+    rows += [(r.vmid, record_label(r), "already running, record dropped") for r in report.dropped]
+    rows += [(r.vmid, record_label(r), f"kept: {why}") for r, why in report.kept]
+    if not rows:
+        print("nothing to recover: no guest stopped by pve-gpu-hook is waiting")
+        return EXIT_OK
+    width = max(len(label) for _, label, _ in rows)
+    print(f"{'GUEST'.ljust(width)}  RESULT")
+    for _, label, result in sorted(rows):
+        print(f"{label.ljust(width)}  {result}")
+    return EXIT_ATTENTION if report.kept else EXIT_OK

@@ -1,0 +1,209 @@
+"""The hook's phases that act: read → plan → act → record. Imported only when there is work."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pvegpuhook import act, paths, runtime
+from pvegpuhook.errors import ConfigError
+from pvegpuhook.inventory import QEMU, Guest, Inventory
+from pvegpuhook.log import Log
+from pvegpuhook.plan import FreePlan, plan_free
+from pvegpuhook.pveconf import parse_guest_config
+from pvegpuhook.restore import record_label, restore
+from pvegpuhook.settings import Settings, load_settings
+from pvegpuhook.state import STOP_FAILED, STOPPED, Record, StateStore
+
+
+def settings_or_error(log: Log) -> tuple[Settings, ConfigError | None]:
+    """The override file's values; when invalid, the defaults plus the error (stop nobody)."""
+    try:
+        return load_settings(), None
+    except ConfigError as error:
+        log.file(f"override file invalid: {error}")
+        return Settings(), error
+
+
+def lock_timeout(settings: Settings) -> float:
+    # a recover in progress may be waiting for a guest to start
+    return float(max(settings.shutdown_timeout, settings.start_timeout) + act.GRACE)
+
+
+def job_start(log: Log) -> int:
+    _, error = settings_or_error(log)
+    if error is not None:
+        log.say(f"{error}; this job will stop no guest to free a GPU")
+    store = StateStore()
+    if store.exists():
+        for record in store.load():
+            if runtime.running(record.kind, record.vmid):
+                continue
+            for_what = f" for the backup of VM {record.for_vmid}" if record.for_vmid else ""
+            log.say(
+                f"{record_label(record)} is still off since {_when(record.since)}: "
+                f"stopped{for_what} "
+                "by an interrupted job; it will be started at job end "
+                "(or now with 'pve-gpu-hook recover')"
+            )
+    return 0
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
+
+
+def backup_start(log: Log, vmid: int, text: str) -> int:
+    """Free every unit the stopped VM ``vmid`` will claim when vzdump starts it paused."""
+    if runtime.vm_running(vmid):
+        return 0  # a running VM gives its devices up and takes them back itself
+    guest = Guest(vmid, QEMU, parse_guest_config(text, paths.qemu_conf(vmid)))
+    if guest.template:
+        return 0  # templates are started with their disks only
+    inventory = Inventory()
+    needs = inventory.needs(guest, for_start=True)
+    for warning in inventory.warnings:
+        log.say(f"warning: {warning}")
+    if not needs:
+        return 0
+    settings, config_error = settings_or_error(log)
+    store = StateStore()
+    store.acquire(lock_timeout(settings), f"backup-start of VM {vmid}")
+    try:
+        plan = plan_free(guest, needs, inventory.holders(exclude={vmid}), settings.protect)
+        if not plan.stops and plan.refusal is None:
+            log.file("every device it needs is free")
+            return 0
+        first = plan.refusal.address if plan.refusal else plan.stops[0].address
+        if config_error is not None:
+            log.error(f"cannot free {first} for VM {vmid}: {config_error}; stopping nobody")
+            return 1
+        if plan.refusal is not None:
+            refusal = plan.refusal
+            log.error(
+                f"cannot free {refusal.address} for VM {vmid}: "
+                f"{refusal.holder.guest.label} {refusal.reason}"
+            )
+            return 1
+        return _stop_holders(log, store, settings, plan)
+    finally:
+        store.release()
+
+
+def _stop_holders(log: Log, store: StateStore, settings: Settings, plan: FreePlan) -> int:
+    vmid = plan.target.vmid
+    job = os.getppid()
+    for stop in plan.stops:
+        guest = stop.holder.guest
+        record = Record(
+            guest.vmid,
+            guest.kind,
+            guest.name,
+            vmid,
+            sorted({c.address for c in stop.holder.claims}),
+            job=job,
+        )
+        records = [r for r in store.load() if r.vmid != guest.vmid]
+        store.save([*records, record])  # before the guest is touched: a crash leaves the record
+        timeout = settings.shutdown_timeout
+        outcome = act.shutdown(guest.kind, guest.vmid, timeout)
+        how = "shut down"
+        if not outcome.ok and settings.force_stop:
+            log.file(f"{guest.label} did not shut down ({outcome.detail}); force_stop: stopping it")
+            outcome = act.hard_stop(guest.kind, guest.vmid)
+            how = "stopped hard (force_stop) after a shutdown timeout,"
+        _set_status(store, guest.vmid, STOPPED if outcome.ok else STOP_FAILED, outcome.detail)
+        if not outcome.ok:
+            why = (
+                f"{guest.label} did not shut down within {timeout} s"
+                if how == "shut down"
+                else f"{guest.label} could not be stopped"
+            )
+            log.file(f"{why}: {outcome.detail}")
+            log.error(f"cannot free {stop.address} for VM {vmid}: {why}")
+            return 1
+        log.say(
+            f"{guest.label} {how} in {outcome.seconds:.0f} s: it held {stop.address}, "
+            f"needed by VM {vmid}; it will be started again after "
+            f"{'this backup' if settings.restore == 'after-guest' else 'the job'}"
+        )
+    return 0
+
+
+def _set_status(store: StateStore, vmid: int, status: str, note: str) -> None:
+    records = store.load()
+    for record in records:
+        if record.vmid == vmid:
+            record.status = status
+            record.note = note[:500] or None
+    store.save(records)
+
+
+def log_end(log: Log, vmid: int) -> int:
+    settings, _ = settings_or_error(log)  # an invalid override file never keeps guests off
+    if settings.restore != "after-guest":
+        return 0
+    store = StateStore()
+    if not any(r.for_vmid == vmid for r in store.load()):
+        return 0
+    # the paused QEMU vzdump started for the backup must be gone before the holders can start
+    deadline = time.monotonic() + settings.shutdown_timeout
+    if not act.wait_until(lambda: not runtime.vm_running(vmid), deadline):
+        log.say(f"VM {vmid} still runs; guests stopped for it will be started at job end")
+        return 0
+    store.acquire(lock_timeout(settings), f"log-end of VM {vmid}")
+    try:
+        restore(store, settings, log, lambda r: r.for_vmid == vmid)
+    finally:
+        store.release()
+    return 0  # a failed start keeps its record; job-end retries it and fails the job
+
+
+def job_end(log: Log) -> int:
+    settings, _ = settings_or_error(log)
+    store = StateStore()
+    store.acquire(lock_timeout(settings), f"{log.phase}")
+    try:
+        report = restore(store, settings, log, lambda r: True)
+    finally:
+        store.release()
+    if report.ok:
+        return 0
+    names = ", ".join(record_label(r) for r, _ in report.kept)
+    log.error(
+        f"{len(report.kept)} guest(s) stopped to free a GPU are not running again: {names}; "
+        "see 'pve-gpu-hook status', then run 'pve-gpu-hook recover'"
+    )
+    return 1
+
+
+def chain_problem(script: str) -> str | None:
+    """Why a chained hook must not run, or None: absolute, root-owned, not group/world-writable."""
+    import stat
+
+    if not os.path.isabs(script):
+        return "is not an absolute path"
+    try:
+        info = os.stat(script)
+    except OSError as error:
+        return f"cannot be read: {error.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_uid != 0:
+        return f"is owned by uid {info.st_uid}, not root"
+    if info.st_mode & 0o022:
+        return "is writable by group or others"
+    if not info.st_mode & 0o100:
+        return "is not executable"
+    return None
+
+
+def run_chain(log: Log, argv: list[str]) -> int:
+    script = StateStore().chain()
+    if script is None:
+        return 0
+    problem = chain_problem(paths.host(script))
+    if problem is not None:
+        log.error(f"chained hook {script} {problem}: not run")
+        return 1
+    return act.run_chained(paths.host(script), argv)

@@ -1,0 +1,175 @@
+"""The vzdump hook: ``vzdump-hook PHASE [MODE VMID]`` (``python3 -m pvegpuhook.hook``).
+
+A phase → handler table. vzdump empties the environment (no PATH) and turns our stdout/stderr
+into task-log lines; a non-zero exit fails the job or the guest's backup depending on the phase
+(DESIGN §3.1), so phases where failing would do harm never fail. Phases with nothing to do import
+almost nothing: this runs for every guest of every backup job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pvegpuhook.log import Log
+
+JOB_PHASES = ("job-init", "job-start", "job-end", "job-abort")
+GUEST_PHASES = (
+    "backup-start",
+    "pre-stop",
+    "pre-restart",
+    "post-restart",
+    "backup-end",
+    "backup-abort",
+    "log-end",
+)
+# failing here would abort the whole job before any lock (job-init) or keep vzdump from starting
+# the guest again (pre-restart, post-restart)
+NEVER_FAIL = ("job-init", "pre-restart", "post-restart")
+MAX_VMID = 999999999
+
+
+class Call:
+    """One invocation of the hook, as vzdump made it."""
+
+    __slots__ = ("argv", "phase", "mode", "vmid", "vmtype", "log")
+
+    def __init__(self, argv: list[str], phase: str, mode: str | None, vmid: int | None) -> None:
+        self.argv = argv
+        self.phase = phase
+        self.mode = mode
+        self.vmid = vmid
+        self.vmtype = os.environ.get("VMTYPE")
+        self.log = Log(phase, vmid)
+
+
+def parse_vmid(text: str) -> int | None:
+    if not text.isdigit() or not text.isascii() or len(text) > 9 or text.startswith("0"):
+        return None
+    vmid = int(text)
+    return vmid if 100 <= vmid <= MAX_VMID else None
+
+
+def nothing(call: Call) -> int:
+    return 0
+
+
+def job_start(call: Call) -> int:
+    from pvegpuhook import handlers
+
+    return handlers.job_start(call.log)
+
+
+def backup_start(call: Call) -> int:
+    assert call.vmid is not None
+    if call.vmtype == "lxc":
+        return 0  # vzdump never starts a stopped CT, so a CT backup needs no device
+    from pvegpuhook import paths
+    from pvegpuhook.pveconf import read_text
+
+    text = read_text(paths.qemu_conf(call.vmid))
+    if text is None or ("hostpci" not in text and "vfio" not in text):
+        return 0  # no passthrough at all: the common case, decided without parsing
+    from pvegpuhook import handlers
+
+    return handlers.backup_start(call.log, call.vmid, text)
+
+
+def log_end(call: Call) -> int:
+    from pvegpuhook import paths
+
+    if not os.path.exists(paths.host(paths.STATE_DIR, "state.json")):
+        return 0
+    from pvegpuhook import handlers
+
+    assert call.vmid is not None
+    return handlers.log_end(call.log, call.vmid)
+
+
+def job_end(call: Call) -> int:
+    from pvegpuhook import paths
+
+    if not os.path.exists(paths.host(paths.STATE_DIR, "state.json")):
+        return 0
+    from pvegpuhook import handlers
+
+    return handlers.job_end(call.log)
+
+
+HANDLERS = {
+    "job-init": nothing,  # runs before vzdump's node lock: nothing stateful here
+    "job-start": job_start,
+    "backup-start": backup_start,
+    "pre-stop": nothing,
+    "pre-restart": nothing,
+    "post-restart": nothing,
+    "backup-end": nothing,
+    "backup-abort": nothing,
+    "log-end": log_end,
+    "job-end": job_end,
+    "job-abort": job_end,
+}
+
+
+def parse_argv(argv: list[str]) -> Call | str:
+    """A Call, or the reason the arguments are not a vzdump hook call."""
+    if not argv:
+        return "usage: vzdump-hook PHASE [MODE VMID] (called by vzdump)"
+    phase = argv[0]
+    if phase in GUEST_PHASES:
+        if len(argv) < 3:
+            return f"phase {phase} needs MODE and VMID"
+        vmid = parse_vmid(argv[2])
+        if vmid is None:
+            return f"invalid VMID {argv[2]!r}"
+        return Call(argv, phase, argv[1], vmid)
+    return Call(argv, phase, None, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    call = parse_argv(argv)
+    if isinstance(call, str):
+        phase = argv[0] if argv else "?"
+        Log(phase).error(call)
+        return 0 if phase in NEVER_FAIL else 2
+    call.log.file(f"called: {' '.join(argv)}")
+    handler = HANDLERS.get(call.phase, nothing)  # unknown phases: a newer vzdump; tolerate
+    try:
+        code = handler(call)
+    except Exception as error:  # noqa: BLE001 - the hook must answer vzdump, whatever happened
+        code = report_crash(call, error)
+    if call.phase in NEVER_FAIL:
+        code = 0
+    chained = run_chain(call)
+    return code or chained
+
+
+def report_crash(call: Call, error: Exception) -> int:
+    from pvegpuhook.errors import GpuHookError
+
+    if isinstance(error, GpuHookError):
+        call.log.error(str(error))
+        return error.exit_code
+    import traceback
+
+    call.log.error(f"internal error: {type(error).__name__}: {error} (details in the log file)")
+    for line in traceback.format_exc().splitlines():
+        call.log.file(line)
+    return 1
+
+
+def run_chain(call: Call) -> int:
+    """Run the hook that was active before ours (``register --chain``), same argv and env."""
+    from pvegpuhook import paths
+
+    chain_file = paths.host(paths.STATE_DIR, "chain")
+    if not os.path.exists(chain_file):
+        return 0
+    from pvegpuhook import handlers
+
+    return handlers.run_chain(call.log, call.argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

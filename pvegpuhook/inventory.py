@@ -1,0 +1,197 @@
+"""The model of the node, read lazily: guests, their claims, and the running guests holding units.
+
+Reading is proportional to what a decision needs: the guest being backed up plus the guests that
+run now, never every config of the node.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pvegpuhook import paths, pci, runtime
+from pvegpuhook.claims import EXCLUSIVE, Claim, ClaimReader, Need, vfio_hosts
+from pvegpuhook.pveconf import (
+    GuestConfig,
+    ha_managed,
+    node_name,
+    parse_guest_config,
+    read_text,
+    startup_order,
+)
+
+QEMU = "qemu"
+LXC = "lxc"
+
+
+class Guest:
+    __slots__ = ("vmid", "kind", "config")
+
+    def __init__(self, vmid: int, kind: str, config: GuestConfig) -> None:
+        self.vmid = vmid
+        self.kind = kind
+        self.config = config
+
+    @property
+    def name(self) -> str | None:
+        return self.config.values().get("name" if self.kind == QEMU else "hostname")
+
+    @property
+    def template(self) -> bool:
+        return self.config.values().get("template", "0") in ("1", "yes", "on", "true")
+
+    @property
+    def onboot(self) -> bool:
+        return self.config.values().get("onboot", "0") in ("1", "yes", "on", "true")
+
+    @property
+    def startup_order(self) -> int | None:
+        return startup_order(self.config.values().get("startup"))
+
+    @property
+    def lock(self) -> str | None:
+        return self.config.values().get("lock")
+
+    @property
+    def label(self) -> str:
+        return describe(self.kind, self.vmid, self.name)
+
+
+def describe(kind: str, vmid: int, name: str | None = None) -> str:
+    word = "VM" if kind == QEMU else "CT"
+    return f"{word} {vmid} ({name})" if name else f"{word} {vmid}"
+
+
+def config_path(kind: str, vmid: int) -> str:
+    return paths.qemu_conf(vmid) if kind == QEMU else paths.lxc_conf(vmid)
+
+
+def guest_kind(vmid: int) -> str | None:
+    if os.path.exists(paths.qemu_conf(vmid)):
+        return QEMU
+    if os.path.exists(paths.lxc_conf(vmid)):
+        return LXC
+    return None
+
+
+def load_guest(vmid: int, kind: str | None = None) -> Guest | None:
+    kind = kind or guest_kind(vmid)
+    if kind is None:
+        return None
+    path = config_path(kind, vmid)
+    text = read_text(path)
+    if text is None:
+        return None
+    return Guest(vmid, kind, parse_guest_config(text, path))
+
+
+def local_vmids() -> dict[int, str]:
+    """Every guest configured on this node: vmid → kind."""
+    found: dict[int, str] = {}
+    for kind, folder in ((QEMU, "etc/pve/qemu-server"), (LXC, "etc/pve/lxc")):
+        try:
+            names = os.listdir(paths.host(folder))
+        except OSError:
+            continue
+        for name in names:
+            stem = name[:-5]
+            if name.endswith(".conf") and stem.isdigit():
+                found.setdefault(int(stem), kind)
+    return dict(sorted(found.items()))
+
+
+def all_guests() -> list[Guest]:
+    """Every guest of this node, in VMID order (for the CLI; the hook never needs them all)."""
+    guests = []
+    for vmid, kind in local_vmids().items():
+        guest = load_guest(vmid, kind)
+        if guest is not None:
+            guests.append(guest)
+    return guests
+
+
+class Holder:
+    """A running guest and the claims it holds now."""
+
+    __slots__ = ("guest", "claims")
+
+    def __init__(self, guest: Guest, claims: list[Claim]) -> None:
+        self.guest = guest
+        self.claims = claims
+
+    @property
+    def vmid(self) -> int:
+        return self.guest.vmid
+
+
+class Inventory:
+    def __init__(self) -> None:
+        self.sysfs = pci.Sysfs()
+        self.node = node_name()
+        self.reader = ClaimReader(self.sysfs, self.node)
+        self._ha: set[int] | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.reader.warnings
+
+    def ha_managed(self) -> set[int]:
+        if self._ha is None:
+            self._ha = ha_managed()
+        return self._ha
+
+    def needs(self, guest: Guest, *, for_start: bool) -> list[Need]:
+        """A VM's passthrough needs; ``for_start``: as its next start sees them (pending too)."""
+        if guest.kind != QEMU:
+            return []
+        self.warnings.extend(w for w in guest.config.warnings if w not in self.warnings)
+        return self.reader.vm_needs(guest.config, with_pending=for_start)
+
+    def claims_of_stopped(self, guest: Guest) -> list[Claim]:
+        """What a guest would hold if started now (every alternative of a mapping)."""
+        if guest.kind == QEMU:
+            return [c for need in self.needs(guest, for_start=True) for c in need.claims()]
+        return self.reader.ct_claims(guest.config, with_pending=True)
+
+    def holders(self, exclude: set[int] | None = None) -> list[Holder]:
+        """Every running guest that holds at least one PCI unit."""
+        exclude = exclude or set()
+        reserved = runtime.reservations()
+        result: list[Holder] = []
+        for vmid in runtime.vm_candidates():
+            if vmid in exclude:
+                continue
+            argv = runtime.qemu_cmdline(vmid)
+            if argv is None:
+                continue
+            holder = self._vm_holder(vmid, argv, reserved.get(vmid, []))
+            if holder is not None:
+                result.append(holder)
+        for vmid in runtime.running_cts():
+            if vmid in exclude:
+                continue
+            text = read_text(paths.lxc_conf(vmid))
+            if text is None or not ("dev" in text or "lxc." in text):
+                continue
+            guest = Guest(vmid, LXC, parse_guest_config(text, paths.lxc_conf(vmid)))
+            claims = self.reader.ct_claims(guest.config)
+            if claims:
+                result.append(Holder(guest, claims))
+        return result
+
+    def _vm_holder(self, vmid: int, argv: list[str], reserved: list[str]) -> Holder | None:
+        path = paths.qemu_conf(vmid)
+        text = read_text(path) or ""
+        guest = Guest(vmid, QEMU, parse_guest_config(text, path))
+        claims: list[Claim] = []
+        for raw in vfio_hosts(argv) + reserved:
+            address = pci.normalize(raw)
+            if address is not None and all(c.address != address for c in claims):
+                claims.append(Claim(address, self.sysfs.units(address), EXCLUSIVE, "running"))
+        if "hostpci" in text or "vfio" in text:
+            for need in self.reader.vm_needs(guest.config, with_pending=False):
+                # a mapping with several alternatives: only the running process says which
+                if len(need.alternatives) == 1:
+                    claims.extend(need.alternatives[0])
+        if not claims:
+            return None
+        return Holder(guest, claims)

@@ -1,0 +1,38 @@
+"""Every host path the library reads or writes, relative to one root.
+
+``PVE_GPU_HOOK_ROOT`` (default ``/``) stands for ``/`` so that the tests and the demo can run the
+real code against a fake node tree. Nothing else in the library builds an absolute host path.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def root() -> str:
+    return os.environ.get("PVE_GPU_HOOK_ROOT") or "/"
+
+
+def host(*parts: str) -> str:
+    """The path of host file ``/parts...`` under the current root."""
+    return os.path.join(root(), *(part.lstrip("/") for part in parts))
+
+
+def qemu_conf(vmid: int) -> str:
+    return host("etc/pve/qemu-server", f"{vmid}.conf")
+
+
+def lxc_conf(vmid: int) -> str:
+    return host("etc/pve/lxc", f"{vmid}.conf")
+
+
+STATE_DIR = "var/lib/pve-gpu-hook"
+LOCK_FILE = "run/lock/pve-gpu-hook.lock"
+LOG_FILE = "var/log/pve-gpu-hook.log"
+OVERRIDE_FILE = "etc/pve-gpu-hook/config.yaml"
+VZDUMP_CONF = "etc/vzdump.conf"
+PCI_MAPPING = "etc/pve/mapping/pci.cfg"
+HA_RESOURCES = "etc/pve/ha/resources.cfg"
+RESERVATIONS = "run/qemu-server/pci-id-reservations"
+QM = "usr/sbin/qm"
+PCT = "usr/sbin/pct"

@@ -1,0 +1,207 @@
+"""PCI addresses and what sysfs says about them: functions, IOMMU groups, drivers, device nodes.
+
+The unit of exclusivity is the IOMMU group, because PVE binds the whole group to vfio-pci when a VM
+starts. Without sysfs information we fall back to the whole device (every function of
+``dddd:bb:dd``); an SR-IOV virtual function is its own unit.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pvegpuhook import paths
+
+TYPE_CHECKING = False  # typing costs ~7 ms of import on the hook path
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+NVIDIA_MAJOR = 195
+DRM_MAJOR = 226
+_HEX = "0123456789abcdef"
+
+
+def _is_hex(text: str, width: int) -> bool:
+    return len(text) == width and all(c in _HEX for c in text)
+
+
+def normalize(text: str) -> str | None:
+    """``01:00`` → ``0000:01:00``, ``1:00.0``-style junk → None, ``0000:01:00.1`` unchanged.
+
+    Returns the full function address, or the device address when no function is given.
+    """
+    text = text.strip().lower()
+    parts = text.split(":")
+    if len(parts) == 2:
+        parts.insert(0, "0000")
+    if len(parts) != 3:
+        return None
+    domain, bus, rest = parts
+    slot, dot, function = rest.partition(".")
+    if not (_is_hex(domain, 4) and _is_hex(bus, 2) and _is_hex(slot, 2)):
+        return None
+    if dot and not (len(function) == 1 and function in "01234567"):
+        return None
+    return f"{domain}:{bus}:{slot}.{function}" if dot else f"{domain}:{bus}:{slot}"
+
+
+def device_of(address: str) -> str:
+    """``0000:01:00.1`` → ``0000:01:00``."""
+    return address.partition(".")[0]
+
+
+def _link_name(path: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+class Sysfs:
+    """Read-only, cached view of the node's PCI devices under the root."""
+
+    def __init__(self) -> None:
+        self._devices_dir = paths.host("sys/bus/pci/devices")
+        self._all: list[str] | None = None
+        self._units: dict[str, str] = {}
+        self._nvidia: dict[int, str] | None = None
+
+    def all_functions(self) -> list[str]:
+        if self._all is None:
+            try:
+                self._all = sorted(os.listdir(self._devices_dir))
+            except OSError:
+                self._all = []
+        return self._all
+
+    def exists(self, address: str) -> bool:
+        if "." in address:
+            return os.path.isdir(os.path.join(self._devices_dir, address))
+        return bool(self.functions(address))
+
+    def functions(self, address: str) -> list[str]:
+        """Every function a (short or full) address stands for that sysfs knows."""
+        if "." in address:
+            return [address] if os.path.isdir(os.path.join(self._devices_dir, address)) else []
+        prefix = address + "."
+        return [a for a in self.all_functions() if a.startswith(prefix)]
+
+    def unit(self, function: str) -> str:
+        """The exclusivity unit of a function: ``group:N``, ``fn:<addr>`` (VF) or ``dev:<addr>``."""
+        cached = self._units.get(function)
+        if cached is not None:
+            return cached
+        base = os.path.join(self._devices_dir, function)
+        group = _link_name(os.path.join(base, "iommu_group"))
+        if group is not None:
+            unit = f"group:{group}"
+        elif os.path.lexists(os.path.join(base, "physfn")):
+            unit = f"fn:{function}"
+        else:
+            unit = f"dev:{device_of(function)}"
+        self._units[function] = unit
+        return unit
+
+    def units(self, address: str) -> frozenset[str]:
+        """Units of a short or full address; an address sysfs lacks falls back to its device."""
+        functions = self.functions(address)
+        if not functions:
+            return frozenset({f"dev:{device_of(address)}"})
+        return frozenset(self.unit(f) for f in functions)
+
+    def group_members(self, group: str) -> list[str]:
+        try:
+            return sorted(os.listdir(paths.host("sys/kernel/iommu_groups", group, "devices")))
+        except OSError:
+            return []
+
+    def driver(self, function: str) -> str | None:
+        return _link_name(os.path.join(self._devices_dir, function, "driver"))
+
+    def attribute(self, function: str, name: str) -> str | None:
+        value = _read(os.path.join(self._devices_dir, function, name))
+        return value.strip() if value is not None else None
+
+    def is_vf(self, function: str) -> bool:
+        return os.path.lexists(os.path.join(self._devices_dir, function, "physfn"))
+
+    def mdev_capable(self, function: str) -> bool:
+        return os.path.isdir(os.path.join(self._devices_dir, function, "mdev_supported_types"))
+
+    # Device nodes used by containers → PCI functions.
+
+    def drm_device(self, name: str) -> str | None:
+        """``card0`` / ``renderD128`` → PCI function, through ``/sys/class/drm/<name>/device``."""
+        return _link_name(paths.host("sys/class/drm", name, "device"))
+
+    def drm_names(self) -> list[str]:
+        try:
+            names = os.listdir(paths.host("sys/class/drm"))
+        except OSError:
+            return []
+        return sorted(n for n in names if n.startswith(("card", "renderD")) and "-" not in n)
+
+    def nvidia_minors(self) -> dict[int, str]:
+        """``/dev/nvidiaN`` minor → PCI function (``/proc/driver/nvidia/gpus/*/information``)."""
+        if self._nvidia is None:
+            self._nvidia = {}
+            base = paths.host("proc/driver/nvidia/gpus")
+            try:
+                gpus = os.listdir(base)
+            except OSError:
+                gpus = []
+            for gpu in gpus:
+                for line in (_read(os.path.join(base, gpu, "information")) or "").splitlines():
+                    key, _, value = line.partition(":")
+                    if key.strip() == "Device Minor" and value.strip().isdigit():
+                        address = normalize(gpu)
+                        if address:
+                            self._nvidia[int(value.strip())] = address
+        return self._nvidia
+
+    def node_functions(self, node: str) -> list[str]:
+        """PCI functions behind a device node path as used in a CT config (may be empty)."""
+        node = node.strip()
+        if node.startswith("/dev/dri/by-path/pci-"):
+            address = normalize(node[len("/dev/dri/by-path/pci-") :].rsplit("-", 1)[0])
+            return [address] if address else []
+        if node.rstrip("/") == "/dev/dri":
+            return self._dedupe(self.drm_device(n) for n in self.drm_names())
+        if node.startswith("/dev/dri/"):
+            found = self.drm_device(node[len("/dev/dri/") :])
+            return [found] if found else []
+        if node.startswith("/dev/nvidia") and node[len("/dev/nvidia") :].isdigit():
+            found = self.nvidia_minors().get(int(node[len("/dev/nvidia") :]))
+            return [found] if found else []
+        return []
+
+    def char_functions(self, major: int, minor: int | None) -> list[str]:
+        """PCI functions behind a cgroup device rule ``c MAJOR:MINOR`` (minor None = ``*``)."""
+        if major == NVIDIA_MAJOR:
+            minors = self.nvidia_minors()
+            if minor is None:
+                return self._dedupe(minors.values())
+            found = minors.get(minor)
+            return [found] if found else []
+        if major == DRM_MAJOR:
+            if minor is None:
+                return self._dedupe(self.drm_device(n) for n in self.drm_names())
+            name = f"card{minor}" if minor < 128 else f"renderD{minor}"
+            found = self.drm_device(name)
+            return [found] if found else []
+        return []
+
+    @staticmethod
+    def _dedupe(items: Iterable[str | None]) -> list[str]:
+        seen: list[str] = []
+        for item in items:
+            if item and item not in seen:
+                seen.append(item)
+        return seen

@@ -1,0 +1,232 @@
+"""Parsers for PVE's own files: guest configs, the PCI mapping, HA resources, the node name.
+
+Parsers never raise on bad content: a line they cannot read becomes a warning naming the file and
+line, and is skipped. Only the main section of a guest config is its current config; ``[PENDING]``
+/ ``[pve:pending]`` holds changes applied at the next start; every other section (snapshots,
+``[special:cloudinit]``, ``[vzdump]``...) is ignored.
+"""
+
+from __future__ import annotations
+
+from pvegpuhook import paths
+
+PENDING_SECTIONS = ("PENDING", "pve:pending")
+
+
+def read_text(path: str) -> str | None:
+    """A file's text, or None when it does not exist or cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _valid_key(key: str) -> bool:
+    if not key or not key[0].isalpha():
+        return False
+    return all(c.isalnum() or c in "_-." for c in key) and key == key.lower()
+
+
+class GuestConfig:
+    """One guest config file: main-section entries, pending entries and parse warnings.
+
+    Keys that may repeat (``lxc.*``) keep every value; other keys keep the last one, as PVE does.
+    """
+
+    __slots__ = ("path", "main", "pending", "pending_delete", "warnings")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.main: list[tuple[str, str, int]] = []
+        self.pending: list[tuple[str, str, int]] = []
+        self.pending_delete: set[str] = set()
+        self.warnings: list[str] = []
+
+    def values(self, with_pending: bool = False) -> dict[str, str]:
+        """Single-valued keys of the current config (with pending changes applied if asked)."""
+        result = {k: v for k, v, _ in self.main if not k.startswith("lxc.")}
+        if with_pending:
+            for key in self.pending_delete:
+                result.pop(key, None)
+            result.update({k: v for k, v, _ in self.pending if not k.startswith("lxc.")})
+        return result
+
+    def raw_entries(self, with_pending: bool = False) -> list[tuple[str, str, int]]:
+        """Every entry of the current config, repeated ``lxc.*`` ones too, with line numbers."""
+        if not with_pending or not (self.pending or self.pending_delete):
+            return list(self.main)
+        pending_keys = {k for k, _, _ in self.pending}
+        kept = [
+            e for e in self.main if e[0] not in pending_keys and e[0] not in self.pending_delete
+        ]
+        return kept + list(self.pending)
+
+    def line_of(self, key: str) -> int | None:
+        for k, _, line in reversed(self.main):
+            if k == key:
+                return line
+        return None
+
+    def has_pending(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k, _, _ in self.pending) or any(
+            k.startswith(prefix) for k in self.pending_delete
+        )
+
+
+def parse_guest_config(text: str, path: str) -> GuestConfig:
+    config = GuestConfig(path)
+    section: str | None = None  # None = main section
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            name = line[1:].partition("]")[0].strip()
+            section = name or "?"
+            continue
+        if section is not None and section not in PENDING_SECTIONS:
+            continue  # snapshot and special sections are not the current config
+        if line.startswith("lxc."):
+            # raw LXC keys may use ':' or '=' as separator
+            cuts = [i for i in (line.find(":"), line.find("=")) if i > 0]
+            cut = min(cuts) if cuts else -1
+        else:
+            cut = line.find(":")
+        key = line[:cut].strip() if cut > 0 else ""
+        if not _valid_key(key):
+            config.warnings.append(f"{path}:{number}: cannot parse {_shorten(raw)!r}, line ignored")
+            continue
+        value = line[cut + 1 :].strip()
+        target = config.main if section is None else config.pending
+        if section is not None and key == "delete":
+            config.pending_delete.update(k.strip() for k in value.split(",") if k.strip())
+        else:
+            target.append((key, value, number))
+    return config
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def split_options(value: str) -> tuple[str | None, dict[str, str]]:
+    """``host,key=v,key2=w`` → (``host``, {key: v}); a first item with ``=`` is an option too."""
+    first: str | None = None
+    options: dict[str, str] = {}
+    for index, item in enumerate(value.split(",")):
+        item = item.strip()
+        if not item:
+            continue
+        key, eq, val = item.partition("=")
+        if eq:
+            options[key.strip()] = val.strip()
+        elif index == 0:
+            first = item
+        else:
+            options[item] = ""
+    return first, options
+
+
+def startup_order(value: str | None) -> int | None:
+    """``order=2,up=30`` → 2 (PVE also accepts a bare number)."""
+    if not value:
+        return None
+    first, options = split_options(value)
+    order = options.get("order", first)
+    return int(order) if order and order.isdigit() else None
+
+
+class MapEntry:
+    """One ``map`` line of a PCI mapping: an alternative set of functions on one node."""
+
+    __slots__ = ("node", "paths", "iommugroup", "line")
+
+    def __init__(self, node: str, paths_: list[str], iommugroup: str | None, line: int) -> None:
+        self.node = node
+        self.paths = paths_
+        self.iommugroup = iommugroup
+        self.line = line
+
+
+class PciMapping:
+    __slots__ = ("name", "entries", "mdev", "line")
+
+    def __init__(self, name: str, line: int) -> None:
+        self.name = name
+        self.entries: list[MapEntry] = []
+        self.mdev = False
+        self.line = line
+
+    def for_node(self, node: str) -> list[MapEntry]:
+        return [e for e in self.entries if e.node == node]
+
+
+def parse_pci_mapping(text: str, path: str) -> tuple[dict[str, PciMapping], list[str]]:
+    """``/etc/pve/mapping/pci.cfg``: a name line, then tab-indented ``map``/``mdev`` lines."""
+    mappings: dict[str, PciMapping] = {}
+    warnings: list[str] = []
+    current: PciMapping | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        if not raw[0].isspace():
+            name = raw.strip()
+            if ":" in name:  # tolerate a "type: name" header
+                name = name.split(":", 1)[1].strip()
+            current = mappings.setdefault(name, PciMapping(name, number))
+            continue
+        if current is None:
+            warnings.append(f"{path}:{number}: property outside of a mapping, line ignored")
+            continue
+        key, _, value = raw.strip().partition(" ")
+        value = value.strip()
+        if key == "map":
+            _, props = split_options(value)
+            node = props.get("node")
+            ids = [p for p in props.get("path", "").split(";") if p]
+            if not node or not ids:
+                warnings.append(f"{path}:{number}: map line without node= or path=, ignored")
+                continue
+            current.entries.append(MapEntry(node, ids, props.get("iommugroup"), number))
+        elif key == "mdev":
+            current.mdev = value in ("1", "true")
+    return mappings, warnings
+
+
+def load_pci_mapping() -> tuple[dict[str, PciMapping], list[str]]:
+    path = paths.host(paths.PCI_MAPPING)
+    text = read_text(path)
+    if text is None:
+        return {}, []
+    return parse_pci_mapping(text, path)
+
+
+def parse_ha_resources(text: str) -> set[int]:
+    """VMIDs of HA-managed guests (``vm: 104`` / ``ct: 200`` headers)."""
+    managed: set[int] = set()
+    for raw in text.splitlines():
+        if not raw or raw[0].isspace():
+            continue
+        kind, _, rest = raw.partition(":")
+        sid = rest.strip()
+        if kind.strip() in ("vm", "ct", "service") and sid:
+            number = sid.rpartition(":")[2]
+            if number.isdigit():
+                managed.add(int(number))
+    return managed
+
+
+def ha_managed() -> set[int]:
+    return parse_ha_resources(read_text(paths.host(paths.HA_RESOURCES)) or "")
+
+
+def node_name() -> str:
+    """The local node's name, as PVE derives it: the short host name."""
+    text = read_text(paths.host("etc/hostname")) or ""
+    name = text.strip().split(".", 1)[0]
+    if name:
+        return name
+    import socket
+
+    return socket.gethostname().split(".", 1)[0]

@@ -1,0 +1,141 @@
+"""Put recorded guests back: read → plan (pure) → act → record, shared by the hook and ``recover``.
+
+The caller holds the state lock. Each start is confirmed before its record is dropped; a guest that
+does not come back keeps its record, marked ``start-failed``, and is reported.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pvegpuhook import act, runtime
+from pvegpuhook.inventory import Inventory, describe, load_guest
+from pvegpuhook.log import Log
+from pvegpuhook.plan import BLOCKED, DROP, MISSING, START, WAIT, RestoreStep, plan_restore
+from pvegpuhook.settings import Settings
+from pvegpuhook.state import START_FAILED, STOPPING, Record, StateStore
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+def record_label(record: Record) -> str:
+    return describe(record.kind, record.vmid, record.name)
+
+
+def minutes(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def survey(records: list[Record], inventory: Inventory, settings: Settings) -> list[RestoreStep]:
+    """Read what the restore decision needs, then plan it."""
+    running = {r.vmid for r in records if runtime.running(r.kind, r.vmid)}
+    orders: dict[int, int | None] = {}
+    missing: set[int] = set()
+    blocked: dict[int, str] = {}
+    settle_after = settings.shutdown_timeout + act.GRACE
+    settling = {
+        r.vmid
+        for r in records
+        if r.vmid in running and r.status == STOPPING and time.time() - r.since < settle_after
+    }
+    holders = None
+    for record in records:
+        guest = load_guest(record.vmid, record.kind)
+        if guest is None:
+            missing.add(record.vmid)
+            continue
+        orders[record.vmid] = guest.startup_order
+        if record.vmid in running:
+            continue
+        if holders is None:
+            holders = inventory.holders()
+        claims = inventory.claims_of_stopped(guest)
+        for holder in holders:
+            taken = [c for c in claims if any(c.conflicts_with(h) for h in holder.claims)]
+            if taken:
+                blocked[record.vmid] = f"{taken[0].address} is held by {holder.guest.label}"
+                break
+    return plan_restore(
+        records, running=running, orders=orders, missing=missing, blocked=blocked, settling=settling
+    )
+
+
+class RestoreReport:
+    def __init__(self) -> None:
+        self.started: list[Record] = []
+        self.dropped: list[Record] = []
+        self.kept: list[tuple[Record, str]] = []  # record, why it is still there
+
+    @property
+    def ok(self) -> bool:
+        return not self.kept
+
+
+def restore(
+    store: StateStore,
+    settings: Settings,
+    log: Log,
+    select: Callable[[Record], bool],
+    *,
+    dry_run: bool = False,
+) -> RestoreReport:
+    """Start every selected recorded guest that is down and whose devices are free."""
+    report = RestoreReport()
+    records = store.load()
+    chosen = [r for r in records if select(r)]
+    if not chosen:
+        return report
+    inventory = Inventory()
+    for step in survey(chosen, inventory, settings):
+        record = step.record
+        label = record_label(record)
+        if step.action == DROP:
+            report.dropped.append(record)
+            if not dry_run:
+                log.file(f"{label} is running; record dropped")
+                _forget(store, record)
+        elif step.action in (BLOCKED, MISSING, WAIT):
+            report.kept.append((record, step.reason))
+            if not dry_run:
+                log.say(f"{label} not started again: {step.reason}; record kept")
+        elif step.action == START and dry_run:
+            report.started.append(record)
+        elif step.action == START:
+            _start(store, settings, log, record, label, report)
+    return report
+
+
+def _start(
+    store: StateStore,
+    settings: Settings,
+    log: Log,
+    record: Record,
+    label: str,
+    report: RestoreReport,
+) -> None:
+    outcome = act.start(record.kind, record.vmid, settings.start_timeout)
+    if outcome.ok:
+        away = minutes(time.time() - record.since)
+        log.say(f"{label} started again after {away} off (took {outcome.seconds:.0f} s)")
+        report.started.append(record)
+        _forget(store, record)
+        return
+    why = f"did not start within {settings.start_timeout} s: {outcome.detail}"
+    log.error(f"{label} {why}; record kept, run 'pve-gpu-hook recover'")
+    report.kept.append((record, why))
+    records = store.load()
+    for kept in records:
+        if kept.vmid == record.vmid:
+            kept.status = START_FAILED
+            kept.note = outcome.detail[:500]
+    store.save(records)
+
+
+def _forget(store: StateStore, record: Record) -> None:
+    store.save([r for r in store.load() if r.vmid != record.vmid])

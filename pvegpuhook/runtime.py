@@ -1,0 +1,99 @@
+"""Which guests run, and which PCI functions their QEMU holds, read without spawning Perl.
+
+A VM runs while ``/run/qemu-server/<vmid>.pid`` names a live kvm/qemu process that mentions that
+pid file; a ``prelaunch`` or ``paused`` QEMU counts as running because it holds its devices. A CT
+runs while its cgroup ``/sys/fs/cgroup/lxc/<vmid>`` exists. Liveness is judged by
+``/proc/<pid>/cmdline`` under the root, never by signalling a pid.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pvegpuhook import paths
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def qemu_cmdline(vmid: int) -> list[str] | None:
+    """The argv of a VM's live QEMU process, or None when the VM is not running."""
+    pid_text = _read(paths.host("run/qemu-server", f"{vmid}.pid"))
+    if pid_text is None or not pid_text.strip().isdigit():
+        return None
+    raw = _read(paths.host("proc", pid_text.strip(), "cmdline"))
+    if not raw:
+        return None
+    argv = raw.rstrip("\0").split("\0")
+    binary = os.path.basename(argv[0])
+    if not ("kvm" in binary or "qemu" in binary):
+        return None
+    if f"qemu-server/{vmid}.pid" not in raw:
+        return None  # the pid was reused by another QEMU
+    return argv
+
+
+def vm_running(vmid: int) -> bool:
+    return qemu_cmdline(vmid) is not None
+
+
+def ct_running(vmid: int) -> bool:
+    return os.path.isdir(paths.host("sys/fs/cgroup/lxc", str(vmid)))
+
+
+def running(kind: str, vmid: int) -> bool:
+    return vm_running(vmid) if kind == "qemu" else ct_running(vmid)
+
+
+def vm_candidates() -> list[int]:
+    """VMIDs with a pid file (not yet checked for a live process)."""
+    try:
+        names = os.listdir(paths.host("run/qemu-server"))
+    except OSError:
+        return []
+    return sorted(int(n[:-4]) for n in names if n.endswith(".pid") and n[:-4].isdigit())
+
+
+def running_cts() -> list[int]:
+    try:
+        names = os.listdir(paths.host("sys/fs/cgroup/lxc"))
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and ct_running(int(n)))
+
+
+def reservations() -> dict[int, list[str]]:
+    """Live entries of PVE's PCI reservation file: vmid → reserved functions.
+
+    ``<pci-id> <vmid> pid:<pid>`` is live while that pid lives; ``time:<epoch>`` until that time.
+    """
+    text = _read(paths.host(paths.RESERVATIONS))
+    result: dict[int, list[str]] = {}
+    if not text:
+        return result
+    now = time.time()
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        address, vmid, holder = parts[0].lower(), int(parts[1]), parts[2]
+        kind, _, value = holder.partition(":")
+        if kind == "pid":
+            if not value.isdigit() or not os.path.exists(paths.host("proc", value, "cmdline")):
+                continue
+        elif kind == "time":
+            try:
+                if float(value) < now:
+                    continue
+            except ValueError:
+                continue
+        else:
+            continue
+        result.setdefault(vmid, []).append(address)
+    return result

@@ -1,0 +1,276 @@
+"""The only writer of state: records of guests the hook stopped and must start again.
+
+``/var/lib/pve-gpu-hook/state.json`` survives a reboot. It is replaced atomically (temp file,
+fsync, rename, fsync of the directory) while the caller holds an exclusive ``flock`` on
+``/run/lock/pve-gpu-hook.lock``. A record is written *before* its guest is touched and dropped only
+once the guest is confirmed running again (or the admin says so). One record per line, so that a
+damaged file still yields every intact record; a corrupt file is kept aside, never discarded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pvegpuhook import paths
+from pvegpuhook.errors import LockTimeout, StateError
+
+FORMAT = 1
+STATE_NAME = "state.json"
+CHAIN_NAME = "chain"
+CORRUPT_MARK = ".corrupt-"
+
+STOPPING = "stopping"  # written before the shutdown; the guest may be up or down
+STOPPED = "stopped"  # confirmed off, waiting to be started again
+STOP_FAILED = "stop-failed"  # the shutdown was tried and did not happen; the guest still runs
+START_FAILED = "start-failed"  # a start was tried and not confirmed
+
+
+class Record:
+    __slots__ = ("vmid", "kind", "name", "for_vmid", "since", "addresses", "status", "job", "note")
+
+    def __init__(
+        self,
+        vmid: int,
+        kind: str,
+        name: str | None,
+        for_vmid: int | None,
+        addresses: list[str],
+        *,
+        since: float | None = None,
+        status: str = STOPPING,
+        job: int | None = None,
+        note: str | None = None,
+    ) -> None:
+        self.vmid = vmid
+        self.kind = kind
+        self.name = name
+        self.for_vmid = for_vmid
+        self.addresses = addresses
+        self.since = time.time() if since is None else since
+        self.status = status
+        self.job = job
+        self.note = note
+
+    def to_dict(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Record:
+        if not isinstance(data, dict):
+            raise ValueError("record is not an object")
+        vmid, kind = data.get("vmid"), data.get("kind")
+        if not isinstance(vmid, int) or isinstance(vmid, bool) or not 100 <= vmid <= 999999999:
+            raise ValueError(f"bad vmid {vmid!r}")
+        if kind not in ("qemu", "lxc"):
+            raise ValueError(f"bad kind {kind!r}")
+        for_vmid = data.get("for_vmid")
+        since = data.get("since")
+        addresses = data.get("addresses") or []
+        return cls(
+            vmid,
+            str(kind),
+            str(data["name"]) if data.get("name") is not None else None,
+            for_vmid if isinstance(for_vmid, int) else None,
+            [str(a) for a in addresses] if isinstance(addresses, list) else [],
+            since=float(since) if isinstance(since, (int, float)) else time.time(),
+            status=str(data.get("status") or STOPPED),
+            job=data.get("job") if isinstance(data.get("job"), int) else None,
+            note=str(data["note"]) if data.get("note") is not None else None,
+        )
+
+
+def _check_dir(path: str) -> None:
+    """Create the directory 0700; refuse a symlink or a directory owned by someone else."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        os.mkdir(path, 0o700)
+        info = os.lstat(path)
+    import stat
+
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise StateError(f"{path} is not a directory (a symlink?): refusing to use it")
+    if info.st_uid != os.geteuid():
+        raise StateError(f"{path} is owned by uid {info.st_uid}, not by us: refusing to use it")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+class StateStore:
+    def __init__(self) -> None:
+        self.dir = paths.host(paths.STATE_DIR)
+        self.path = os.path.join(self.dir, STATE_NAME)
+        self.lock_path = paths.host(paths.LOCK_FILE)
+        self._lock_fd: int | None = None
+        self.salvaged: str | None = None  # set when load() had to keep a corrupt file aside
+
+    # Locking
+
+    def acquire(self, timeout: float, purpose: str) -> None:
+        import fcntl
+
+        directory = os.path.dirname(self.lock_path)
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.lock_path, flags, 0o600)
+        except OSError as error:
+            raise StateError(f"cannot open lock {self.lock_path}: {error.strerror}") from None
+        if os.fstat(fd).st_uid != os.geteuid():
+            os.close(fd)
+            raise StateError(f"lock {self.lock_path} is owned by someone else: refusing it")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    owner = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                    os.close(fd)
+                    raise LockTimeout(
+                        f"another pve-gpu-hook run ({owner or 'unknown'}) still holds "
+                        f"{self.lock_path} after {timeout:g} s; {purpose} not done"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} {purpose}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    # Reading
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def load(self) -> list[Record]:
+        """Every record. A corrupt file is renamed aside (under the lock only) and its intact
+        records are returned, so that no guest that must be restarted is forgotten."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise StateError(f"cannot read {self.path}: {error.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read()
+        import json
+
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+                raise ValueError("no record list")
+            version = data.get("format", 1)
+            if not isinstance(version, int) or version > FORMAT:
+                raise StateError(
+                    f"{self.path} has format {version!r}, newer than this pve-gpu-hook "
+                    f"understands ({FORMAT}); upgrade pve-gpu-hook"
+                )
+            return [Record.from_dict(item) for item in data["records"]]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
+            return self._salvage(raw, str(error))
+
+    def _salvage(self, raw: bytes, reason: str) -> list[Record]:
+        import json
+
+        records: list[Record] = []
+        for line in raw.decode("utf-8", "replace").splitlines():
+            line = line.strip().rstrip(",")
+            if not line.startswith('{"vmid"'):
+                continue
+            try:
+                records.append(Record.from_dict(json.loads(line)))
+            except ValueError:
+                continue
+        if self._lock_fd is not None:
+            aside = f"{self.path}{CORRUPT_MARK}{time.strftime('%Y%m%dT%H%M%S')}"
+            os.replace(self.path, aside)
+            self.salvaged = f"{aside} ({reason}); {len(records)} intact record(s) kept"
+            self.save(records)
+        else:
+            self.salvaged = f"{self.path} is corrupt ({reason})"
+        return records
+
+    def corrupt_files(self) -> list[str]:
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return []
+        return sorted(os.path.join(self.dir, n) for n in names if CORRUPT_MARK in n)
+
+    # Writing
+
+    def save(self, records: list[Record]) -> None:
+        """Replace the state atomically; an empty state removes the file."""
+        if self._lock_fd is None:
+            raise StateError("internal error: state written without the lock")
+        _check_dir(self.dir)
+        if not records:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                return
+            self._sync_dir()
+            return
+        import json
+
+        lines = ",\n".join(json.dumps(r.to_dict(), sort_keys=False) for r in records)
+        text = f'{{"format": {FORMAT}, "records": [\n{lines}\n]}}\n'
+        self._write_atomic(self.path, text.encode("utf-8"))
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as error:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StateError(f"cannot write {path}: {error.strerror}") from None
+        self._sync_dir()
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # The chained previous hook (set by `pve-gpu-hook register --chain`)
+
+    def chain(self) -> str | None:
+        try:
+            with open(os.path.join(self.dir, CHAIN_NAME), encoding="utf-8") as f:
+                value = f.read().strip()
+        except OSError:
+            return None
+        return value or None
+
+    def set_chain(self, script: str | None) -> None:
+        if self._lock_fd is None:
+            raise StateError("internal error: state written without the lock")
+        _check_dir(self.dir)
+        path = os.path.join(self.dir, CHAIN_NAME)
+        if script is None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
+        self._write_atomic(path, (script + "\n").encode("utf-8"))

@@ -1,0 +1,1528 @@
+"""A fake Proxmox VE node: guest configs, PCI reservations, QEMU/LXC runtime state, qm/pct/ha-manager.
+
+This is an independent model of PVE (qemu-server, pve-container, pve-ha-manager, read from their
+source) over a directory tree that stands for ``/``. It never imports the library under test, so a
+misreading of PVE in the library shows up as a disagreement with this model.
+
+The fake commands in ``<root>/usr/sbin`` call :func:`main`; the vzdump driver and the builder call
+the :class:`Pve` methods directly (vzdump runs them in-process in real PVE too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fcntl
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_HOSTPCI = 16
+FIRST_PID = 10000
+START_TIMEOUT = 30  # qemu-server's default start timeout, used for the time-based reservation
+LOCK_TIMEOUT = 10.0  # PVE's config lock wait before "got timeout"
+DEFAULT_HA_DELAY = 0.3
+QEMU_SHUTDOWN_TIMEOUT = 180
+LXC_SHUTDOWN_TIMEOUT = 60
+PAUSED_STATES = ("paused", "prelaunch", "suspended")
+
+# qemu-server's $PCIRE: domain optional, function optional.
+PCI_ID_RE = re.compile(r"^(?:[0-9a-f]{4,}:)?[0-9a-f]{2}:[0-9a-f]{2}(?:\.[0-7])?$")
+RESERVATION_RE = re.compile(r"^(\S+)\s(\d+)\s(time|pid):(\d+)$")
+KEY_RE = re.compile(r"^([a-z][a-z_\-]*\d*):\s*(.*?)\s*$")
+# pve-container accepts raw lxc keys with ':' or '='.
+LXC_KEY_RE = re.compile(r"^(lxc\.[a-z0-9_\-.]+)(?::|\s*=)\s*(.*?)\s*$")
+SECTION_RE = re.compile(r"^\[([^\]]+)\]\s*$")
+NVIDIA_MAJOR = 195
+DRM_MAJOR = 226
+
+
+class PveError(Exception):
+    """A Perl ``die`` in PVE: ``before`` lines, then the message, on stderr; exit ``code``."""
+
+    def __init__(self, message: str, code: int = 255, before: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.before = list(before)
+
+
+class Out:
+    """Collects what a PVE command prints; echoes it when it runs as a fake command."""
+
+    def __init__(self, echo: bool = False) -> None:
+        self.echo = echo
+        self.lines: list[tuple[str, str]] = []
+
+    def info(self, msg: str) -> None:
+        self._add("stdout", msg)
+
+    def warn(self, msg: str) -> None:
+        self._add("stderr", msg)
+
+    def _add(self, stream: str, msg: str) -> None:
+        for line in msg.splitlines() or [""]:
+            self.lines.append((stream, line))
+            if self.echo:
+                print(line, file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
+
+    def text(self) -> list[str]:
+        return [line for _, line in self.lines]
+
+
+# --------------------------------------------------------------------------------------------
+# Small file helpers
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Readers must never see a half-written file (the library reads while we write)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def symlink(path: Path, target: str) -> None:
+    """Create or atomically replace a (relative) symlink."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.lnk")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def remove(path: Path) -> None:
+    """Remove a file, symlink or tree if it exists."""
+    if path.is_symlink() or path.is_file():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def flocked(path: Path, timeout: float | None = None, shown: str | None = None) -> Iterator[None]:
+    """flock on a separate open file: excludes other processes and other threads alike."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise PveError(f"can't lock file '{shown or path}' - got timeout") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
+def is_true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "yes", "on", "true")
+
+
+def norm_pci_id(pci_id: str) -> str:
+    """Full lower-case form: a missing domain is 0000 (as PVE and QEMU do)."""
+    i = pci_id.strip().lower()
+    if re.match(r"^[0-9a-f]{2}:[0-9a-f]{2}(\.[0-7])?$", i):
+        i = "0000:" + i
+    return i
+
+
+# --------------------------------------------------------------------------------------------
+# Guest config files (PVE format)
+
+
+@dataclass
+class Config:
+    """A guest config: the main section as ordered (key, value) pairs, then raw sections."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)  # key "#" = comment, "" = raw
+    sections: list[tuple[str, list[str]]] = field(default_factory=list)
+
+    def get(self, key: str) -> str | None:
+        found = None
+        for k, v in self.items:
+            if k == key:
+                found = v
+        return found
+
+    def getall(self, key: str) -> list[str]:
+        return [v for k, v in self.items if k == key]
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.items if k not in ("#", "")]
+
+    def set(self, key: str, value: str) -> None:
+        for n, (k, _) in enumerate(self.items):
+            if k == key:
+                self.items[n] = (key, value)
+                self.items[n + 1 :] = [it for it in self.items[n + 1 :] if it[0] != key]
+                return
+        self.items.append((key, value))
+
+    def delete(self, key: str) -> None:
+        self.items = [it for it in self.items if it[0] != key]
+
+    def section(self, name: str) -> list[str] | None:
+        for n, body in self.sections:
+            if n == name:
+                return body
+        return None
+
+    def drop_section(self, name: str) -> None:
+        self.sections = [s for s in self.sections if s[0] != name]
+
+
+def parse_pairs(lines: Iterable[str]) -> list[tuple[str, str]]:
+    items: list[tuple[str, str]] = []
+    for line in lines:
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            items.append(("#", line))
+            continue
+        m = LXC_KEY_RE.match(line) or KEY_RE.match(line)
+        items.append((m.group(1), m.group(2)) if m else ("", line))
+    return items
+
+
+def parse_config(text: str) -> Config:
+    cfg = Config()
+    current: list[str] | None = None
+    main: list[str] = []
+    for line in text.splitlines():
+        m = SECTION_RE.match(line)
+        if m:
+            current = []
+            cfg.sections.append((m.group(1), current))
+        elif current is None:
+            main.append(line)
+        else:
+            current.append(line)
+    cfg.items = parse_pairs(main)
+    return cfg
+
+
+def render_config(cfg: Config) -> str:
+    out = []
+    for k, v in cfg.items:
+        out.append(v if k in ("#", "") else f"{k}: {v}")
+    text = "\n".join(out) + ("\n" if out else "")
+    for name, body in cfg.sections:
+        while body and not body[-1].strip():
+            body = body[:-1]
+        text += f"\n[{name}]\n" + "".join(line + "\n" for line in body)
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# The node
+
+
+@dataclass
+class Hostpci:
+    """One parsed hostpciN entry (qemu-server's parse_hostpci)."""
+
+    index: int
+    alternatives: list[list[str]]
+    mdev: str | None
+    opts: dict[str, str]
+    ids: list[str] = field(default_factory=list)  # chosen alternative
+
+
+class Pve:
+    """The runtime model of one PVE node rooted at ``root``."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    # ---- paths and basic state -------------------------------------------------------------
+
+    def p(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def node(self) -> str:
+        try:
+            return self.p("etc/hostname").read_text().strip() or "pve1"
+        except FileNotFoundError:
+            return "pve1"
+
+    @property
+    def sim(self) -> Path:
+        return self.p("run/fake-pve")
+
+    def conf_rel(self, kind: str, vmid: int, node: str | None = None) -> str:
+        sub = "qemu-server" if kind == "qemu" else "lxc"
+        return f"nodes/{node or self.node}/{sub}/{vmid}.conf"
+
+    def conf_path(self, kind: str, vmid: int, node: str | None = None) -> Path:
+        return self.p("etc/pve/" + self.conf_rel(kind, vmid, node))
+
+    def missing_conf(self, kind: str, vmid: int) -> PveError:
+        return PveError(f"Configuration file '{self.conf_rel(kind, vmid)}' does not exist", code=2)
+
+    def vmlist(self) -> dict:
+        try:
+            return json.loads(self.p("etc/pve/.vmlist").read_text())
+        except (FileNotFoundError, ValueError):
+            return {"version": 1, "ids": {}}
+
+    def guest_type(self, vmid: int) -> str | None:
+        """Type of a guest local to this node (None if unknown here)."""
+        entry = self.vmlist().get("ids", {}).get(str(vmid))
+        if entry and entry.get("node") == self.node:
+            return entry.get("type")
+        for kind in ("qemu", "lxc"):
+            if self.conf_path(kind, vmid).exists():
+                return kind
+        return None
+
+    def local_guests(self) -> list[int]:
+        ids = {
+            int(k)
+            for k, v in self.vmlist().get("ids", {}).items()
+            if v.get("node") == self.node
+        }
+        for kind in ("qemu", "lxc"):
+            d = self.conf_path(kind, 0).parent
+            if d.is_dir():
+                ids.update(int(f.stem) for f in d.glob("*.conf") if f.stem.isdigit())
+        return sorted(ids)
+
+    def read_config(self, kind: str, vmid: int) -> Config:
+        path = self.conf_path(kind, vmid)
+        try:
+            return parse_config(path.read_text())
+        except FileNotFoundError:
+            raise self.missing_conf(kind, vmid) from None
+
+    def write_config(self, kind: str, vmid: int, cfg: Config) -> None:
+        write_atomic(self.conf_path(kind, vmid), render_config(cfg))
+
+    @contextlib.contextmanager
+    def guest_lock(self, kind: str, vmid: int) -> Iterator[None]:
+        """PVE's per-guest config flock (held during start, stop and config changes)."""
+        if kind == "qemu":
+            rel = f"run/lock/qemu-server/lock-{vmid}.conf"
+            shown = f"/var/lock/qemu-server/lock-{vmid}.conf"
+        else:
+            rel = f"run/lock/lxc/pve-config-{vmid}.lock"
+            shown = f"/run/lock/lxc/pve-config-{vmid}.lock"
+        with flocked(self.p(rel), LOCK_TIMEOUT, shown):
+            yield
+
+    def faults(self, vmid: int) -> dict:
+        try:
+            data = json.loads((self.sim / "faults.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return dict(data.get(str(vmid), {}))
+
+    def set_lock(self, kind: str, vmid: int, lock: str) -> None:
+        """AbstractConfig::set_lock: refuses when another lock is already set."""
+        with self.guest_lock(kind, vmid):
+            cfg = self.read_config(kind, vmid)
+            current = cfg.get("lock")
+            if current:
+                raise PveError(f"{'VM' if kind == 'qemu' else 'CT'} is locked ({current})")
+            cfg.set("lock", lock)
+            self.write_config(kind, vmid, cfg)
+
+    def remove_lock(self, kind: str, vmid: int, lock: str | None = None) -> None:
+        with self.guest_lock(kind, vmid):
+            cfg = self.read_config(kind, vmid)
+            if cfg.get("lock") is not None and (lock is None or cfg.get("lock") == lock):
+                cfg.delete("lock")
+                self.write_config(kind, vmid, cfg)
+
+    def apply_pending(self, kind: str, vmid: int, cfg: Config) -> Config:
+        """Apply [PENDING] / [pve:pending] to the main section (deletes first), write it back."""
+        name = "PENDING" if kind == "qemu" else "pve:pending"
+        body = cfg.section(name)
+        if body is None:
+            return cfg
+        pending = parse_pairs(body)
+        for k, v in pending:
+            if k == "delete":
+                for key in v.split(","):
+                    key = key.strip().lstrip("!")
+                    if key:
+                        cfg.delete(key)
+        for k, v in pending:
+            if k not in ("delete", "#", ""):
+                cfg.set(k, v)
+        cfg.drop_section(name)
+        self.write_config(kind, vmid, cfg)
+        return cfg
+
+    # ---- processes ----------------------------------------------------------------------------
+
+    def alloc_pid(self) -> int:
+        path = self.sim / "next-pid"
+        with flocked(self.sim / "next-pid.lock"):
+            try:
+                pid = int(path.read_text().strip())
+            except (FileNotFoundError, ValueError):
+                pid = FIRST_PID
+            write_atomic(path, f"{pid + 1}\n")
+        return pid
+
+    def proc_cmdline(self, pid: int) -> list[str] | None:
+        try:
+            raw = self.p(f"proc/{pid}/cmdline").read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return raw.decode(errors="replace").rstrip("\0").split("\0")
+
+    def spawn_proc(self, argv: Sequence[str], comm: str) -> int:
+        pid = self.alloc_pid()
+        d = self.p(f"proc/{pid}")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "comm").write_text(comm + "\n")
+        # cmdline last: its existence is what makes the process "alive".
+        write_atomic(d / "cmdline", "".join(a + "\0" for a in argv))
+        return pid
+
+    def vm_pid(self, vmid: int) -> int | None:
+        """vm_running_locally: the pid file names a live kvm process for this VMID."""
+        try:
+            pid = int(self.p(f"run/qemu-server/{vmid}.pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        argv = self.proc_cmdline(pid)
+        if not argv or "-id" not in argv or argv[argv.index("-id") + 1 : argv.index("-id") + 2] != [
+            str(vmid)
+        ]:
+            return None
+        return pid
+
+    def qmp_status(self, vmid: int) -> str | None:
+        if not self.vm_pid(vmid):
+            return None
+        try:
+            return (self.sim / f"qmp-{vmid}").read_text().strip() or "running"
+        except FileNotFoundError:
+            return "running"
+
+    def set_qmp(self, vmid: int, status: str) -> None:
+        write_atomic(self.sim / f"qmp-{vmid}", status + "\n")
+
+    def ct_running(self, vmid: int) -> bool:
+        return self.p(f"sys/fs/cgroup/lxc/{vmid}").is_dir()
+
+    def is_running(self, vmid: int) -> bool:
+        kind = self.guest_type(vmid)
+        if kind == "lxc":
+            return self.ct_running(vmid)
+        return self.vm_pid(vmid) is not None
+
+    def running_vms(self) -> list[int]:
+        d = self.p("run/qemu-server")
+        ids = [int(f.stem) for f in d.glob("*.pid") if f.stem.isdigit()] if d.is_dir() else []
+        return sorted(v for v in ids if self.vm_pid(v))
+
+    def running_cts(self) -> list[int]:
+        d = self.p("sys/fs/cgroup/lxc")
+        return sorted(int(f.name) for f in d.iterdir() if f.name.isdigit()) if d.is_dir() else []
+
+    # ---- sysfs --------------------------------------------------------------------------------
+
+    def pci_dir(self, addr: str) -> Path:
+        return self.p(f"sys/bus/pci/devices/{addr}")
+
+    def lspci(self, pci_id: str) -> list[str]:
+        """PVE::SysFSTools::lspci with a filter: a short id means every function present."""
+        full = norm_pci_id(pci_id)
+        base = self.p("sys/bus/pci/devices")
+        if not base.is_dir():
+            return []
+        if re.search(r"\.[0-7]$", full):
+            return [full] if (base / full).exists() else []
+        return sorted(n.name for n in base.iterdir() if n.name.startswith(full + "."))
+
+    def iommu_group(self, addr: str) -> str | None:
+        link = self.pci_dir(addr) / "iommu_group"
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    def group_members(self, addr: str) -> list[str]:
+        """The unit vfio binds together: the IOMMU group, else (no group) the device's functions."""
+        group = self.iommu_group(addr)
+        if group is not None:
+            d = self.p(f"sys/kernel/iommu_groups/{group}/devices")
+            members = sorted(n.name for n in d.iterdir()) if d.is_dir() else []
+            return members or [addr]
+        return self.lspci(addr.rsplit(".", 1)[0]) or [addr]
+
+    def driver(self, addr: str) -> str | None:
+        link = self.pci_dir(addr) / "driver"
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    def set_driver(self, addr: str, name: str | None) -> None:
+        old = self.driver(addr)
+        if old == name:
+            return
+        if old:
+            remove(self.p(f"sys/bus/pci/drivers/{old}/{addr}"))
+        link = self.pci_dir(addr) / "driver"
+        if name is None:
+            remove(link)
+            return
+        self.p(f"sys/bus/pci/drivers/{name}").mkdir(parents=True, exist_ok=True)
+        symlink(link, f"../../drivers/{name}")
+        symlink(self.p(f"sys/bus/pci/drivers/{name}/{addr}"), f"../../devices/{addr}")
+
+    def pci_ids(self, addr: str) -> tuple[str, str]:
+        d = self.pci_dir(addr)
+        vendor = (d / "vendor").read_text().strip().removeprefix("0x")
+        device = (d / "device").read_text().strip().removeprefix("0x")
+        return vendor, device
+
+    # ---- mdev ---------------------------------------------------------------------------------
+
+    def mdev_parent(self, uuid: str) -> str | None:
+        link = self.p(f"sys/bus/mdev/devices/{uuid}")
+        if not link.is_symlink():
+            return None
+        return Path(os.readlink(link)).parent.name
+
+    def create_mdev(self, vmid: int, index: int, parent: str, mdev_type: str) -> str:
+        """PVE::SysFSTools::pci_create_mdev_device, plus "busy" when the parent is on vfio."""
+        uuid = f"{index:08d}-0000-0000-0000-{vmid:012d}"
+        types = self.pci_dir(parent) / "mdev_supported_types"
+        if not types.is_dir():
+            raise PveError(f"pci device '{parent}' does not support mediated devices")
+        tdir = types / mdev_type
+        if not tdir.is_dir():
+            raise PveError(f"pci device '{parent}' has no type '{mdev_type}'")
+        holder = self.exclusive_holder(set(self.group_members(parent)), vmid)
+        if holder:
+            raise PveError(
+                f"mdev instance '{uuid}' could not be created: pci device '{parent}' is in use "
+                f"by {holder}"
+            )
+        inst = self.pci_dir(parent) / uuid
+        if inst.is_dir():
+            return uuid
+        avail_file = tdir / "available_instances"
+        try:
+            avail = int(avail_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            avail = 1
+        if avail <= 0:
+            raise PveError(f"no free instances of type '{mdev_type}'")
+        write_atomic(avail_file, f"{avail - 1}\n")
+        inst.mkdir(parents=True)
+        symlink(inst / "mdev_type", f"../mdev_supported_types/{mdev_type}")
+        symlink(self.p(f"sys/bus/mdev/devices/{uuid}"), f"../../pci/devices/{parent}/{uuid}")
+        return uuid
+
+    def remove_mdevs(self, vmid: int) -> None:
+        d = self.p("sys/bus/mdev/devices")
+        if not d.is_dir():
+            return
+        for link in d.iterdir():
+            if not link.name.endswith(f"-{vmid:012d}"):
+                continue
+            parent = self.mdev_parent(link.name)
+            if parent:
+                inst = self.pci_dir(parent) / link.name
+                type_link = inst / "mdev_type"
+                if type_link.is_symlink():
+                    avail_file = inst.parent / "mdev_supported_types" / Path(
+                        os.readlink(type_link)
+                    ).name / "available_instances"
+                    with contextlib.suppress(FileNotFoundError, ValueError):
+                        write_atomic(avail_file, f"{int(avail_file.read_text()) + 1}\n")
+                remove(inst)
+            remove(link)
+
+    # ---- who holds what ---------------------------------------------------------------------
+
+    def vm_vfio_devices(self, vmid: int) -> tuple[set[str], set[str]]:
+        """(exclusive host= functions, mdev parents) of a running VM, read from its cmdline."""
+        pid = self.vm_pid(vmid)
+        argv = self.proc_cmdline(pid) if pid else None
+        hosts: set[str] = set()
+        parents: set[str] = set()
+        for n, arg in enumerate(argv or []):
+            if arg != "-device" or n + 1 >= len(argv or []):
+                continue
+            dev = (argv or [])[n + 1]
+            if not dev.startswith("vfio-pci"):
+                continue
+            opts = dict(p.split("=", 1) for p in dev.split(",")[1:] if "=" in p)
+            if "host" in opts:
+                hosts.add(norm_pci_id(opts["host"]))
+            elif "sysfsdev" in opts:
+                parent = self.mdev_parent(os.path.basename(opts["sysfsdev"]))
+                if parent:
+                    parents.add(parent)
+        return hosts, parents
+
+    def exclusive_holder(self, members: set[str], vmid: int) -> str | None:
+        """A running VM (not ``vmid``) that has any of ``members`` open through vfio."""
+        for other in self.running_vms():
+            if other != vmid and self.vm_vfio_devices(other)[0] & members:
+                return f"VMID '{other}'"
+        return None
+
+    def group_user(self, members: set[str], vmid: int) -> str | None:
+        """Anyone keeping a vfio group from being claimed: VMs (vfio or mdev) and running CTs."""
+        for other in self.running_vms():
+            if other == vmid:
+                continue
+            hosts, parents = self.vm_vfio_devices(other)
+            if (hosts | parents) & members:
+                return f"VM {other}"
+        for ct in self.running_cts():
+            with contextlib.suppress(PveError):
+                if self.ct_devices(self.read_config("lxc", ct)) & members:
+                    return f"CT {ct}"
+        return None
+
+    # ---- CT device nodes -> PCI ---------------------------------------------------------------
+
+    def drm_addr(self, name: str) -> str | None:
+        link = self.p(f"sys/class/drm/{name}/device")
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    def drm_names(self) -> list[str]:
+        d = self.p("sys/class/drm")
+        return sorted(n.name for n in d.iterdir()) if d.is_dir() else []
+
+    def nvidia_gpus(self) -> dict[int, str]:
+        """Device minor -> PCI address, from /proc/driver/nvidia/gpus/*/information."""
+        res: dict[int, str] = {}
+        d = self.p("proc/driver/nvidia/gpus")
+        if not d.is_dir():
+            return res
+        for gpu in d.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                for line in (gpu / "information").read_text().splitlines():
+                    m = re.match(r"^Device Minor:\s*(\d+)", line)
+                    if m:
+                        res[int(m.group(1))] = gpu.name
+        return res
+
+    def dev_path_addrs(self, path: str) -> set[str]:
+        path = path.strip()
+        m = re.match(r"^/dev/dri/by-path/pci-([0-9a-f:.]+)-(card|render)$", path)
+        if m:
+            return {m.group(1)}
+        if path.rstrip("/") == "/dev/dri":
+            return {a for n in self.drm_names() if (a := self.drm_addr(n))}
+        m = re.match(r"^/dev/dri/((?:card|renderD)\d+)$", path)
+        if m:
+            a = self.drm_addr(m.group(1))
+            return {a} if a else set()
+        m = re.match(r"^/dev/nvidia(\d+)$", path)
+        if m:
+            a = self.nvidia_gpus().get(int(m.group(1)))
+            return {a} if a else set()
+        return set()
+
+    def cgroup_rule_addrs(self, rule: str) -> set[str]:
+        m = re.match(r"^\s*c\s+(\d+):(\*|\d+)\s", rule + " ")
+        if not m:
+            return set()
+        major, minor = int(m.group(1)), m.group(2)
+        if major == NVIDIA_MAJOR:
+            gpus = self.nvidia_gpus()
+            if minor == "*":
+                return set(gpus.values())
+            a = gpus.get(int(minor))
+            return {a} if a else set()
+        if major == DRM_MAJOR:
+            if minor == "*":
+                return self.dev_path_addrs("/dev/dri")
+            n = int(minor)
+            return self.dev_path_addrs(f"/dev/dri/card{n}" if n < 128 else f"/dev/dri/renderD{n}")
+        return set()
+
+    def ct_devices(self, cfg: Config) -> set[str]:
+        """PCI functions a CT reaches through the host driver (dev, mount entries, cgroup)."""
+        addrs: set[str] = set()
+        for key, value in cfg.items:
+            if re.fullmatch(r"dev\d+", key):
+                first = value.split(",")[0]
+                addrs |= self.dev_path_addrs(first.removeprefix("path="))
+            elif key == "lxc.mount.entry":
+                src = value.split()[0] if value.split() else ""
+                addrs |= self.dev_path_addrs(src)
+            elif key in ("lxc.cgroup2.devices.allow", "lxc.cgroup.devices.allow"):
+                addrs |= self.cgroup_rule_addrs(value)
+        return addrs
+
+    # ---- PCI reservations (qemu-server's PCI.pm) ----------------------------------------------
+
+    @property
+    def reservations_path(self) -> Path:
+        return self.p("run/qemu-server/pci-id-reservations")
+
+    def read_reservations(self) -> dict[str, dict]:
+        res: dict[str, dict] = {}
+        try:
+            text = self.reservations_path.read_text()
+        except FileNotFoundError:
+            return res
+        for line in text.splitlines():
+            m = RESERVATION_RE.match(line)
+            if m:
+                res[m.group(1)] = {"vmid": int(m.group(2)), m.group(3): int(m.group(4))}
+        return res
+
+    def write_reservations(self, res: dict[str, dict]) -> None:
+        lines = []
+        for pci_id in sorted(res):
+            r = res[pci_id]
+            kind = "pid" if "pid" in r else "time"
+            lines.append(f"{pci_id} {r['vmid']} {kind}:{r[kind]}\n")
+        write_atomic(self.reservations_path, "".join(lines))
+
+    @contextlib.contextmanager
+    def reservation_lock(self) -> Iterator[None]:
+        with flocked(self.p("run/qemu-server/pci-id-reservations.lock"), 5):
+            yield
+
+    def reserve(
+        self,
+        ids: Sequence[str],
+        vmid: int,
+        out: Out,
+        timeout: int | None = None,
+        pid: int | None = None,
+    ) -> None:
+        """reserve_pci_usage: all or nothing, first conflict dies with PVE's message."""
+        if not ids:
+            return
+        with self.reservation_lock():
+            res = self.read_reservations()
+            now = int(time.time())
+            for pci_id in ids:
+                r = res.get(pci_id)
+                if r and r["vmid"] != vmid:
+                    if "time" in r and r["time"] > now:
+                        raise PveError(
+                            f"PCI device '{pci_id}' is currently reserved for use by VMID "
+                            f"'{r['vmid']}'"
+                        )
+                    if "pid" in r:
+                        if self.vm_pid(r["vmid"]) == r["pid"]:
+                            raise PveError(
+                                f"PCI device '{pci_id}' already in use by VMID '{r['vmid']}'"
+                            )
+                        out.warn(f"leftover PCI reservation found for {pci_id}, lets take it...")
+                res[pci_id] = {"vmid": vmid}
+                if pid is not None:
+                    res[pci_id]["pid"] = pid
+                else:
+                    res[pci_id]["time"] = now + (timeout or START_TIMEOUT) + 5
+            self.write_reservations(res)
+
+    def remove_reservations(self, vmid: int) -> None:
+        with self.reservation_lock():
+            res = self.read_reservations()
+            kept = {k: v for k, v in res.items() if v["vmid"] != vmid}
+            if kept != res:
+                self.write_reservations(kept)
+
+    # ---- mappings and HA ----------------------------------------------------------------------
+
+    def read_mappings(self) -> dict[str, dict]:
+        """/etc/pve/mapping/pci.cfg: NAME, then tab-indented ``map k=v,...`` / other props."""
+        res: dict[str, dict] = {}
+        try:
+            text = self.p("etc/pve/mapping/pci.cfg").read_text()
+        except FileNotFoundError:
+            return res
+        current: dict | None = None
+        for line in text.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if not line[0].isspace():
+                current = res.setdefault(line.strip(), {"map": [], "mdev": False})
+                continue
+            if current is None:
+                continue
+            key, _, value = line.strip().partition(" ")
+            if key == "map":
+                current["map"].append(
+                    dict(p.split("=", 1) for p in value.strip().split(",") if "=" in p)
+                )
+            elif key == "mdev":
+                current["mdev"] = is_true(value)
+            else:
+                current[key] = value.strip()
+        return res
+
+    def ha_resources(self) -> dict[str, dict[str, str]]:
+        res: dict[str, dict[str, str]] = {}
+        try:
+            text = self.p("etc/pve/ha/resources.cfg").read_text()
+        except FileNotFoundError:
+            return res
+        current: dict[str, str] | None = None
+        for line in text.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if not line[0].isspace():
+                m = re.match(r"^(vm|ct):\s*(\d+)\s*$", line)
+                current = res.setdefault(f"{m.group(1)}:{m.group(2)}", {}) if m else None
+            elif current is not None:
+                key, _, value = line.strip().partition(" ")
+                current[key] = value.strip()
+        return res
+
+    def write_ha_resources(self, res: dict[str, dict[str, str]]) -> None:
+        chunks = []
+        for sid, props in res.items():
+            kind, vmid = sid.split(":")
+            body = "".join(f"\t{k} {v}\n" for k, v in props.items())
+            chunks.append(f"{kind}: {vmid}\n{body}")
+        write_atomic(self.p("etc/pve/ha/resources.cfg"), "\n".join(chunks))
+
+    def ha_sid(self, vmid: int) -> str | None:
+        res = self.ha_resources()
+        for sid in (f"vm:{vmid}", f"ct:{vmid}"):
+            if sid in res:
+                return sid
+        return None
+
+    def ha_state(self, vmid: int) -> str | None:
+        sid = self.ha_sid(vmid)
+        if sid is None:
+            return None
+        state = self.ha_resources()[sid].get("state", "started")
+        return "started" if state == "enabled" else state
+
+    def ha_set_state(self, sid: str, state: str) -> None:
+        with flocked(self.p("run/lock/fake-pve-ha.lock")):
+            res = self.ha_resources()
+            if sid in res:
+                res[sid]["state"] = state
+                self.write_ha_resources(res)
+
+    def ha_request(self, action: str, kind: str, vmid: int, timeout: int, out: Out) -> None:
+        """HA-managed start/stop: only ask the CRM and return; a detached worker acts later."""
+        what = "VM" if kind == "qemu" else "CT"
+        out.info(f"Requesting HA {action} for {what} {vmid}")
+        sid = ("vm:" if kind == "qemu" else "ct:") + str(vmid)
+        self.ha_set_state(sid, "started" if action == "start" else "stopped")
+        self.spawn_ha_worker(action, kind, vmid, timeout)
+
+    def spawn_ha_worker(self, action: str, kind: str, vmid: int, timeout: int) -> None:
+        pending = self.sim / "ha-pending"
+        pending.mkdir(parents=True, exist_ok=True)
+        marker = Path(tempfile.mkstemp(prefix=f"{action}-{vmid}-", dir=pending)[1])
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.sim.pve",
+                "ha-worker",
+                str(self.root),
+                action,
+                kind,
+                str(vmid),
+                str(timeout),
+                str(marker),
+            ],
+            cwd=REPO,
+            env={"PYTHONPATH": str(REPO)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # never holds the caller's pipes or process group
+            close_fds=True,
+        )
+        with contextlib.suppress(FileNotFoundError):
+            marker.write_text(f"{proc.pid}\n")
+
+    def ha_worker(self, action: str, kind: str, vmid: int, timeout: int) -> None:
+        """What the HA stack does after the request: later, and without the caller."""
+        faults = self.faults(vmid)
+        time.sleep(float(faults.get("ha_delay", DEFAULT_HA_DELAY)))
+        out = Out()
+        t0 = time.time()
+        sid = ("vm:" if kind == "qemu" else "ct:") + str(vmid)
+        code = 0
+        try:
+            if action == "start":
+                if not self.is_running(vmid):
+                    if kind == "qemu":
+                        self.vm_start(vmid, out=out)
+                    else:
+                        self.ct_start(vmid, out=out)
+            elif self.is_running(vmid):
+                # HA stops gracefully and forces the stop itself once its timeout passed.
+                delay = float(faults.get("shutdown_delay", 0))
+                if faults.get("ignore_shutdown") or delay > timeout:
+                    delay = timeout
+                time.sleep(delay)
+                self.kill_guest(kind, vmid)
+        except PveError as e:
+            out.warn(e.message)
+            code = e.code
+        self.log_call(["ha-worker", action, sid], code, t0, out)
+
+    # ---- QEMU ---------------------------------------------------------------------------------
+
+    def parse_hostpci(self, index: int, value: str) -> Hostpci:
+        opts: dict[str, str] = {}
+        for n, part in enumerate(p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            if "=" in part:
+                k, v = part.split("=", 1)
+                opts[k.strip()] = v.strip()
+            elif n == 0:
+                opts["host"] = part
+            else:
+                raise PveError(f"unable to parse value of 'hostpci{index}' - format error")
+        host = opts.pop("host", None)
+        mapping = opts.pop("mapping", None)
+        mdev = opts.pop("mdev", None)
+        if host and mapping:
+            raise PveError("Cannot set both 'host' and 'mapping'.")
+        alternatives: list[list[str]] = []
+        if mapping:
+            entry = self.read_mappings().get(mapping)
+            maps = [m for m in (entry or {}).get("map", []) if m.get("node") == self.node]
+            if not maps:
+                raise PveError(f"PCI device mapping not found for '{mapping}'")
+            for m in maps:
+                self.check_mapping(m)
+                alternatives.append(m.get("path", "").split(";"))
+        elif host:
+            alternatives.append(host.split(";"))
+        else:
+            raise PveError("Either 'host' or 'mapping' must be set.")
+        resolved: list[list[str]] = []
+        for alt in alternatives:
+            devs: list[str] = []
+            for pci_id in alt:
+                found = self.lspci(pci_id)
+                if not found:
+                    raise PveError(f"no PCI device found for '{pci_id}'")
+                devs.extend(found)
+            if len(devs) > 1 and mdev:
+                raise PveError("cannot use mediated device with multifunction device")
+            resolved.append(devs)
+        return Hostpci(index, resolved, mdev, opts)
+
+    def check_mapping(self, m: dict[str, str]) -> None:
+        """PVE::Mapping::PCI::assert_valid (vendor:device and IOMMU group must still match)."""
+        paths = m.get("path", "").split(";")
+        first = self.lspci(paths[0]) if paths and paths[0] else []
+        if not first:
+            return  # parse_hostpci reports the missing device
+        prefix = "PCI device mapping invalid (hardware probably changed): "
+        if m.get("id") and len(paths) == 1 and re.search(r"\.[0-7]$", paths[0]):
+            vendor, device = self.pci_ids(first[0])
+            if m["id"].lower() != f"{vendor}:{device}":
+                raise PveError(f"{prefix}'id' does not match for '{paths[0]}' "
+                               f"({m['id']} != {vendor}:{device})")
+        if m.get("iommugroup") is not None:
+            group = self.iommu_group(first[0])
+            if group is not None and group != m["iommugroup"]:
+                raise PveError(f"{prefix}'iommugroup' does not match for '{paths[0]}' "
+                               f"({m['iommugroup']} != {group})")
+
+    def parse_hostpci_devices(self, vmid: int, cfg: Config, out: Out) -> list[Hostpci]:
+        devices = []
+        for i in range(MAX_HOSTPCI):
+            value = cfg.get(f"hostpci{i}")
+            if not value:
+                continue
+            host = next((p for p in value.split(",") if "=" not in p or p.startswith("host=")), "")
+            host = host.removeprefix("host=")
+            if host and not all(PCI_ID_RE.match(h) for h in host.split(";")):
+                # parse_vm_config drops a value its schema rejects, with a warning.
+                out.warn(f"vm {vmid} - unable to parse value of 'hostpci{i}' - format error")
+                continue
+            devices.append(self.parse_hostpci(i, value))
+        return devices
+
+    def choose_hostpci(self, vmid: int, devices: list[Hostpci], out: Out) -> None:
+        """choose_hostpci_devices: mapped alternatives -> the first one not in use."""
+        used: set[str] = set()
+
+        def add_used(ids: list[str]) -> None:
+            for pci_id in ids:
+                if pci_id in used:
+                    raise PveError(f"device '{pci_id}' assigned more than once")
+                used.add(pci_id)
+
+        for d in devices:
+            if d.mdev:
+                d.ids = [alt[0] for alt in d.alternatives]  # chosen when the mdev is created
+                continue
+            if len(d.alternatives) == 1:
+                d.ids = d.alternatives[0]
+                add_used(d.ids)
+                continue
+            for alt in d.alternatives:
+                if any(i in used for i in alt):
+                    continue
+                try:
+                    self.reserve(alt, vmid, Out(), timeout=10)
+                except PveError:
+                    continue
+                add_used(alt)
+                d.ids = alt
+                break
+            else:
+                raise PveError(f"could not find a free device for 'hostpci{d.index}'")
+
+    @staticmethod
+    def pci_addr(index: int, pcie: bool) -> str:
+        """print_pci_addr / print_pcie_addr for hostpciN."""
+        if pcie:
+            return f",bus=ich9-pcie-port-{index + 1},addr=0x0"
+        if index < 2:
+            return f",bus=pci.0,addr=0x{16 + index:x}"
+        if index < 4:
+            return f",bus=pci.0,addr=0x{27 + index - 2:x}"
+        return f",bus=pci.2,addr=0x{13 + index - 4:x}"
+
+    def device_strings(self, vmid: int, d: Hostpci, sysfsdev: str | None) -> list[str]:
+        """print_hostpci_devices: one -device per function (one for an mdev)."""
+        ids = d.ids[:1] if sysfsdev else d.ids
+        multi = len(ids) > 1
+        addr = self.pci_addr(d.index, is_true(d.opts.get("pcie")))
+        res = []
+        for j, pci_id in enumerate(ids):
+            s = "vfio-pci," + (f"sysfsdev={sysfsdev}" if sysfsdev else f"host={pci_id}")
+            mf = f".{j}" if multi else ""
+            s += f",id=hostpci{d.index}{mf}{addr}{mf}"
+            if j == 0:
+                if d.opts.get("rombar") is not None and not is_true(d.opts.get("rombar")):
+                    s += ",rombar=0"
+                if is_true(d.opts.get("x-vga")):
+                    s += ",x-vga=on"
+                if multi:
+                    s += ",multifunction=on"
+            res.append(s)
+        return res
+
+    @staticmethod
+    def args_vfio(args: str | None) -> list[tuple[str, str]]:
+        """(-device value, host id) for raw ``args: -device vfio-pci,host=...``."""
+        try:
+            tokens = shlex.split(args or "")
+        except ValueError:
+            tokens = (args or "").split()
+        res = []
+        for n, tok in enumerate(tokens[:-1]):
+            dev = tokens[n + 1]
+            if tok == "-device" and dev.startswith("vfio-pci"):
+                opts = dict(p.split("=", 1) for p in dev.split(",")[1:] if "=" in p)
+                if "host" in opts:
+                    res.append((dev, norm_pci_id(opts["host"])))
+        return res
+
+    def vm_start(
+        self,
+        vmid: int,
+        *,
+        skiplock: bool = False,
+        paused: bool = False,
+        for_backup: bool = False,
+        use_faults: bool = True,
+        out: Out | None = None,
+    ) -> int:
+        """qemu-server's vm_start (+ QEMU's own vfio checks). Returns the new QEMU pid."""
+        out = out or Out()
+        if not self.conf_path("qemu", vmid).exists():
+            raise self.missing_conf("qemu", vmid)
+        with self.guest_lock("qemu", vmid):
+            cfg = self.read_config("qemu", vmid)
+            template = is_true(cfg.get("template"))
+            if template and not for_backup:
+                raise PveError("you can't start a vm if it's a template")
+            lock = cfg.get("lock")
+            if lock and not skiplock:
+                raise PveError(f"VM is locked ({lock})")
+            if self.vm_pid(vmid):
+                raise PveError(f"VM {vmid} already running")
+            cfg = self.apply_pending("qemu", vmid, cfg)
+            faults = self.faults(vmid) if use_faults else {}
+            # Templates are started for backup with their disks only (qemu-server >= 8.2.2).
+            devices = [] if template else self.parse_hostpci_devices(vmid, cfg, out)
+            raw = [] if template else self.args_vfio(cfg.get("args"))
+            try:
+                self.choose_hostpci(vmid, devices, out)
+                real_ids = [i for d in devices if not d.mdev for i in d.ids]
+                self.reserve(real_ids, vmid, out, timeout=START_TIMEOUT)
+                dev_args = self.prepare_pci(vmid, devices, raw)
+                if faults.get("start_fails"):
+                    raise PveError("start failed: QEMU exited with code 1")
+                time.sleep(float(faults.get("start_delay", 0)))
+                argv = self.kvm_argv(vmid, cfg, dev_args, paused)
+                pid = self.spawn_proc(argv, "kvm")
+                status = "prelaunch" if paused or faults.get("start_paused") else "running"
+                self.set_qmp(vmid, status)
+                write_atomic(self.p(f"run/qemu-server/{vmid}.pid"), f"{pid}\n")
+                self.reserve(real_ids, vmid, out, pid=pid)
+            except BaseException:
+                self.remove_reservations(vmid)
+                self.remove_mdevs(vmid)
+                raise
+            return pid
+
+    def prepare_pci(self, vmid: int, devices: list[Hostpci], raw: list[tuple[str, str]]) -> list[str]:
+        """prepare_pci_device + QEMU's vfio open: mdevs, group conflicts, bind to vfio-pci."""
+        dev_args: list[str] = []
+        to_bind: list[str] = []
+        for d in devices:
+            if d.mdev:
+                err: PveError | None = None
+                for parent in d.ids:
+                    try:
+                        uuid = self.create_mdev(vmid, d.index, parent, d.mdev)
+                    except PveError as e:
+                        err = e
+                        continue
+                    d.ids = [parent]
+                    dev_args += self.device_strings(vmid, d, f"/sys/bus/mdev/devices/{uuid}")
+                    break
+                else:
+                    assert err is not None
+                    raise err
+                continue
+            for pci_id, devstr in zip(d.ids, self.device_strings(vmid, d, None), strict=True):
+                self.check_group(vmid, pci_id, devstr)
+                to_bind.append(pci_id)
+                dev_args.append(devstr)
+        for devstr, pci_id in raw:
+            if not self.pci_dir(pci_id).exists():
+                raise PveError(
+                    "start failed: QEMU exited with code 1",
+                    before=[f"kvm: -device {devstr}: vfio {pci_id}: no such host device: "
+                            "No such file or directory"],
+                )
+            self.check_group(vmid, pci_id, devstr)
+            dev_args.append(devstr)
+        # PVE binds every device of the group to vfio-pci and never binds it back.
+        for pci_id in to_bind:
+            for member in self.group_members(pci_id):
+                self.set_driver(member, "vfio-pci")
+        return dev_args
+
+    def check_group(self, vmid: int, pci_id: str, devstr: str) -> None:
+        members = set(self.group_members(pci_id))
+        if self.group_user(members, vmid) is None:
+            return
+        group = self.iommu_group(pci_id)
+        if group is not None:
+            why = (f"failed to setup container for group {group}: "
+                   "Failed to set iommu for container: Device or resource busy")
+        else:
+            why = "failed to open device: Device or resource busy"
+        raise PveError(
+            "start failed: QEMU exited with code 1",
+            before=[f"kvm: -device {devstr}: vfio {pci_id}: {why}"],
+        )
+
+    def kvm_argv(self, vmid: int, cfg: Config, dev_args: list[str], paused: bool) -> list[str]:
+        name = cfg.get("name") or f"vm{vmid}"
+        argv = [
+            "/usr/bin/kvm", "-id", str(vmid), "-name", f"{name},debug-threads=on",
+            "-no-shutdown",
+            "-chardev", f"socket,id=qmp,path=/var/run/qemu-server/{vmid}.qmp,server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+            "-pidfile", f"/var/run/qemu-server/{vmid}.pid", "-daemonize",
+            "-nodefaults", "-m", cfg.get("memory") or "2048",
+        ]
+        for d in dev_args:
+            argv += ["-device", d]
+        machine = "q35" if (cfg.get("machine") or "").startswith("q35") else "pc"
+        argv += ["-machine", f"type={machine}+pve0"]
+        with contextlib.suppress(ValueError):
+            argv += shlex.split(cfg.get("args") or "")
+        if paused:
+            argv.append("-S")
+        return argv
+
+    def kill_guest(self, kind: str, vmid: int) -> None:
+        """The guest's processes are gone; then PVE's cleanup (reservations, mdevs)."""
+        if kind == "lxc":
+            cg = self.p(f"sys/fs/cgroup/lxc/{vmid}")
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                for pid in (cg / "cgroup.procs").read_text().split():
+                    remove(self.p(f"proc/{int(pid)}"))
+            remove(cg)
+            return
+        pid = self.vm_pid(vmid)
+        if pid:
+            remove(self.p(f"proc/{pid}"))
+        remove(self.p(f"run/qemu-server/{vmid}.pid"))
+        remove(self.sim / f"qmp-{vmid}")
+        time.sleep(float(self.faults(vmid).get("cleanup_delay", 0)))
+        self.remove_reservations(vmid)
+        self.remove_mdevs(vmid)
+
+    def vm_stop(
+        self,
+        vmid: int,
+        *,
+        skiplock: bool = False,
+        shutdown: bool = False,
+        timeout: int | None = None,
+        force: bool = False,
+        use_faults: bool = True,
+        out: Out | None = None,
+    ) -> None:
+        """qemu-server's vm_stop: graceful (shutdown=True) or hard."""
+        out = out or Out()
+        if not self.conf_path("qemu", vmid).exists():
+            raise self.missing_conf("qemu", vmid)
+        with self.guest_lock("qemu", vmid):
+            cfg = self.read_config("qemu", vmid)
+            lock = cfg.get("lock")
+            if lock and not skiplock:
+                raise PveError(f"VM is locked ({lock})")
+            if not self.vm_pid(vmid):
+                if shutdown:
+                    out.info(f"VM {vmid} not running")
+                return
+            if shutdown:
+                faults = self.faults(vmid) if use_faults else {}
+                limit = QEMU_SHUTDOWN_TIMEOUT if timeout is None else timeout
+                delay = float(faults.get("shutdown_delay", 0))
+                if faults.get("ignore_shutdown") or delay > limit:
+                    time.sleep(limit)
+                    if not force:
+                        raise PveError("VM quit/powerdown failed - got timeout")
+                    out.warn("VM still running - terminating now with SIGTERM")
+                else:
+                    time.sleep(delay)
+            self.kill_guest("qemu", vmid)
+
+    # ---- LXC ----------------------------------------------------------------------------------
+
+    def ct_start(
+        self, vmid: int, *, skiplock: bool = False, use_faults: bool = True, out: Out | None = None
+    ) -> None:
+        out = out or Out()
+        if not self.conf_path("lxc", vmid).exists():
+            raise self.missing_conf("lxc", vmid)
+        with self.guest_lock("lxc", vmid):
+            cfg = self.read_config("lxc", vmid)
+            if is_true(cfg.get("template")):
+                raise PveError("you can't start a CT if it's a template")
+            lock = cfg.get("lock")
+            if lock and not skiplock:
+                raise PveError(f"CT is locked ({lock})")
+            if self.ct_running(vmid):
+                raise PveError(f"CT {vmid} already running")
+            cfg = self.apply_pending("lxc", vmid, cfg)
+            faults = self.faults(vmid) if use_faults else {}
+            failed = [f'__lxc_start: 2027 Failed to initialize container "{vmid}"']
+            for addr in sorted(self.ct_devices(cfg)):
+                # The host driver lost the device to a VM's vfio: the device node is gone.
+                if self.exclusive_holder(set(self.group_members(addr)), vmid):
+                    raise PveError(f"startup for container '{vmid}' failed", before=failed)
+            if faults.get("start_fails"):
+                raise PveError(f"startup for container '{vmid}' failed", before=failed)
+            time.sleep(float(faults.get("start_delay", 0)))
+            pid = self.spawn_proc(["/sbin/init"], "systemd")
+            cg = self.p(f"sys/fs/cgroup/lxc/{vmid}")
+            tmp = cg.with_name(f".{vmid}.starting")
+            remove(tmp)
+            tmp.mkdir(parents=True)
+            (tmp / "cgroup.procs").write_text(f"{pid}\n")
+            (tmp / "cgroup.freeze").write_text("0\n")
+            os.replace(tmp, cg)  # the cgroup appears complete or not at all
+
+    def ct_stop(
+        self,
+        vmid: int,
+        *,
+        skiplock: bool = False,
+        shutdown: bool = False,
+        timeout: int | None = None,
+        force: bool = False,
+        use_faults: bool = True,
+        out: Out | None = None,
+    ) -> None:
+        out = out or Out()
+        if not self.conf_path("lxc", vmid).exists():
+            raise self.missing_conf("lxc", vmid)
+        if not self.ct_running(vmid):
+            raise PveError(f"CT {vmid} not running")
+        with self.guest_lock("lxc", vmid):
+            cfg = self.read_config("lxc", vmid)
+            lock = cfg.get("lock")
+            if lock and (shutdown or not skiplock):  # pct shutdown has no --skiplock
+                raise PveError(f"CT is locked ({lock})")
+            if shutdown:
+                faults = self.faults(vmid) if use_faults else {}
+                limit = LXC_SHUTDOWN_TIMEOUT if timeout is None else timeout
+                delay = float(faults.get("shutdown_delay", 0))
+                if faults.get("ignore_shutdown") or delay > limit:
+                    time.sleep(limit)
+                    if not force:
+                        raise PveError(
+                            f"command 'lxc-stop -n {vmid} --timeout {limit}' failed: exit code 1"
+                        )
+                    out.warn("shutdown failed - forcing stop now")
+                else:
+                    time.sleep(delay)
+            self.kill_guest("lxc", vmid)
+
+    def ct_freeze(self, vmid: int, frozen: bool) -> None:
+        f = self.p(f"sys/fs/cgroup/lxc/{vmid}/cgroup.freeze")
+        if f.parent.is_dir():
+            f.write_text("1\n" if frozen else "0\n")
+
+    # ---- calls log ----------------------------------------------------------------------------
+
+    def log_call(self, argv: Sequence[str], code: int, t0: float, out: Out) -> None:
+        entry = {"argv": list(argv), "exit": code, "t": t0, "t_end": time.time(),
+                 "out": out.text()}
+        path = self.sim / "calls.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with flocked(self.sim / "calls.log.lock"), open(path, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# The fake command line tools
+
+OPTIONS: dict[str, dict[str, dict[str, str]]] = {
+    "qm": {
+        "start": {"skiplock": "bool", "timeout": "int"},
+        "shutdown": {"skiplock": "bool", "timeout": "int", "forceStop": "bool",
+                     "keepActive": "bool"},
+        "stop": {"skiplock": "bool", "timeout": "int", "keepActive": "bool",
+                 "overrule-shutdown": "bool"},
+        "status": {"verbose": "bool"},
+        "config": {"current": "bool"},
+        "unlock": {},
+        "resume": {"skiplock": "bool"},
+    },
+    "pct": {
+        "start": {"skiplock": "bool"},
+        "shutdown": {"timeout": "int", "forceStop": "bool"},
+        "stop": {"skiplock": "bool", "overrule-shutdown": "bool"},
+        "status": {"verbose": "bool"},
+        "config": {"current": "bool"},
+        "unlock": {},
+    },
+}
+
+
+def parse_cli(prog: str, cmd: str, argv: Sequence[str]) -> tuple[int, dict[str, str]]:
+    """PVE's CLI: ``<vmid> [--opt value]``; booleans take an optional 0/1."""
+    spec = OPTIONS[prog][cmd]
+    usage = f"{prog} {cmd} <vmid> [OPTIONS]"
+    pos: list[str] = []
+    opts: dict[str, str] = {}
+    args = list(argv)
+    while args:
+        tok = args.pop(0)
+        if not tok.startswith("-") or tok == "-":
+            pos.append(tok)
+            continue
+        name, eq, value = tok.lstrip("-").partition("=")
+        kind = spec.get(name)
+        if kind is None:
+            raise PveError(f"Unknown option: {name}\n400 unable to parse option\n{usage}")
+        if not eq:
+            if kind == "bool":
+                value = args.pop(0) if args and args[0] in ("0", "1") else "1"
+            elif args:
+                value = args.pop(0)
+            else:
+                raise PveError(f"Option {name} requires an argument\n400 unable to parse option")
+        if kind == "int" and not re.fullmatch(r"\d+", value):
+            raise PveError(f"400 Parameter verification failed.\n{name}: type check ('integer') "
+                           f"failed - got '{value}'\n{usage}")
+        opts[name] = value
+    if len(pos) != 1:
+        raise PveError(f"400 {'too many arguments' if pos else 'not enough arguments'}\n{usage}")
+    if not re.fullmatch(r"\d+", pos[0]):
+        raise PveError(f"400 Parameter verification failed.\nvmid: type check ('integer') failed "
+                       f"- got '{pos[0]}'\n{usage}")
+    return int(pos[0]), opts
+
+
+def guest_cli(pve: Pve, prog: str, argv: list[str], out: Out) -> int:
+    kind = "qemu" if prog == "qm" else "lxc"
+    what = "VM" if kind == "qemu" else "CT"
+    if not argv or argv[0] not in OPTIONS[prog]:
+        raise PveError(f"400 unknown command '{prog} {' '.join(argv[:1])}'")
+    cmd = argv[0]
+    vmid, opts = parse_cli(prog, cmd, argv[1:])
+    if not pve.conf_path(kind, vmid).exists():
+        raise pve.missing_conf(kind, vmid)
+    skiplock = is_true(opts.get("skiplock"))
+    force = is_true(opts.get("forceStop"))
+    timeout = int(opts["timeout"]) if "timeout" in opts else None
+    ha = pve.ha_sid(vmid) is not None
+    running = pve.is_running(vmid)
+
+    if cmd == "status":
+        cfg = pve.read_config(kind, vmid)
+        if not is_true(opts.get("verbose")):
+            out.info(f"status: {'running' if running else 'stopped'}")
+            return 0
+        info = {"status": "running" if running else "stopped", "vmid": str(vmid)}
+        if kind == "qemu":
+            info["name"] = cfg.get("name") or f"VM {vmid}"
+            if running:
+                info["qmpstatus"] = pve.qmp_status(vmid) or "running"
+                info["pid"] = str(pve.vm_pid(vmid))
+        else:
+            info["name"] = cfg.get("hostname") or f"CT{vmid}"
+        if ha:
+            info["ha"] = f"managed: 1, state: {pve.ha_state(vmid)}"
+        for k in sorted(info):
+            out.info(f"{k}: {info[k]}")
+        return 0
+    if cmd == "config":
+        cfg = pve.read_config(kind, vmid)
+        if not is_true(opts.get("current")):
+            pending = cfg.section("PENDING" if kind == "qemu" else "pve:pending")
+            for k, v in parse_pairs(pending or []):
+                if k == "delete":
+                    for key in v.split(","):
+                        cfg.delete(key.strip().lstrip("!"))
+                elif k not in ("#", ""):
+                    cfg.set(k, v)
+        for k, v in sorted(it for it in cfg.items if it[0] not in ("#", "")):
+            out.info(f"{k}: {v}")
+        return 0
+    if cmd == "unlock":
+        pve.remove_lock(kind, vmid)
+        return 0
+    if cmd == "resume":
+        if not running:
+            raise PveError(f"VM {vmid} not running")
+        if (pve.qmp_status(vmid) or "") in PAUSED_STATES:
+            pve.set_qmp(vmid, "running")
+        return 0
+    if cmd == "start":
+        if ha:
+            pve.ha_request("start", kind, vmid, 0, out)
+        elif kind == "qemu":
+            pve.vm_start(vmid, skiplock=skiplock, out=out)
+        else:
+            pve.ct_start(vmid, skiplock=skiplock, out=out)
+        return 0
+    # shutdown / stop
+    shutdown = cmd == "shutdown"
+    if kind == "lxc" and not running:
+        raise PveError(f"CT {vmid} not running")
+    if kind == "qemu" and shutdown and (pve.qmp_status(vmid) or "") in PAUSED_STATES:
+        # A paused guest would only act on the ACPI request when resumed.
+        if not force:
+            raise PveError("VM is paused - cannot shutdown")
+        out.warn("VM is paused - stop instead of shutdown")
+        shutdown = False
+    if ha:
+        limit = (timeout if timeout is not None else 60) if shutdown else 0
+        pve.ha_request("stop", kind, vmid, limit, out)
+        return 0
+    stop = pve.vm_stop if kind == "qemu" else pve.ct_stop
+    stop(vmid, skiplock=skiplock, shutdown=shutdown, timeout=timeout, force=force, out=out)
+    del what
+    return 0
+
+
+def ha_cli(pve: Pve, argv: list[str], out: Out) -> int:
+    cmd = argv[0] if argv else ""
+    res = pve.ha_resources()
+    if cmd == "status":
+        out.info("quorum OK")
+        out.info(f"master {pve.node} (active, {time.ctime()})")
+        out.info(f"lrm {pve.node} (active, {time.ctime()})")
+        for sid, props in res.items():
+            vmid = int(sid.split(":")[1])
+            state = props.get("state", "started")
+            if state in ("started", "enabled"):
+                state = "started" if pve.is_running(vmid) else "starting"
+            elif state == "stopped" and pve.is_running(vmid):
+                state = "stopping"
+            out.info(f"service {sid} ({pve.node}, {state})")
+        return 0
+    if cmd == "config":
+        for sid, props in res.items():
+            out.info(sid)
+            for k, v in props.items():
+                out.info(f"\t{k} {v}")
+            out.info("")
+        return 0
+    if cmd == "set" and len(argv) >= 4 and argv[2] == "--state":
+        sid, state = argv[1], argv[3]
+        if sid not in res:
+            raise PveError(f"service '{sid}' is not managed by ha")
+        pve.ha_set_state(sid, state)
+        kind = "qemu" if sid.startswith("vm:") else "lxc"
+        if state in ("started", "stopped"):
+            pve.spawn_ha_worker("start" if state == "started" else "stop", kind,
+                                int(sid.split(":")[1]), 60)
+        return 0
+    raise PveError(f"400 unknown command 'ha-manager {cmd}'")
+
+
+def main(prog: str, argv: Sequence[str], root: Path | str) -> int:
+    """Entry point of the fake ``qm``, ``pct`` and ``ha-manager`` (``root`` stands for ``/``)."""
+    pve = Pve(root)
+    out = Out(echo=True)
+    t0 = time.time()
+    try:
+        code = ha_cli(pve, list(argv), out) if prog == "ha-manager" else guest_cli(
+            pve, prog, list(argv), out
+        )
+    except PveError as e:
+        for line in e.before:
+            out.warn(line)
+        out.warn(e.message)
+        code = e.code
+    except Exception:  # a simulator bug must be loud, not look like a PVE error
+        out.warn("fake-pve internal error:\n" + traceback.format_exc())
+        code = 99
+    pve.log_call([prog, *argv], code, t0, out)
+    return code
+
+
+def _worker_main(argv: list[str]) -> int:
+    root, action, kind, vmid, timeout, marker = argv
+    try:
+        Pve(root).ha_worker(action, kind, int(vmid), int(timeout))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "ha-worker":
+        sys.exit(_worker_main(sys.argv[2:]))
+    sys.exit(2)
