@@ -12,7 +12,7 @@ import sys
 from pvegpuhook import __version__
 from pvegpuhook.errors import EXIT_USAGE, GpuHookError
 
-COMMANDS = ("recover",)
+COMMANDS = ("dry-run", "recover", "status", "register", "unregister", "scan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,11 +114,12 @@ def _stop_holders(log: Log, store: StateStore, settings: Settings, plan: FreePla
             how = "stopped hard (force_stop) after a shutdown timeout,"
         _set_status(store, guest.vmid, STOPPED if outcome.ok else STOP_FAILED, outcome.detail)
         if not outcome.ok:
-            why = (
-                f"{guest.label} did not shut down within {timeout} s"
-                if how == "shut down"
-                else f"{guest.label} could not be stopped"
-            )
+            if how != "shut down":
+                why = f"{guest.label} could not be stopped: {outcome.detail}"
+            elif outcome.seconds < timeout:  # refused at once, e.g. "VM is paused"
+                why = f"{guest.label} could not be shut down: {outcome.detail}"
+            else:
+                why = f"{guest.label} did not shut down within {timeout} s"
             log.file(f"{why}: {outcome.detail}")
             log.error(f"cannot free {stop.address} for VM {vmid}: {why}")
             return 1

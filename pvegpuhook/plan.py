@@ -49,8 +49,10 @@ def _blockers(alternative: tuple[Claim, ...], holders: list[Holder]) -> dict[int
         for holder in holders:
             if holder.vmid in found:
                 continue
-            if any(claim.conflicts_with(held) for held in holder.claims):
-                found[holder.vmid] = Stop(holder, claim.address)
+            for held in holder.claims:
+                if claim.conflicts_with(held):
+                    found[holder.vmid] = Stop(holder, held.address)
+                    break
     return found
 
 
@@ -150,3 +152,81 @@ def plan_restore(
         else:
             steps.append(RestoreStep(record, START))
     return steps
+
+
+class GuestForecast:
+    """What the hook (and vzdump) will do for one guest of a job."""
+
+    __slots__ = ("guest", "mode", "addresses", "stops", "restored", "outcome", "reason")
+
+    def __init__(self, guest: Guest, mode: str) -> None:
+        self.guest = guest
+        self.mode = mode
+        self.addresses: list[str] = []
+        self.stops: list[Stop] = []
+        self.restored: list[int] = []  # holders started again at this guest's log-end
+        self.outcome = "ok"  # ok | fail | skip
+        self.reason = ""
+
+
+class JobForecast:
+    def __init__(self) -> None:
+        self.guests: list[GuestForecast] = []
+        self.restored_at_end: list[int] = []
+        self.down_for: dict[int, int] = {}  # holder vmid → number of guest backups it is down
+
+    @property
+    def ok(self) -> bool:
+        return all(g.outcome != "fail" for g in self.guests)
+
+
+def forecast_job(
+    order: list[tuple[Guest, bool, list[Need]]],
+    holders: list[Holder],
+    *,
+    mode: str,
+    protect: frozenset[int],
+    restore: str,
+    ha: set[int],
+) -> JobForecast:
+    """Walk a vzdump job guest by guest, as the hook will: who stops for whom, when they return.
+
+    ``order``: every guest of the job in vzdump's order, whether it runs now, and its needs as
+    its next start sees them. ``holders``: the guests running now with what they hold.
+    """
+    forecast = JobForecast()
+    running = {h.vmid for h in holders}
+    running.update(g.vmid for g, is_running, _ in order if is_running)
+    stopped_for: dict[int, int] = {}  # holder → the guest it was stopped for
+    for guest, _, needs in order:
+        is_running = guest.vmid in running
+        step = GuestForecast(guest, mode if is_running else "stop")
+        step.addresses = [c.address for need in needs for c in need.claims()]
+        forecast.guests.append(step)
+        if step.mode == "stop" and guest.vmid in ha:
+            step.outcome, step.reason = "fail", "vzdump refuses stop mode for an HA-managed guest"
+        elif guest.kind != "qemu" or is_running or not needs:
+            step.outcome = "ok"
+        elif guest.template:
+            step.outcome, step.reason = "skip", "template: backed up without its devices"
+        else:
+            current = [h for h in holders if h.vmid in running]
+            plan = plan_free(guest, needs, current, protect)
+            if plan.refusal is not None:
+                r = plan.refusal
+                step.outcome = "fail"
+                step.reason = f"cannot free {r.address}: {r.holder.guest.label} {r.reason}"
+            for stop in plan.stops if plan.refusal is None else []:
+                step.stops.append(stop)
+                running.discard(stop.holder.vmid)
+                stopped_for[stop.holder.vmid] = guest.vmid
+        for vmid in stopped_for:
+            forecast.down_for[vmid] = forecast.down_for.get(vmid, 0) + 1
+        if restore == "after-guest":
+            back = sorted(v for v, w in stopped_for.items() if w == guest.vmid)
+            step.restored = back
+            for vmid in back:
+                del stopped_for[vmid]
+                running.add(vmid)
+    forecast.restored_at_end = sorted(stopped_for)
+    return forecast

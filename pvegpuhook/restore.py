@@ -9,9 +9,19 @@ from __future__ import annotations
 import time
 
 from pvegpuhook import act, runtime
-from pvegpuhook.inventory import Inventory, describe, load_guest
+from pvegpuhook.inventory import QEMU, Guest, Holder, Inventory, describe, load_guest
 from pvegpuhook.log import Log
-from pvegpuhook.plan import BLOCKED, DROP, MISSING, START, WAIT, RestoreStep, plan_restore
+from pvegpuhook.plan import (
+    BLOCKED,
+    DROP,
+    MISSING,
+    START,
+    WAIT,
+    RestoreStep,
+    Stop,
+    plan_free,
+    plan_restore,
+)
 from pvegpuhook.settings import Settings
 from pvegpuhook.state import START_FAILED, STOPPING, Record, StateStore
 
@@ -30,6 +40,23 @@ def minutes(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def first_conflict(guest: Guest, inventory: Inventory, holders: list[Holder]) -> Stop | None:
+    """A running guest that would keep ``guest`` from starting now, if any."""
+    if guest.kind == QEMU:
+        # the same rule as for a backup: a mapping is fine when any alternative is free
+        plan = plan_free(guest, inventory.needs(guest, for_start=True), holders, frozenset())
+        if plan.refusal is not None:
+            return Stop(plan.refusal.holder, plan.refusal.address)
+        return plan.stops[0] if plan.stops else None
+    claims = inventory.claims_of_stopped(guest)
+    for holder in holders:
+        for claim in claims:
+            for held in holder.claims:
+                if claim.conflicts_with(held):
+                    return Stop(holder, held.address)
+    return None
 
 
 def survey(records: list[Record], inventory: Inventory, settings: Settings) -> list[RestoreStep]:
@@ -55,12 +82,9 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
             continue
         if holders is None:
             holders = inventory.holders()
-        claims = inventory.claims_of_stopped(guest)
-        for holder in holders:
-            taken = [c for c in claims if any(c.conflicts_with(h) for h in holder.claims)]
-            if taken:
-                blocked[record.vmid] = f"{taken[0].address} is held by {holder.guest.label}"
-                break
+        conflict = first_conflict(guest, inventory, holders)
+        if conflict is not None:
+            blocked[record.vmid] = f"{conflict.address} is held by {conflict.holder.guest.label}"
     return plan_restore(
         records, running=running, orders=orders, missing=missing, blocked=blocked, settling=settling
     )

@@ -76,6 +76,8 @@ def parse_settings(text: str, path: str, settings: Settings | None = None) -> Se
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line = mark.line + 1 if mark is not None else None
+        if line is not None and line > len(text.splitlines()) and error.context_mark is not None:
+            line = error.context_mark.line + 1  # "end of file": point at what was left open
         problem = error.problem or error.context or "invalid YAML"
         raise ConfigError(path, line, f"invalid YAML: {problem}") from None
     except yaml.YAMLError as error:

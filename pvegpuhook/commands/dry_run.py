@@ -1,0 +1,161 @@
+"""``pve-gpu-hook dry-run``: predict what a vzdump job will do, with the hook's own planner.
+
+Runs no command and writes nothing. JSON shape (``--output-format json``)::
+
+    {"mode": "stop", "restore": "after-guest", "ok": true,
+     "guests": [{"vmid": 102, "type": "qemu", "name": "gpu2", "mode": "stop",
+                 "devices": ["0000:01:00.0"], "stops": [{"vmid": 104, "address": "0000:01:00.0"}],
+                 "restored_after": [104], "outcome": "ok", "reason": ""}],
+     "restored_at_job_end": [], "down_for_backups": {"104": 3}, "warnings": []}
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pvegpuhook import runtime
+from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, ConfigError, GpuHookError
+from pvegpuhook.inventory import Inventory, all_guests, describe
+from pvegpuhook.output import Table, add_output_options, emit
+from pvegpuhook.plan import JobForecast, forecast_job
+from pvegpuhook.settings import load_settings
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from pvegpuhook.commands.recover import vmid_arg
+
+    parser = subparsers.add_parser(
+        "dry-run",
+        help="predict what a backup job would do",
+        description=(
+            "Walk a vzdump job over the given guests (or --all) in vzdump's order and show, "
+            "per guest: the effective mode, the devices it needs, which guests the hook would "
+            "shut down for it, when they would come back, and the expected outcome. Uses the "
+            "same planner as the hook; runs no command and writes nothing."
+        ),
+    )
+    parser.add_argument("vmids", metavar="VMID", nargs="*", type=vmid_arg, help="guests to back up")
+    parser.add_argument("--all", action="store_true", help="every guest of this node")
+    parser.add_argument(
+        "--exclude", metavar="VMID,...", default="", help="guests to leave out (with --all)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("stop", "snapshot", "suspend"),
+        default="snapshot",
+        help="backup mode of the job (default: snapshot, as vzdump)",
+    )
+    add_output_options(parser)
+    parser.set_defaults(run=run)
+
+
+def _excluded(text: str) -> set[int]:
+    from pvegpuhook.hook import parse_vmid
+
+    result = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        vmid = parse_vmid(part)
+        if vmid is None:
+            raise GpuHookError(f"--exclude: invalid VMID {part!r}", EXIT_USAGE)
+        result.add(vmid)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.vmids and not args.all:
+        raise GpuHookError("name the guests to back up, or --all", EXIT_USAGE)
+    notes: list[str] = []
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        raise GpuHookError(f"{error} (the hook would stop nobody)", EXIT_USAGE) from None
+    guests = {g.vmid: g for g in all_guests()}
+    wanted = sorted(guests) if args.all else sorted(set(args.vmids))
+    unknown = [v for v in wanted if v not in guests]
+    if unknown:
+        raise GpuHookError(f"no guest {', '.join(map(str, unknown))} on this node", EXIT_USAGE)
+    wanted = [v for v in wanted if v not in _excluded(args.exclude)]
+    inventory = Inventory()
+    order = []
+    for vmid in wanted:
+        guest = guests[vmid]
+        is_running = runtime.running(guest.kind, vmid)
+        order.append((guest, is_running, inventory.needs(guest, for_start=not is_running)))
+    forecast = forecast_job(
+        order,
+        inventory.holders(),
+        mode=args.mode,
+        protect=settings.protect,
+        restore=settings.restore,
+        ha=inventory.ha_managed(),
+    )
+    notes.extend(f"warning: {w}" for w in inventory.warnings)
+    data = _as_data(forecast, args.mode, settings.restore, notes)
+    emit(args, data, _tables(forecast), notes + _summary(forecast))
+    return EXIT_OK if forecast.ok else EXIT_ATTENTION
+
+
+def _as_data(forecast: JobForecast, mode: str, restore: str, notes: list[str]) -> dict[str, object]:
+    return {
+        "mode": mode,
+        "restore": restore,
+        "ok": forecast.ok,
+        "guests": [
+            {
+                "vmid": g.guest.vmid,
+                "type": g.guest.kind,
+                "name": g.guest.name,
+                "mode": g.mode,
+                "devices": g.addresses,
+                "stops": [{"vmid": s.holder.vmid, "address": s.address} for s in g.stops],
+                "restored_after": g.restored,
+                "outcome": g.outcome,
+                "reason": g.reason,
+            }
+            for g in forecast.guests
+        ],
+        "restored_at_job_end": forecast.restored_at_end,
+        "down_for_backups": {str(k): v for k, v in sorted(forecast.down_for.items())},
+        "warnings": notes,
+    }
+
+
+def _tables(forecast: JobForecast) -> list[Table]:
+    rows = []
+    for g in forecast.guests:
+        stops = ", ".join(s.holder.guest.label for s in g.stops)
+        back = ("after this backup" if g.restored else "at job end") if g.stops else ""
+        outcome = g.outcome if not g.reason else f"{g.outcome}: {g.reason}"
+        rows.append(
+            {
+                "guest": g.guest.label,
+                "mode": g.mode,
+                "devices": ", ".join(g.addresses) or "-",
+                "stops": stops or "-",
+                "back": back or "-",
+                "outcome": outcome,
+            }
+        )
+    columns = [
+        ("guest", "GUEST"),
+        ("mode", "MODE"),
+        ("devices", "DEVICES"),
+        ("stops", "SHUTS DOWN"),
+        ("back", "BACK"),
+        ("outcome", "OUTCOME"),
+    ]
+    return [Table(columns, rows, title="Backup job forecast")]
+
+
+def _summary(forecast: JobForecast) -> list[str]:
+    lines = []
+    labels = {s.holder.vmid: s.holder.guest.label for g in forecast.guests for s in g.stops}
+    for vmid, count in sorted(forecast.down_for.items()):
+        label = labels.get(vmid, describe("qemu", vmid))
+        lines.append(f"{label} is down during {count} guest backup(s)")
+    if forecast.restored_at_end:
+        names = ", ".join(labels.get(v, str(v)) for v in forecast.restored_at_end)
+        lines.append(f"started again at job end: {names}")
+    return lines

@@ -1,0 +1,74 @@
+"""Shared pieces of the end-to-end tests: a node with the seed's layout and ways to run the fronts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.sim.node import FakeNode
+from tests.sim.vzdump import JobOutcome
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = "shutdown_timeout: 3\nstart_timeout: 5\n"  # time limits come from the override file
+
+
+def seed_node(root: Path, override: str = FAST) -> FakeNode:
+    """The seed's home lab: VMs 102-105 share one RTX card (group 14), only 104 runs."""
+    node = FakeNode(root)
+    node.add_gpu("0000:01:00", group=14, functions=("0", "1"), nvidia_minor=0, drm=("renderD128",))
+    for vmid in (102, 103, 105):
+        node.add_vm(vmid, name=f"vm{vmid}", hostpci=["01:00,pcie=1,x-vga=1"])
+    node.add_vm(104, name="win11", hostpci=["0000:01:00.0,pcie=1"], running=True)
+    if override:
+        node.write_override(override)
+    return node
+
+
+def hook(node: FakeNode, *args: str, vmtype: str | None = "qemu") -> subprocess.CompletedProcess:
+    """Call the hook the way vzdump does: emptied environment, no PATH."""
+    env = {"LC_ALL": "C", "PVE_GPU_HOOK_ROOT": str(node.root), "PYTHONPATH": str(REPO)}
+    if vmtype and len(args) > 1:
+        env["VMTYPE"] = vmtype
+    return subprocess.run(
+        [sys.executable, "-m", "pvegpuhook.hook", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def cli(node: FakeNode, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PVE_GPU_HOOK_ROOT=str(node.root), PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "pvegpuhook", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def records(node: FakeNode) -> list[dict]:
+    path = node.root / "var/lib/pve-gpu-hook/state.json"
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())["records"]
+
+
+def commands(node: FakeNode, verb: str | None = None) -> list[list[str]]:
+    """qm/pct calls the hook made, e.g. ``[["qm", "shutdown", "104", ...]]``."""
+    calls = [c["argv"] for c in node.calls()]
+    return [c for c in calls if verb is None or (len(c) > 1 and c[1] == verb)]
+
+
+def hook_lines(job: JobOutcome) -> list[str]:
+    """Task-log lines that came from our hook."""
+    return [line for line in job.log if "pve-gpu-hook:" in line]

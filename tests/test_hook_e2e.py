@@ -1,0 +1,538 @@
+"""End to end: the real hook, called by the simulated vzdump on a fake PVE node.
+
+Each test states a night an admin could have and checks the only things that matter to them:
+every backup that can succeed does, and every guest ends in the power state it had before.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import FAST, cli, commands, hook, hook_lines, records, seed_node
+from tests.sim.node import FakeNode, reboot
+from tests.sim.vzdump import run_job
+
+
+def assert_clean(node: FakeNode) -> None:
+    assert records(node) == []
+
+
+# --- the seed's case ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["stop", "snapshot", "suspend"])
+def test_seed_night_every_backup_succeeds_and_only_104_runs(tmp_path: Path, mode: str) -> None:
+    node = seed_node(tmp_path)
+    job = run_job(node, mode=mode)
+    assert job.ok, job.log
+    assert all(g.ok for g in job.guests.values())
+    # the seed's defect: it booted every backed-up guest at job end
+    assert node.running_guests() == {104}
+    # gracefully: shutdown with a timeout, never a hard stop
+    assert commands(node, "stop") == []
+    shutdowns = commands(node, "shutdown")
+    assert shutdowns and all(c[:3] == ["qm", "shutdown", "104"] for c in shutdowns)
+    assert all("--timeout" in c for c in shutdowns)
+    assert_clean(node)
+
+
+def test_seed_night_task_log_says_who_was_stopped_for_whom(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    job = run_job(node, [102], mode="stop")
+    lines = hook_lines(job)
+    assert any("VM 104 (win11) shut down" in line and "VM 102" in line for line in lines)
+    assert any("VM 104 (win11) started again" in line for line in lines)
+    assert len(lines) == 2  # one concise line per action
+
+
+def test_without_the_hook_the_backup_fails_like_in_real_life(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    job = run_job(node, [102], hook_cmd=())
+    assert not job.guests[102].ok
+    assert "already in use by VMID '104'" in (job.guests[102].error or "")
+
+
+def test_after_job_restore_keeps_holder_off_until_job_end(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, FAST + "restore: after-job\n")
+    job = run_job(node, [102, 103, 105], mode="stop")
+    assert job.ok, job.log
+    assert len(commands(node, "shutdown")) == 1  # stopped once for the three backups
+    assert len(commands(node, "start")) == 1
+    assert node.running_guests() == {104}
+    ends = [c for c in job.hook_calls if c.phase == "job-end"]
+    assert any("started again" in line for line in ends[0].lines)
+
+
+def test_repeated_jobs_behave_the_same(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    for _ in range(3):
+        job = run_job(node, mode="stop")
+        assert job.ok
+        assert node.running_guests() == {104}
+        assert_clean(node)
+    assert len(commands(node, "shutdown")) == 9
+
+
+# --- what counts as the same device ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "01:00",
+        "01:00.0",
+        "0000:01:00.0",
+        "host=01:00.0",
+        "01:00.1",  # the audio function: same IOMMU group
+        "0000:01:00.0;0000:01:00.1",
+        "01:00.0,pcie=1,x-vga=1,rombar=0",
+        "0000:01:00,pcie=1",
+    ],
+)
+def test_every_id_form_frees_the_gpu(tmp_path: Path, target: str) -> None:
+    node = seed_node(tmp_path)
+    node.add_vm(120, name="target", hostpci=[target])
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert node.running_guests() == {104}
+    assert commands(node, "shutdown")
+
+
+def test_iommu_sibling_device_is_freed(tmp_path: Path) -> None:
+    """A different device in the same IOMMU group: PVE does not check, QEMU fails cryptically."""
+    node = seed_node(tmp_path)
+    node.add_pci_device("0000:02:00.0", group=14, class_="0x0c0330", driver="xhci_hcd")
+    node.add_vm(120, hostpci=["02:00.0"])
+    assert not run_job(node, [120], hook_cmd=()).guests[120].ok  # without the hook
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert node.running_guests() == {104}
+
+
+def test_other_group_is_left_alone(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.add_vm(120, hostpci=["02:00.0"])
+    job = run_job(node, [120])
+    assert job.ok
+    assert commands(node) == []
+
+
+def test_second_hostpci_line_counts(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.add_vm(120, hostpci=["02:00.0", "01:00.0"])  # hostpci1 is the shared one
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert commands(node, "shutdown")[0][:3] == ["qm", "shutdown", "104"]
+
+
+def test_high_hostpci_index_alone(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.add_vm(120, "hostpci7: 01:00.0\n")
+    assert run_job(node, [120]).ok
+    assert node.running_guests() == {104}
+
+
+def test_pending_hostpci_is_what_the_backup_start_uses(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.add_vm(120, "name: pend\n\n[PENDING]\nhostpci0: 01:00.0\n")
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert commands(node, "shutdown")
+
+
+def test_pending_delete_of_hostpci_needs_nothing(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.add_vm(120, "hostpci0: 01:00.0\n\n[PENDING]\ndelete: hostpci0\n")
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert commands(node) == []
+
+
+def test_snapshot_sections_are_not_the_current_config(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.add_vm(
+        120,
+        "name: snappy\nparent: before\n\n[before]\nhostpci0: 01:00.0\nsnaptime: 1700000000\n"
+        "\n[special:cloudinit]\nhostpci1: 01:00.0\n",
+    )
+    job = run_job(node, [120])
+    assert job.ok
+    assert commands(node) == []
+
+
+# --- mappings -----------------------------------------------------------------------------
+
+MAPPING = """\
+gpu
+\tmap node=pve1,path=0000:01:00.0,id=10de:2204,iommugroup=14
+\tmap node=pve1,path=0000:02:00.0,id=10de:2204,iommugroup=15
+\tmap node=pve2,path=0000:01:00.0,id=10de:2204,iommugroup=3
+"""
+
+
+def test_mapping_with_a_free_alternative_stops_nobody(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.set_mapping(MAPPING)
+    node.add_vm(120, hostpci=["mapping=gpu,pcie=1"])
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert commands(node) == []
+
+
+def test_mapping_with_every_alternative_busy_frees_one(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.set_mapping(MAPPING)
+    node.add_vm(106, name="other", hostpci=["02:00.0"], running=True)
+    node.add_vm(120, hostpci=["mapping=gpu"])
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert len(commands(node, "shutdown")) == 1  # one alternative is enough
+    assert node.running_guests() == {104, 106}
+
+
+def test_mapping_held_alternative_of_a_running_mapped_vm(tmp_path: Path) -> None:
+    """The running holder uses the mapping too: its process says which alternative it got."""
+    node = seed_node(tmp_path)
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.set_mapping(MAPPING)
+    node.add_vm(106, hostpci=["mapping=gpu"], running=True)  # gets 02:00.0: 01:00.0 is taken
+    node.add_vm(120, hostpci=["02:00.0"])
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["qm", "shutdown", "106"]]
+
+
+# --- kinds of holders ---------------------------------------------------------------------
+
+
+def test_mdev_guests_share_the_parent(tmp_path: Path) -> None:
+    node = FakeNode(tmp_path)
+    node.add_gpu("0000:03:00", group=20, functions=("0",), mdev_types=("nvidia-35",))
+    node.write_override(FAST)
+    node.add_vm(130, hostpci=["03:00.0,mdev=nvidia-35"], running=True)
+    node.add_vm(131, hostpci=["03:00.0,mdev=nvidia-35"])
+    job = run_job(node, [131])
+    assert job.ok, job.log
+    assert commands(node) == []
+
+
+def test_full_passthrough_excludes_mdev_users(tmp_path: Path) -> None:
+    node = FakeNode(tmp_path)
+    node.add_gpu("0000:03:00", group=20, functions=("0",), mdev_types=("nvidia-35",))
+    node.write_override(FAST)
+    node.add_vm(130, hostpci=["03:00.0,mdev=nvidia-35"], running=True)
+    node.add_vm(131, hostpci=["03:00.0"])
+    job = run_job(node, [131])
+    assert job.ok, job.log
+    assert node.running_guests() == {130}
+    assert commands(node, "shutdown")[0][:3] == ["qm", "shutdown", "130"]
+
+
+def test_container_holder_is_shut_down_and_restored(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.stop(104)
+    node.add_ct(200, hostname="jellyfin", dev=["/dev/dri/renderD128,gid=104"], running=True)
+    node.add_ct(201, "lxc.cgroup2.devices.allow: c 195:* rwm\n", running=True)
+    node.add_ct(202, hostname="nogpu", running=True)
+    job = run_job(node, [102])
+    assert job.ok, job.log
+    assert sorted(c[:3] for c in commands(node, "shutdown")) == [
+        ["pct", "shutdown", "200"],
+        ["pct", "shutdown", "201"],
+    ]
+    assert node.running_guests() == {200, 201, 202}
+
+
+def test_containers_do_not_free_for_each_other(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.stop(104)
+    node.add_ct(200, dev=["/dev/dri/renderD128"], running=True)
+    node.add_ct(201, dev=["/dev/dri/renderD128"])
+    job = run_job(node, [201])
+    assert job.ok
+    assert commands(node) == []
+
+
+def test_prelaunch_holder_is_found(tmp_path: Path) -> None:
+    """The seed grepped `qm status` for 'running' and missed prelaunch/paused guests."""
+    node = seed_node(tmp_path)
+    node.stop(104)
+    node.add_vm(107, hostpci=["01:00.0"], paused=True)
+    assert node.qmp_status(107) in ("prelaunch", "paused")
+    job = run_job(node, [102])
+    assert not job.guests[102].ok  # found, but a paused VM cannot shut down gracefully
+    assert "VM 107 could not be shut down: VM is paused" in (job.guests[102].error or "")
+    assert commands(node, "shutdown")[0][:3] == ["qm", "shutdown", "107"]
+    node.write_override(FAST + "force_stop: true\n")
+    assert run_job(node, [102]).ok
+    assert [c[:3] for c in commands(node, "stop")] == [["qm", "stop", "107"]]
+
+
+def test_template_needs_nothing(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.add_vm(9000, name="tpl", hostpci=["01:00.0"], template=True)
+    job = run_job(node, [9000])
+    assert job.ok, job.log
+    assert commands(node) == []
+
+
+def test_running_target_needs_nothing(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    job = run_job(node, [104], mode="stop")
+    assert job.ok
+    assert commands(node) == []
+    assert node.running_guests() == {104}
+
+
+def test_guest_without_gpu_and_container_backups_need_nothing(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.add_vm(150, name="plain")
+    node.add_ct(250, dev=["/dev/dri/renderD128"])
+    job = run_job(node, [150, 250], mode="stop")
+    assert job.ok
+    assert commands(node) == []
+
+
+# --- holders that do not cooperate ----------------------------------------------------------
+
+
+def test_holder_ignoring_shutdown_fails_only_that_backup(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, "shutdown_timeout: 1\nstart_timeout: 5\n")
+    node.add_vm(150, name="plain")
+    node.set_fault(104, ignore_shutdown=True)
+    job = run_job(node, [102, 150])
+    assert not job.guests[102].ok
+    assert job.guests[150].ok
+    error = job.guests[102].error or ""
+    assert "pve-gpu-hook: cannot free 0000:01:00.0 for VM 102" in error
+    assert "VM 104 (win11) did not shut down within 1 s" in error
+    assert node.running_guests() == {104}
+    assert commands(node, "stop") == []
+    assert_clean(node)
+
+
+def test_holder_ignoring_shutdown_with_force_stop(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, "shutdown_timeout: 1\nstart_timeout: 5\nforce_stop: true\n")
+    node.set_fault(104, ignore_shutdown=True)
+    job = run_job(node, [102])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "stop")] == [["qm", "stop", "104"]]
+    assert node.running_guests() == {104}
+
+
+def test_protected_holder_fails_clearly_and_is_untouched(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, FAST + "protect: [104]\n")
+    job = run_job(node, [102, 103])
+    assert not job.guests[102].ok and not job.guests[103].ok
+    assert "VM 104 (win11) is protected" in (job.guests[102].error or "")
+    assert commands(node) == []
+    assert node.running_guests() == {104}
+
+
+def test_locked_holder_is_not_touched(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.add_vm(107, hostpci=["01:00.0"], lock="snapshot")
+    node.stop(104)
+    node.start(107)
+    job = run_job(node, [102])
+    assert not job.guests[102].ok
+    assert "is locked (snapshot)" in (job.guests[102].error or "")
+    assert commands(node) == []
+
+
+def test_ha_managed_holder(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.set_ha(104)
+    node.set_fault(104, ha_delay=0.5)
+    job = run_job(node, [102, 103])
+    assert job.ok, job.log
+    node.wait_settled()
+    assert node.running_guests() == {104}
+    assert_clean(node)
+
+
+def test_failed_restart_is_kept_reported_and_fails_job_end(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, "shutdown_timeout: 3\nstart_timeout: 1\n")
+    node.set_fault(104, start_fails=True)
+    job = run_job(node, [102])
+    assert job.guests[102].ok  # the backup itself worked
+    assert not job.ok  # but job-end failed, so the notification says so
+    end = next(c for c in job.hook_calls if c.phase == "job-end")
+    assert end.exit_code != 0
+    assert any("VM 104 (win11)" in line for line in end.lines)
+    assert [r["vmid"] for r in records(node)] == [104]
+    assert records(node)[0]["status"] == "start-failed"
+    assert 104 not in node.running_guests()
+    # the admin fixes the guest, then recovers
+    node.clear_faults(104)
+    result = cli(node, "recover")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert node.running_guests() == {104}
+    assert_clean(node)
+
+
+# --- aborts, crashes, reboots -------------------------------------------------------------
+
+
+def test_job_abort_puts_the_holder_back(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, FAST + "restore: after-job\n")
+    job = run_job(node, [102, 103], abort_during=102)
+    assert job.aborted
+    assert "job-abort" in job.phases()
+    assert node.running_guests() == {104}
+    assert_clean(node)
+
+
+def test_crash_then_recover(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    job = run_job(node, [102], crash_after=("backup-start", 102))
+    assert job.crashed
+    assert 104 not in node.running_guests()
+    [record] = records(node)
+    assert record["vmid"] == 104 and record["for_vmid"] == 102
+    # the paused QEMU of 102 died with the host: nothing holds the GPU any more
+    node.stop(102)
+    result = cli(node, "recover")
+    assert result.returncode == 0, result.stderr
+    assert "VM 104 (win11)" in result.stdout
+    assert node.running_guests() == {104}
+    again = cli(node, "recover")
+    assert again.returncode == 0
+    assert "nothing to recover" in again.stdout
+    assert len(commands(node, "start")) == 1
+
+
+def test_recover_reports_a_conflict_instead_of_stopping_anyone(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    run_job(node, [102], crash_after=("archive", 102))  # 102's paused QEMU holds the GPU
+    assert node.is_running(102)
+    result = cli(node, "recover")
+    assert result.returncode == 1
+    assert "held by VM 102" in result.stdout
+    assert commands(node, "start") == [] and len(commands(node, "shutdown")) == 1
+    assert [r["vmid"] for r in records(node)] == [104]
+
+
+def test_crash_then_next_job_reports_and_restores(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    run_job(node, [102], crash_after=("backup-start", 102))
+    node.stop(102)
+    job = run_job(node, [103])
+    start = next(c for c in job.hook_calls if c.phase == "job-start")
+    assert any("VM 104 (win11) is still off" in line for line in start.lines)
+    assert job.ok, job.log
+    assert node.running_guests() == {104}
+    assert_clean(node)
+
+
+def test_host_reboot_mid_job_then_recover(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    run_job(node, [102], crash_after=("backup-start", 102))
+    reboot(node)
+    assert node.running_guests() == set()
+    assert [r["vmid"] for r in records(node)] == [104]  # state survives the reboot
+    result = cli(node, "recover")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert node.running_guests() == {104}  # 102, 103, 105 were off before: stay off
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def test_garbage_in_configs_is_skipped_with_file_and_line(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    path = node.root / "etc/pve/qemu-server/102.conf"
+    path.write_text(path.read_text() + "this is not a key\n\x1b[31mred: x\n\xff\xfe junk\n")
+    job = run_job(node, [102])
+    assert job.ok, job.log
+    warnings = [line for line in hook_lines(job) if "warning" in line]
+    assert any("102.conf:" in line and "cannot parse" in line for line in warnings)
+    assert all("\x1b" not in line for line in job.log)
+    assert node.running_guests() == {104}
+
+
+def test_invalid_yaml_stops_nobody_but_still_restores(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    run_job(node, [102], crash_after=("backup-start", 102))  # a leftover: 104 is off
+    node.stop(102)
+    node.start(104)
+    node.write_override("shutdown_timeout: [oops\n")
+    job = run_job(node, [103])
+    assert not job.guests[103].ok
+    error = job.guests[103].error or ""
+    assert "config.yaml:1" in error and "stopping nobody" in error
+    assert commands(node, "shutdown")[1:] == []  # only the first night's shutdown
+    assert node.running_guests() == {104}
+    assert_clean(node)  # the leftover record of the running 104 is dropped at job end
+
+
+def test_invalid_yaml_leftover_still_restored_at_job_end(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    run_job(node, [102], crash_after=("backup-start", 102))
+    node.stop(102)
+    node.write_override("restore: sometimes\n")
+    job = run_job(node, [105])
+    assert node.running_guests() == {104}
+    assert job.guests[105].ok  # nothing held the GPU: an invalid file stops nobody anyway
+    assert_clean(node)
+
+
+@pytest.mark.parametrize("phase", ["job-whatever", "backup-new-phase", "x"])
+def test_unknown_phases_are_tolerated(tmp_path: Path, phase: str) -> None:
+    node = seed_node(tmp_path)
+    assert hook(node, phase).returncode == 0
+    assert hook(node, phase, "stop", "102").returncode == 0
+    assert commands(node) == []
+
+
+@pytest.mark.parametrize("vmid", ["../1", "100;reboot", "-1", "99", "1000000000", "0102", "１０２"])
+def test_bad_vmids_are_refused(tmp_path: Path, vmid: str) -> None:
+    node = seed_node(tmp_path)
+    result = hook(node, "backup-start", "stop", vmid)
+    assert result.returncode == 2
+    assert "invalid VMID" in result.stderr
+    assert commands(node) == []
+    # where failing would keep vzdump from restarting a guest, the hook never fails
+    assert hook(node, "pre-restart", "stop", vmid).returncode == 0
+
+
+def test_hook_finds_qm_without_path(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    result = hook(node, "backup-start", "stop", "102")
+    assert result.returncode == 0, result.stderr
+    assert 104 not in node.running_guests()
+    assert hook(node, "log-end", "stop", "102").returncode == 0
+    assert node.running_guests() == {104}
+
+
+def test_state_files_are_private(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    run_job(node, [102], crash_after=("backup-start", 102))
+    state_dir = node.root / "var/lib/pve-gpu-hook"
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state_dir / "state.json").stat().st_mode) == 0o600
+    log = node.root / "var/log/pve-gpu-hook.log"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    assert not (Path("/tmp") / "gpu-backup-state").exists()
+
+
+def test_state_dir_symlink_is_refused_and_nobody_is_stopped(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    state_dir = node.root / "var/lib/pve-gpu-hook"
+    if state_dir.exists():
+        os.rmdir(state_dir)
+    state_dir.symlink_to(elsewhere)
+    job = run_job(node, [102])
+    assert not job.guests[102].ok
+    assert node.running_guests() == {104}
+    assert list(elsewhere.iterdir()) == []
