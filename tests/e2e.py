@@ -1,4 +1,4 @@
-"""Shared pieces of the end-to-end tests: a node with the seed's layout and ways to run the fronts."""
+"""Shared pieces of the end-to-end tests: the seed's node and ways to run the two fronts."""
 
 from __future__ import annotations
 

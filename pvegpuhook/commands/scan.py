@@ -359,11 +359,13 @@ def _check_mappings(view: NodeView) -> None:
 def node_report(view: NodeView) -> dict[str, object]:
     sysfs = view.sysfs
     devices: dict[str, dict[str, object]] = {}
+    addresses: dict[str, set[str]] = {}  # functions named by claims, for devices sysfs lacks
 
     def device(address: str) -> dict[str, object]:
         key = pci.device_of(address)
         if key not in devices:
             devices[key] = {"address": key, "claims": [], "held_by": [], "_claimed": set()}
+            addresses[key] = set()
         return devices[key]
 
     for function in sysfs.all_functions():
@@ -371,6 +373,7 @@ def node_report(view: NodeView) -> dict[str, object]:
             device(function)
     for entry in view.entries:
         row = device(entry.claim.address)
+        addresses[pci.device_of(entry.claim.address)].add(entry.claim.address)
         seen = row["_claimed"]
         assert isinstance(seen, set)
         mark = (entry.guest.vmid, entry.claim.source)
@@ -418,9 +421,7 @@ def node_report(view: NodeView) -> dict[str, object]:
         elif not view.local:
             group = view.mapped_groups.get(key)
         if not functions:
-            claimed = row["claims"]
-            assert isinstance(claimed, list)
-            functions = sorted({c["address"] for c in claimed if "." in str(c["address"])})
+            functions = sorted(a for a in addresses[key] if "." in a)
         vendor = _hex_id(sysfs.attribute(first, "vendor")) if first else None
         device_id = _hex_id(sysfs.attribute(first, "device")) if first else None
         vendor_name, device_name = names.lookup(vendor, device_id) if names else (None, None)

@@ -1,4 +1,4 @@
-"""A fake Proxmox VE node: guest configs, PCI reservations, QEMU/LXC runtime state, qm/pct/ha-manager.
+"""A fake Proxmox VE node: guest configs, PCI reservations, QEMU/LXC state, qm/pct/ha-manager.
 
 This is an independent model of PVE (qemu-server, pve-container, pve-ha-manager, read from their
 source) over a directory tree that stands for ``/``. It never imports the library under test, so a
@@ -11,6 +11,7 @@ the :class:`Pve` methods directly (vzdump runs them in-process in real PVE too).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -25,8 +26,6 @@ import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import fcntl
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_HOSTPCI = 16
@@ -303,9 +302,7 @@ class Pve:
 
     def local_guests(self) -> list[int]:
         ids = {
-            int(k)
-            for k, v in self.vmlist().get("ids", {}).items()
-            if v.get("node") == self.node
+            int(k) for k, v in self.vmlist().get("ids", {}).items() if v.get("node") == self.node
         }
         for kind in ("qemu", "lxc"):
             d = self.conf_path(kind, 0).parent
@@ -413,12 +410,9 @@ class Pve:
             pid = int(self.p(f"run/qemu-server/{vmid}.pid").read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        argv = self.proc_cmdline(pid)
-        if not argv or "-id" not in argv or argv[argv.index("-id") + 1 : argv.index("-id") + 2] != [
-            str(vmid)
-        ]:
-            return None
-        return pid
+        argv = self.proc_cmdline(pid) or []
+        # A reused pid would belong to another process: it must be this VM's kvm.
+        return pid if f"\0-id\0{vmid}\0" in "\0" + "\0".join(argv) + "\0" else None
 
     def qmp_status(self, vmid: int) -> str | None:
         if not self.vm_pid(vmid):
@@ -540,23 +534,21 @@ class Pve:
         symlink(self.p(f"sys/bus/mdev/devices/{uuid}"), f"../../pci/devices/{parent}/{uuid}")
         return uuid
 
-    def remove_mdevs(self, vmid: int) -> None:
+    def remove_mdevs(self, vmid: int | None) -> None:
+        """Destroy a VM's mdev instances (all of them for None) and free their type slots."""
         d = self.p("sys/bus/mdev/devices")
-        if not d.is_dir():
-            return
-        for link in d.iterdir():
-            if not link.name.endswith(f"-{vmid:012d}"):
+        for link in list(d.iterdir()) if d.is_dir() else []:
+            if vmid is not None and not link.name.endswith(f"-{vmid:012d}"):
                 continue
             parent = self.mdev_parent(link.name)
             if parent:
                 inst = self.pci_dir(parent) / link.name
                 type_link = inst / "mdev_type"
                 if type_link.is_symlink():
-                    avail_file = inst.parent / "mdev_supported_types" / Path(
-                        os.readlink(type_link)
-                    ).name / "available_instances"
+                    mdev_type = Path(os.readlink(type_link)).name
+                    avail = inst.parent / "mdev_supported_types" / mdev_type / "available_instances"
                     with contextlib.suppress(FileNotFoundError, ValueError):
-                        write_atomic(avail_file, f"{int(avail_file.read_text()) + 1}\n")
+                        write_atomic(avail, f"{int(avail.read_text()) + 1}\n")
                 remove(inst)
             remove(link)
 
@@ -883,7 +875,8 @@ class Pve:
                 if faults.get("ignore_shutdown") or delay > timeout:
                     delay = timeout
                 time.sleep(delay)
-                self.kill_guest(kind, vmid)
+                with self.guest_lock(kind, vmid):
+                    self.kill_guest(kind, vmid)
         except PveError as e:
             out.warn(e.message)
             code = e.code
@@ -944,13 +937,16 @@ class Pve:
         if m.get("id") and len(paths) == 1 and re.search(r"\.[0-7]$", paths[0]):
             vendor, device = self.pci_ids(first[0])
             if m["id"].lower() != f"{vendor}:{device}":
-                raise PveError(f"{prefix}'id' does not match for '{paths[0]}' "
-                               f"({m['id']} != {vendor}:{device})")
+                raise PveError(
+                    f"{prefix}'id' does not match for '{paths[0]}' ({m['id']} != {vendor}:{device})"
+                )
         if m.get("iommugroup") is not None:
             group = self.iommu_group(first[0])
             if group is not None and group != m["iommugroup"]:
-                raise PveError(f"{prefix}'iommugroup' does not match for '{paths[0]}' "
-                               f"({m['iommugroup']} != {group})")
+                raise PveError(
+                    f"{prefix}'iommugroup' does not match for '{paths[0]}' "
+                    f"({m['iommugroup']} != {group})"
+                )
 
     def parse_hostpci_devices(self, vmid: int, cfg: Config, out: Out) -> list[Hostpci]:
         devices = []
@@ -1094,7 +1090,9 @@ class Pve:
                 raise
             return pid
 
-    def prepare_pci(self, vmid: int, devices: list[Hostpci], raw: list[tuple[str, str]]) -> list[str]:
+    def prepare_pci(
+        self, vmid: int, devices: list[Hostpci], raw: list[tuple[str, str]]
+    ) -> list[str]:
         """prepare_pci_device + QEMU's vfio open: mdevs, group conflicts, bind to vfio-pci."""
         dev_args: list[str] = []
         to_bind: list[str] = []
@@ -1122,8 +1120,10 @@ class Pve:
             if not self.pci_dir(pci_id).exists():
                 raise PveError(
                     "start failed: QEMU exited with code 1",
-                    before=[f"kvm: -device {devstr}: vfio {pci_id}: no such host device: "
-                            "No such file or directory"],
+                    before=[
+                        f"kvm: -device {devstr}: vfio {pci_id}: no such host device: "
+                        "No such file or directory"
+                    ],
                 )
             self.check_group(vmid, pci_id, devstr)
             dev_args.append(devstr)
@@ -1139,8 +1139,10 @@ class Pve:
             return
         group = self.iommu_group(pci_id)
         if group is not None:
-            why = (f"failed to setup container for group {group}: "
-                   "Failed to set iommu for container: Device or resource busy")
+            why = (
+                f"failed to setup container for group {group}: "
+                "Failed to set iommu for container: Device or resource busy"
+            )
         else:
             why = "failed to open device: Device or resource busy"
         raise PveError(
@@ -1151,12 +1153,22 @@ class Pve:
     def kvm_argv(self, vmid: int, cfg: Config, dev_args: list[str], paused: bool) -> list[str]:
         name = cfg.get("name") or f"vm{vmid}"
         argv = [
-            "/usr/bin/kvm", "-id", str(vmid), "-name", f"{name},debug-threads=on",
+            "/usr/bin/kvm",
+            "-id",
+            str(vmid),
+            "-name",
+            f"{name},debug-threads=on",
             "-no-shutdown",
-            "-chardev", f"socket,id=qmp,path=/var/run/qemu-server/{vmid}.qmp,server=on,wait=off",
-            "-mon", "chardev=qmp,mode=control",
-            "-pidfile", f"/var/run/qemu-server/{vmid}.pid", "-daemonize",
-            "-nodefaults", "-m", cfg.get("memory") or "2048",
+            "-chardev",
+            f"socket,id=qmp,path=/var/run/qemu-server/{vmid}.qmp,server=on,wait=off",
+            "-mon",
+            "chardev=qmp,mode=control",
+            "-pidfile",
+            f"/var/run/qemu-server/{vmid}.pid",
+            "-daemonize",
+            "-nodefaults",
+            "-m",
+            cfg.get("memory") or "2048",
         ]
         for d in dev_args:
             argv += ["-device", d]
@@ -1303,8 +1315,7 @@ class Pve:
     # ---- calls log ----------------------------------------------------------------------------
 
     def log_call(self, argv: Sequence[str], code: int, t0: float, out: Out) -> None:
-        entry = {"argv": list(argv), "exit": code, "t": t0, "t_end": time.time(),
-                 "out": out.text()}
+        entry = {"argv": list(argv), "exit": code, "t": t0, "t_end": time.time(), "out": out.text()}
         path = self.sim / "calls.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         with flocked(self.sim / "calls.log.lock"), open(path, "a") as fh:
@@ -1317,10 +1328,18 @@ class Pve:
 OPTIONS: dict[str, dict[str, dict[str, str]]] = {
     "qm": {
         "start": {"skiplock": "bool", "timeout": "int"},
-        "shutdown": {"skiplock": "bool", "timeout": "int", "forceStop": "bool",
-                     "keepActive": "bool"},
-        "stop": {"skiplock": "bool", "timeout": "int", "keepActive": "bool",
-                 "overrule-shutdown": "bool"},
+        "shutdown": {
+            "skiplock": "bool",
+            "timeout": "int",
+            "forceStop": "bool",
+            "keepActive": "bool",
+        },
+        "stop": {
+            "skiplock": "bool",
+            "timeout": "int",
+            "keepActive": "bool",
+            "overrule-shutdown": "bool",
+        },
         "status": {"verbose": "bool"},
         "config": {"current": "bool"},
         "unlock": {},
@@ -1361,20 +1380,23 @@ def parse_cli(prog: str, cmd: str, argv: Sequence[str]) -> tuple[int, dict[str, 
             else:
                 raise PveError(f"Option {name} requires an argument\n400 unable to parse option")
         if kind == "int" and not re.fullmatch(r"\d+", value):
-            raise PveError(f"400 Parameter verification failed.\n{name}: type check ('integer') "
-                           f"failed - got '{value}'\n{usage}")
+            raise PveError(
+                f"400 Parameter verification failed.\n{name}: type check ('integer') "
+                f"failed - got '{value}'\n{usage}"
+            )
         opts[name] = value
     if len(pos) != 1:
         raise PveError(f"400 {'too many arguments' if pos else 'not enough arguments'}\n{usage}")
     if not re.fullmatch(r"\d+", pos[0]):
-        raise PveError(f"400 Parameter verification failed.\nvmid: type check ('integer') failed "
-                       f"- got '{pos[0]}'\n{usage}")
+        raise PveError(
+            f"400 Parameter verification failed.\nvmid: type check ('integer') failed "
+            f"- got '{pos[0]}'\n{usage}"
+        )
     return int(pos[0]), opts
 
 
 def guest_cli(pve: Pve, prog: str, argv: list[str], out: Out) -> int:
     kind = "qemu" if prog == "qm" else "lxc"
-    what = "VM" if kind == "qemu" else "CT"
     if not argv or argv[0] not in OPTIONS[prog]:
         raise PveError(f"400 unknown command '{prog} {' '.join(argv[:1])}'")
     cmd = argv[0]
@@ -1451,7 +1473,6 @@ def guest_cli(pve: Pve, prog: str, argv: list[str], out: Out) -> int:
         return 0
     stop = pve.vm_stop if kind == "qemu" else pve.ct_stop
     stop(vmid, skiplock=skiplock, shutdown=shutdown, timeout=timeout, force=force, out=out)
-    del what
     return 0
 
 
@@ -1485,8 +1506,9 @@ def ha_cli(pve: Pve, argv: list[str], out: Out) -> int:
         pve.ha_set_state(sid, state)
         kind = "qemu" if sid.startswith("vm:") else "lxc"
         if state in ("started", "stopped"):
-            pve.spawn_ha_worker("start" if state == "started" else "stop", kind,
-                                int(sid.split(":")[1]), 60)
+            pve.spawn_ha_worker(
+                "start" if state == "started" else "stop", kind, int(sid.split(":")[1]), 60
+            )
         return 0
     raise PveError(f"400 unknown command 'ha-manager {cmd}'")
 
@@ -1497,15 +1519,17 @@ def main(prog: str, argv: Sequence[str], root: Path | str) -> int:
     out = Out(echo=True)
     t0 = time.time()
     try:
-        code = ha_cli(pve, list(argv), out) if prog == "ha-manager" else guest_cli(
-            pve, prog, list(argv), out
+        code = (
+            ha_cli(pve, list(argv), out)
+            if prog == "ha-manager"
+            else guest_cli(pve, prog, list(argv), out)
         )
     except PveError as e:
         for line in e.before:
             out.warn(line)
         out.warn(e.message)
         code = e.code
-    except Exception:  # a simulator bug must be loud, not look like a PVE error
+    except Exception:  # noqa: BLE001 - a simulator bug must be loud, not look like a PVE error
         out.warn("fake-pve internal error:\n" + traceback.format_exc())
         code = 99
     pve.log_call([prog, *argv], code, t0, out)
