@@ -121,7 +121,7 @@ class ClaimReader:
         args = values.get("args")
         if args and "vfio-pci" in args:
             where = f"{config.path}:{config.line_of('args') or '?'}"
-            ids = vfio_hosts(args.split())
+            ids = vfio_hosts(split_args(args))
             claims = self._claims(ids, EXCLUSIVE, "args", where)
             needs.extend(Need("args", [(c,)]) for c in claims)
         return needs
@@ -159,6 +159,16 @@ class ClaimReader:
         if minor.isdigit():
             return self.sysfs.char_functions(int(major), int(minor))
         return []
+
+
+def split_args(text: str) -> list[str]:
+    """``args:`` as QEMU gets it: PVE splits it like a shell would (quotes allowed)."""
+    import shlex
+
+    try:
+        return shlex.split(text)
+    except ValueError:  # unbalanced quotes: QEMU would not start anyway; read what we can
+        return text.split()
 
 
 def vfio_hosts(argv: list[str]) -> list[str]:

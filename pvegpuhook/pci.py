@@ -157,7 +157,7 @@ class Sysfs:
                 gpus = os.listdir(base)
             except OSError:
                 gpus = []
-            for gpu in gpus:
+            for gpu in sorted(gpus):
                 for line in (_read(os.path.join(base, gpu, "information")) or "").splitlines():
                     key, _, value = line.partition(":")
                     if key.strip() == "Device Minor" and value.strip().isdigit():

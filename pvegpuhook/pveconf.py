@@ -77,7 +77,7 @@ class GuestConfig:
 def parse_guest_config(text: str, path: str) -> GuestConfig:
     config = GuestConfig(path)
     section: str | None = None  # None = main section
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(text.split("\n"), start=1):  # PVE splits on \n only
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -100,7 +100,9 @@ def parse_guest_config(text: str, path: str) -> GuestConfig:
         value = line[cut + 1 :].strip()
         target = config.main if section is None else config.pending
         if section is not None and key == "delete":
-            config.pending_delete.update(k.strip() for k in value.split(",") if k.strip())
+            # as PVE's parse_pending_delete: separated by , ; or blanks; "!" marks a forced delete
+            for item in value.replace(",", " ").replace(";", " ").split():
+                config.pending_delete.add(item.lstrip("!"))
         else:
             target.append((key, value, number))
     return config
@@ -167,7 +169,7 @@ def parse_pci_mapping(text: str, path: str) -> tuple[dict[str, PciMapping], list
     mappings: dict[str, PciMapping] = {}
     warnings: list[str] = []
     current: PciMapping | None = None
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         if not raw[0].isspace():
@@ -179,8 +181,8 @@ def parse_pci_mapping(text: str, path: str) -> tuple[dict[str, PciMapping], list
         if current is None:
             warnings.append(f"{path}:{number}: property outside of a mapping, line ignored")
             continue
-        key, _, value = raw.strip().partition(" ")
-        value = value.strip()
+        key, *rest = raw.split(None, 1)
+        value = rest[0].strip() if rest else ""
         if key == "map":
             _, props = split_options(value)
             node = props.get("node")

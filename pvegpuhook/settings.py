@@ -86,6 +86,16 @@ def parse_settings(text: str, path: str, settings: Settings | None = None) -> Se
         return settings
     if not isinstance(document, yaml.MappingNode):
         raise ConfigError(path, document.start_mark.line + 1, "expected a mapping of key: value")
+    loader = yaml.SafeLoader("")
+
+    def construct(node: yaml.Node, key: str) -> object:
+        # tagged values (!!int abc, !!python/name:...) fail here, not later as a traceback
+        try:
+            return loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, KeyError, TypeError, OverflowError) as error:
+            reason = getattr(error, "problem", None) or str(error)
+            raise ConfigError(path, node.start_mark.line + 1, f"{key}: {reason}") from None
+
     seen: set[str] = set()
     for key_node, value_node in document.value:
         line = key_node.start_mark.line + 1
@@ -96,9 +106,20 @@ def parse_settings(text: str, path: str, settings: Settings | None = None) -> Se
         if key in seen:
             raise ConfigError(path, line, f"{key}: given twice")
         seen.add(key)
-        value = yaml.SafeLoader(text).construct_object(value_node, deep=True)
-        _apply(settings, key, value, path, value_node.start_mark.line + 1)
+        if key == "protect" and isinstance(value_node, yaml.SequenceNode):
+            settings.protect = frozenset(
+                _vmid(construct(item, key), path, item.start_mark.line + 1)
+                for item in value_node.value
+            )
+            continue
+        _apply(settings, key, construct(value_node, key), path, value_node.start_mark.line + 1)
     return settings
+
+
+def _vmid(item: object, path: str, line: int) -> int:
+    if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 999999999:
+        raise ConfigError(path, line, f"protect: {item!r} is not a VMID (100-999999999)")
+    return item
 
 
 def _apply(settings: Settings, key: str, value: object, path: str, line: int) -> None:
@@ -116,16 +137,9 @@ def _apply(settings: Settings, key: str, value: object, path: str, line: int) ->
             raise wrong()
         settings.force_stop = value
     elif key == "protect":
-        if value is None:
-            value = []
-        if not isinstance(value, list):
+        if value is not None:  # "protect:" with nothing after it means none
             raise wrong()
-        vmids = set()
-        for item in value:
-            if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 999999999:
-                raise ConfigError(path, line, f"protect: {item!r} is not a VMID (100-999999999)")
-            vmids.add(item)
-        settings.protect = frozenset(vmids)
+        settings.protect = frozenset()
     elif key == "restore":
         if value not in RESTORE_MODES:
             raise wrong()

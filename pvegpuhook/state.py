@@ -152,6 +152,8 @@ class StateStore:
     def load(self) -> list[Record]:
         """Every record. A corrupt file is renamed aside (under the lock only) and its intact
         records are returned, so that no guest that must be restarted is forgotten."""
+        if os.path.islink(self.dir):
+            raise StateError(f"{self.dir} is a symlink: refusing to use it")
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -189,8 +191,12 @@ class StateStore:
             except ValueError:
                 continue
         if self._lock_fd is not None:
-            aside = f"{self.path}{CORRUPT_MARK}{time.strftime('%Y%m%dT%H%M%S')}"
-            os.replace(self.path, aside)
+            stamp = f"{self.path}{CORRUPT_MARK}{time.strftime('%Y%m%dT%H%M%S')}"
+            aside, number = stamp, 1
+            while os.path.lexists(aside):  # never overwrite an earlier kept copy
+                number += 1
+                aside = f"{stamp}.{number}"
+            os.rename(self.path, aside)
             self.salvaged = f"{aside} ({reason}); {len(records)} intact record(s) kept"
             self.save(records)
         else:

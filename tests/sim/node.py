@@ -1,0 +1,524 @@
+"""Builder for a fake PVE node under a test root (the root stands for ``/``).
+
+Tests describe the host (GPUs, IOMMU groups, guests, mappings, HA, faults) with :class:`FakeNode`;
+the library then reads the same files and runs the fake ``qm``/``pct`` it finds in ``usr/sbin``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.sim.pve import (
+    REPO,
+    Out,
+    Pve,
+    PveError,
+    flocked,
+    is_true,
+    remove,
+    symlink,
+    write_atomic,
+)
+
+# Class codes and default drivers of the extra functions of a GPU card (audio, USB-C, UCSI).
+FUNCTION_CLASSES = {
+    "0": ("0x030000", None),
+    "1": ("0x040300", "snd_hda_intel"),
+    "2": ("0x0c0330", "xhci_hcd"),
+    "3": ("0x0c8000", "nvidia-gpu"),
+}
+FAKE_COMMANDS = ("qm", "pct", "ha-manager")
+
+
+class FakeNode:
+    """A PVE node under ``root``: creates the skeleton and the fake commands on construction."""
+
+    def __init__(self, root: Path | str, node: str = "pve1") -> None:
+        self.root = Path(root)
+        self.node = node
+        self.pve = Pve(self.root)
+        self._nodes = {node}
+        self._skeleton()
+
+    # ---- skeleton ---------------------------------------------------------------------------
+
+    def _skeleton(self) -> None:
+        r = self.root
+        (r / "etc").mkdir(parents=True, exist_ok=True)
+        (r / "etc/hostname").write_text(self.node + "\n")
+        self._node_dirs(self.node)
+        pve = r / "etc/pve"
+        symlink(pve / "qemu-server", f"nodes/{self.node}/qemu-server")
+        symlink(pve / "lxc", f"nodes/{self.node}/lxc")
+        symlink(pve / "local", f"nodes/{self.node}")
+        for d in (
+            "etc/pve/ha",
+            "etc/pve/mapping",
+            "run/qemu-server",
+            "run/lock",
+            "run/fake-pve",
+            "proc",
+            "sys/bus/pci/devices",
+            "sys/bus/pci/drivers",
+            "sys/kernel/iommu_groups",
+            "sys/class/drm",
+            "sys/fs/cgroup/lxc",
+            "var/lib",
+            "var/log",
+            "usr/sbin",
+        ):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        if not (pve / ".vmlist").exists():
+            write_atomic(pve / ".vmlist", json.dumps({"version": 1, "ids": {}}, indent=1) + "\n")
+        self._write_members()
+        for prog in FAKE_COMMANDS:
+            path = r / "usr/sbin" / prog
+            path.write_text(
+                f"#!{sys.executable}\n"
+                f"# Fake PVE '{prog}' of the pve-gpu-hook test simulator.\n"
+                "import sys\n"
+                "from pathlib import Path\n\n"
+                f"sys.path.insert(0, {str(REPO)!r})\n"
+                "from tests.sim import pve  # noqa: E402\n\n"
+                # The caller may empty the environment: the root is where this file lives.
+                f"sys.exit(pve.main({prog!r}, sys.argv[1:], Path(__file__).resolve().parents[2]))\n"
+            )
+            path.chmod(0o755)
+
+    def _node_dirs(self, node: str) -> None:
+        for sub in ("qemu-server", "lxc"):
+            (self.root / f"etc/pve/nodes/{node}/{sub}").mkdir(parents=True, exist_ok=True)
+
+    def _write_members(self) -> None:
+        nodelist = {
+            n: {"id": i + 1, "online": 1, "ip": f"192.0.2.{i + 1}"}
+            for i, n in enumerate(sorted(self._nodes))
+        }
+        data = {"nodename": self.node, "version": len(nodelist), "nodelist": nodelist}
+        write_atomic(self.root / "etc/pve/.members", json.dumps(data, indent=1) + "\n")
+
+    # ---- PCI / sysfs ------------------------------------------------------------------------
+
+    def add_pci_device(
+        self,
+        addr: str,
+        *,
+        group: int | None,
+        class_: str = "0x030000",
+        vendor: str = "10de",
+        device: str = "2204",
+        driver: str | None = None,
+    ) -> None:
+        """One PCI function ``dddd:bb:dd.f`` in sysfs, in IOMMU group ``group`` (None: none)."""
+        addr = _full_addr(addr)
+        d = self.root / f"sys/bus/pci/devices/{addr}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "vendor").write_text(f"0x{vendor.removeprefix('0x')}\n")
+        (d / "device").write_text(f"0x{device.removeprefix('0x')}\n")
+        (d / "class").write_text(f"{class_}\n")
+        if group is not None:
+            symlink(d / "iommu_group", f"../../../../kernel/iommu_groups/{group}")
+            symlink(
+                self.root / f"sys/kernel/iommu_groups/{group}/devices/{addr}",
+                f"../../../../bus/pci/devices/{addr}",
+            )
+        self.pve.set_driver(addr, driver)
+        self._boot_drivers_update(addr, driver)
+
+    def add_gpu(
+        self,
+        addr: str,
+        *,
+        group: int | None,
+        functions: Sequence[str] = ("0",),
+        vendor: str = "10de",
+        device: str = "2204",
+        driver: str = "nvidia",
+        nvidia_minor: int | None = None,
+        drm: Sequence[str] = (),
+        vf_of: str | None = None,
+        mdev_types: Sequence[str] = (),
+        model: str = "NVIDIA GeForce RTX 3080",
+        mdev_instances: int = 4,
+    ) -> None:
+        """A GPU card ``dddd:bb:dd`` with its functions (".0" GPU, ".1" audio, ...) in one group.
+
+        ``nvidia_minor`` adds /proc/driver/nvidia/gpus/<addr>/information; ``drm`` names DRM nodes
+        (card0, renderD128) linking to function 0; ``vf_of`` makes it an SR-IOV VF of that parent;
+        ``mdev_types`` makes function 0 an mdev parent.
+        """
+        slot = _full_addr(addr)
+        slot = slot.rsplit(".", 1)[0] if re.search(r"\.[0-7]$", slot) else slot
+        for fn in functions:
+            fn = fn.lstrip(".")
+            class_, fdriver = FUNCTION_CLASSES.get(fn, ("0x0c8000", None))
+            self.add_pci_device(
+                f"{slot}.{fn}",
+                group=group,
+                class_=class_,
+                vendor=vendor,
+                device=device if fn == "0" else f"{int(device, 16) + int(fn):04x}",
+                driver=driver if fn == "0" else fdriver,
+            )
+        first = f"{slot}.{functions[0].lstrip('.')}" if functions else f"{slot}.0"
+        dev_dir = self.root / f"sys/bus/pci/devices/{first}"
+        if nvidia_minor is not None:
+            info = self.root / f"proc/driver/nvidia/gpus/{first}/information"
+            info.parent.mkdir(parents=True, exist_ok=True)
+            info.write_text(
+                f"Model: \t\t {model}\n"
+                "IRQ:   \t\t 145\n"
+                f"GPU UUID: \t GPU-00000000-0000-0000-0000-{nvidia_minor:012d}\n"
+                "Video BIOS: \t 94.02.42.00.a9\n"
+                "Bus Type: \t PCIe\n"
+                "DMA Size: \t 47 bits\n"
+                "DMA Mask: \t 0x7fffffffffff\n"
+                f"Bus Location: \t {first}\n"
+                f"Device Minor: \t {nvidia_minor}\n"
+                "GPU Excluded:\t No\n"
+            )
+        for name in drm:
+            m = re.fullmatch(r"(card|renderD)(\d+)", name)
+            if not m:
+                raise ValueError(f"bad DRM node name {name!r}")
+            node_dir = self.root / f"sys/class/drm/{name}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            symlink(node_dir / "device", f"../../../bus/pci/devices/{first}")
+            (node_dir / "dev").write_text(f"226:{m.group(2)}\n")
+        if vf_of is not None:
+            parent = _full_addr(vf_of)
+            if not re.search(r"\.[0-7]$", parent):
+                parent += ".0"
+            symlink(dev_dir / "physfn", f"../{parent}")
+            pdir = self.root / f"sys/bus/pci/devices/{parent}"
+            n = len(list(pdir.glob("virtfn*"))) if pdir.is_dir() else 0
+            symlink(pdir / f"virtfn{n}", f"../{first}")
+        for t in mdev_types:
+            tdir = dev_dir / "mdev_supported_types" / t
+            tdir.mkdir(parents=True, exist_ok=True)
+            (tdir / "name").write_text(f"{model} {t}\n")
+            (tdir / "device_api").write_text("vfio-pci\n")
+            (tdir / "available_instances").write_text(f"{mdev_instances}\n")
+            (tdir / "create").touch()
+
+    def _boot_drivers_update(self, addr: str, driver: str | None) -> None:
+        """Remember the host driver a device gets at boot (reboot() rebinds it)."""
+        path = self.root / "var/lib/fake-pve/boot-drivers.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[addr] = driver
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+    # ---- guests -----------------------------------------------------------------------------
+
+    def add_vm(
+        self,
+        vmid: int,
+        config: str = "",
+        *,
+        running: bool = False,
+        name: str | None = None,
+        node: str | None = None,
+        hostpci: Sequence[str] = (),
+        template: bool = False,
+        onboot: bool | None = None,
+        startup: str | None = None,
+        args: str | None = None,
+        lock: str | None = None,
+        paused: bool = False,
+        **keys: str,
+    ) -> None:
+        """A QEMU guest. ``config`` is PVE config text (main section, [PENDING], snapshots...);
+        the keyword arguments add main-section keys. ``running`` starts it like ``qm start``."""
+        extra: dict[str, str] = {}
+        if name is not None:
+            extra["name"] = name
+        for i, value in enumerate(hostpci):
+            extra[f"hostpci{i}"] = value
+        if template:
+            extra["template"] = "1"
+        if onboot is not None:
+            extra["onboot"] = "1" if onboot else "0"
+        if startup is not None:
+            extra["startup"] = startup
+        if args is not None:
+            extra["args"] = args
+        if lock is not None:
+            extra["lock"] = lock
+        extra.update(keys)
+        self._add_guest("qemu", vmid, config, extra, node)
+        if running or paused:
+            self._start_checked(vmid, paused=paused)
+
+    def add_ct(
+        self,
+        vmid: int,
+        config: str = "",
+        *,
+        running: bool = False,
+        node: str | None = None,
+        hostname: str | None = None,
+        dev: Sequence[str] = (),
+        template: bool = False,
+        onboot: bool | None = None,
+        startup: str | None = None,
+        lock: str | None = None,
+        **keys: str,
+    ) -> None:
+        """An LXC guest; ``dev`` entries become dev0.. (e.g. "/dev/dri/renderD128,gid=104")."""
+        extra: dict[str, str] = {}
+        if hostname is not None:
+            extra["hostname"] = hostname
+        for i, value in enumerate(dev):
+            extra[f"dev{i}"] = value
+        if template:
+            extra["template"] = "1"
+        if onboot is not None:
+            extra["onboot"] = "1" if onboot else "0"
+        if startup is not None:
+            extra["startup"] = startup
+        if lock is not None:
+            extra["lock"] = lock
+        extra.update(keys)
+        self._add_guest("lxc", vmid, config, extra, node)
+        if running:
+            self._start_checked(vmid)
+
+    def _add_guest(
+        self, kind: str, vmid: int, config: str, extra: dict[str, str], node: str | None
+    ) -> None:
+        node = node or self.node
+        if node not in self._nodes:
+            self._nodes.add(node)
+            self._node_dirs(node)
+            self._write_members()
+        text = textwrap.dedent(config).lstrip("\n")
+        if extra:
+            # Extra keys belong to the main section, i.e. before the first [section].
+            lines = text.splitlines()
+            cut = next((n for n, line in enumerate(lines) if line.startswith("[")), len(lines))
+            main = [line for line in lines[:cut]]
+            keep = [ln for ln in main if ln.split(":", 1)[0].strip() not in extra]
+            keep += [f"{k}: {v}" for k, v in extra.items()]
+            rest = lines[cut:]
+            text = "\n".join(keep) + "\n" + ("\n" + "\n".join(rest) if rest else "")
+        if text and not text.endswith("\n"):
+            text += "\n"
+        write_atomic(self.pve.conf_path(kind, vmid, node), text)
+        with flocked(self.root / "run/lock/fake-pve-vmlist.lock"):
+            vmlist = self.pve.vmlist()
+            old = vmlist["ids"].get(str(vmid), {})
+            vmlist["ids"][str(vmid)] = {
+                "node": node,
+                "type": kind,
+                "version": int(old.get("version", 0)) + 1,
+            }
+            vmlist["version"] = int(vmlist.get("version", 1)) + 1
+            write_atomic(self.root / "etc/pve/.vmlist", json.dumps(vmlist, indent=1) + "\n")
+
+    def _start_checked(self, vmid: int, paused: bool = False) -> None:
+        if self.pve.guest_type(vmid) is None:
+            raise ValueError(f"guest {vmid} is not on this node ({self.node})")
+        try:
+            self.start(vmid, paused=paused)
+        except PveError as e:
+            raise RuntimeError(f"cannot start guest {vmid}: {e.message} {e.before}") from None
+
+    # ---- cluster files ----------------------------------------------------------------------
+
+    def set_mapping(self, text: str) -> None:
+        """/etc/pve/mapping/pci.cfg in PVE's format (tab-indented ``map`` lines)."""
+        write_atomic(self.root / "etc/pve/mapping/pci.cfg", textwrap.dedent(text).lstrip("\n"))
+
+    def set_ha(self, *vmids_or_sids: int | str, state: str = "started") -> None:
+        """Make guests HA-managed (replaces resources.cfg); ints become vm:/ct: by guest type."""
+        res: dict[str, dict[str, str]] = {}
+        for item in vmids_or_sids:
+            if isinstance(item, int):
+                kind = self.pve.vmlist()["ids"].get(str(item), {}).get("type", "qemu")
+                sid = f"{'ct' if kind == 'lxc' else 'vm'}:{item}"
+            else:
+                sid = item
+            res[sid] = {"state": state}
+        self.pve.write_ha_resources(res)
+
+    def set_fault(self, vmid: int, **faults: object) -> None:
+        """Merge faults for a guest: ignore_shutdown, start_fails, shutdown_delay, start_delay,
+        ha_delay, start_paused, cleanup_delay (s between QEMU exit and reservation release).
+        A value of None removes that fault."""
+        path = self.root / "run/fake-pve/faults.json"
+        with flocked(self.root / "run/fake-pve/faults.lock"):
+            data = json.loads(path.read_text()) if path.exists() else {}
+            entry = data.setdefault(str(vmid), {})
+            for k, v in faults.items():
+                if v is None:
+                    entry.pop(k, None)
+                else:
+                    entry[k] = v
+            write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+    def clear_faults(self, vmid: int | None = None) -> None:
+        path = self.root / "run/fake-pve/faults.json"
+        with flocked(self.root / "run/fake-pve/faults.lock"):
+            data = json.loads(path.read_text()) if path.exists() else {}
+            if vmid is None:
+                data = {}
+            else:
+                data.pop(str(vmid), None)
+            write_atomic(path, json.dumps(data, indent=1) + "\n")
+
+    def write_override(self, yaml_text: str) -> None:
+        write_atomic(
+            self.root / "etc/pve-gpu-hook/config.yaml", textwrap.dedent(yaml_text).lstrip("\n")
+        )
+
+    def write_vzdump_conf(self, text: str) -> None:
+        write_atomic(self.root / "etc/vzdump.conf", textwrap.dedent(text).lstrip("\n"))
+
+    # ---- observation ------------------------------------------------------------------------
+
+    def is_running(self, vmid: int) -> bool:
+        return self.pve.is_running(vmid)
+
+    def qmp_status(self, vmid: int) -> str | None:
+        return self.pve.qmp_status(vmid)
+
+    def vm_pid(self, vmid: int) -> int | None:
+        return self.pve.vm_pid(vmid)
+
+    def config_text(self, vmid: int) -> str:
+        kind = self.pve.guest_type(vmid)
+        if kind is None:
+            raise KeyError(f"no guest {vmid} on {self.node}")
+        return self.pve.conf_path(kind, vmid).read_text()
+
+    def config_value(self, vmid: int, key: str) -> str | None:
+        """A main-section value (what PVE considers the current config)."""
+        kind = self.pve.guest_type(vmid)
+        if kind is None:
+            raise KeyError(f"no guest {vmid} on {self.node}")
+        return self.pve.read_config(kind, vmid).get(key)
+
+    def reservations(self) -> dict[str, dict]:
+        """pci-id-reservations as {pci_id: {"vmid": n, "pid"|"time": n}}."""
+        return self.pve.read_reservations()
+
+    def driver(self, addr: str) -> str | None:
+        return self.pve.driver(_full_addr(addr))
+
+    def calls(self, prog: str | None = None) -> list[dict]:
+        """Every fake command call: {"argv", "exit", "t", "t_end", "out"}; HA workers log
+        ``["ha-worker", action, sid]``. ``prog`` filters on argv[0] ("qm", "pct", ...)."""
+        path = self.root / "run/fake-pve/calls.log"
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        entries = [json.loads(line) for line in lines if line.strip()]
+        return [e for e in entries if prog is None or e["argv"][:1] == [prog]]
+
+    def running_guests(self) -> set[int]:
+        return {v for v in self.pve.local_guests() if self.pve.is_running(v)}
+
+    # ---- direct actions (no call log, faults ignored) ---------------------------------------
+
+    def start(self, vmid: int, *, paused: bool = False) -> None:
+        """Start a guest as `qm start --skiplock` would, ignoring faults; raises PveError."""
+        kind = self.pve.guest_type(vmid)
+        if kind == "lxc":
+            self.pve.ct_start(vmid, skiplock=True, use_faults=False)
+        else:
+            self.pve.vm_start(vmid, skiplock=True, paused=paused, use_faults=False)
+
+    def stop(self, vmid: int) -> None:
+        """Hard stop (no-op when not running)."""
+        kind = self.pve.guest_type(vmid)
+        if kind is not None and self.pve.is_running(vmid):
+            with self.pve.guest_lock(kind, vmid):
+                self.pve.kill_guest(kind, vmid)
+
+    def wait_settled(self, timeout: float = 5) -> None:
+        """Wait until every asynchronous HA worker has finished."""
+        pending = self.root / "run/fake-pve/ha-pending"
+        deadline = time.monotonic() + timeout
+        while pending.is_dir() and any(pending.iterdir()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"HA workers still pending: {sorted(os.listdir(pending))}")
+            time.sleep(0.02)
+
+    def reboot(self, *, onboot: bool = False) -> list[str]:
+        return reboot(self, onboot=onboot)
+
+
+def reboot(node: FakeNode, *, onboot: bool = False) -> list[str]:
+    """A host reboot: /run, guest processes, cgroups and mdevs are gone; configs and /var/lib stay
+    (so a ``lock: backup`` left by a crash stays). Devices get their boot driver back. With
+    ``onboot`` guests with ``onboot: 1`` (and HA ones in state started) start in startup order.
+    Returns messages of guests that failed to start."""
+    r = node.root
+    pending = r / "run/fake-pve/ha-pending"
+    if pending.is_dir():
+        for marker in pending.iterdir():
+            # Our own HA workers die with the host.
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(marker.read_text().strip()), signal.SIGKILL)
+    run = r / "run"
+    for entry in run.iterdir() if run.is_dir() else []:
+        if entry.name != "fake-pve":
+            remove(entry)
+    for entry in (r / "run/fake-pve").iterdir():
+        if entry.name.startswith("qmp-") or entry.name == "ha-pending":
+            remove(entry)
+    for d in ("run/qemu-server", "run/lock"):
+        (r / d).mkdir(parents=True, exist_ok=True)
+    for entry in (r / "proc").iterdir():
+        if entry.name.isdigit():
+            remove(entry)
+    for entry in (r / "sys/fs/cgroup/lxc").iterdir():
+        remove(entry)
+    node.pve.remove_mdevs(None)
+    boot = r / "var/lib/fake-pve/boot-drivers.json"
+    if boot.exists():
+        for addr, driver in json.loads(boot.read_text()).items():
+            node.pve.set_driver(addr, driver)
+    failures: list[str] = []
+    if onboot:
+        for vmid in _boot_order(node):
+            kind = node.pve.guest_type(vmid)
+            try:
+                if kind == "lxc":
+                    node.pve.ct_start(vmid, out=Out())
+                else:
+                    node.pve.vm_start(vmid, out=Out())
+            except PveError as e:
+                failures.append(f"{vmid}: {e.message}")
+    return failures
+
+
+def _boot_order(node: FakeNode) -> list[int]:
+    """pve-guests: onboot guests by startup order=N (unordered last), then VMID; plus HA."""
+    ordered: list[tuple[int, int]] = []
+    for vmid in node.pve.local_guests():
+        kind = node.pve.guest_type(vmid)
+        if kind is None:
+            continue
+        cfg = node.pve.read_config(kind, vmid)
+        ha = node.pve.ha_state(vmid) == "started"
+        if not (is_true(cfg.get("onboot")) or ha) or is_true(cfg.get("template")):
+            continue
+        m = re.search(r"(?:^|,)order=(\d+)", cfg.get("startup") or "")
+        ordered.append((int(m.group(1)) if m else 1 << 30, vmid))
+    return [vmid for _, vmid in sorted(ordered)]
+
+
+def _full_addr(addr: str) -> str:
+    a = addr.strip().lower()
+    return a if re.match(r"^[0-9a-f]{4,}:", a) else "0000:" + a

@@ -1,0 +1,552 @@
+"""A vzdump driver: runs a backup job over a FakeNode the way PVE::VZDump does, calling the hook.
+
+The phase order, environment, failure handling and task log follow PVE::VZDump (exec_backup,
+exec_backup_task, run_hook_script) and its QemuServer/LXC plugins; DESIGN.md §3.1-3.2 sums them up.
+Guest power actions run in-process (as vzdump's own code would), so they do not show in calls.log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from tests.sim.node import FakeNode
+from tests.sim.pve import REPO, Out, Pve, PveError, flocked
+
+DUMPDIR = "/var/lib/vz/dump"
+STOREID = "local"
+PIPE_GRACE = 5.0  # how long we wait for EOF after the hook exited
+DEFAULT_HOOK = (sys.executable, "-m", "pvegpuhook.hook")
+
+
+@dataclass
+class HookCall:
+    argv: list[str]
+    exit_code: int | None
+    stdout: list[str]
+    stderr: list[str]
+    lines: list[str]  # stdout and stderr in arrival order, as the task log shows them
+    env: dict[str, str]
+    args: list[str] = field(default_factory=list)  # what vzdump appends: phase [mode vmid]
+    error: str | None = None  # pipes left open, timeout
+
+    @property
+    def phase(self) -> str:
+        return self.args[0]
+
+    @property
+    def mode(self) -> str | None:
+        return self.args[1] if len(self.args) > 1 else None
+
+    @property
+    def vmid(self) -> int | None:
+        return int(self.args[2]) if len(self.args) > 2 else None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.error is None
+
+
+@dataclass
+class GuestOutcome:
+    vmid: int
+    kind: str
+    mode: str
+    ok: bool
+    error: str | None
+
+
+@dataclass
+class JobOutcome:
+    ok: bool
+    guests: dict[int, GuestOutcome]
+    log: list[str]
+    hook_calls: list[HookCall]
+    errors: list[str] = field(default_factory=list)  # driver-level problems (hook hung, pipes)
+    aborted: bool = False
+    crashed: bool = False
+
+    def phases(self, vmid: int | None = None) -> list[str]:
+        """Hook phases in call order; with ``vmid`` only that guest's phases."""
+        return [c.phase for c in self.hook_calls if vmid is None or c.vmid == vmid]
+
+    def sequence(self) -> list[tuple[str, int | None]]:
+        return [(c.phase, c.vmid) for c in self.hook_calls]
+
+
+class _Fail(Exception):
+    """A die inside exec_backup_task: ``message`` for the task log, ``detail`` for the outcome."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail or message
+
+
+class _Crash(Exception):
+    """vzdump is killed (or the host dies): nothing more runs."""
+
+
+class _JobAbort(Exception):
+    """A fatal job-level error: job-abort runs, then the job ends."""
+
+
+class _Job:
+    def __init__(
+        self,
+        node: FakeNode,
+        mode: str,
+        hook_cmd: Sequence[str],
+        abort_during: int | None,
+        crash_after: tuple[str, int | None] | None,
+        hook_timeout: float,
+    ) -> None:
+        self.node = node
+        self.pve = Pve(node.root)
+        self.mode = mode
+        self.hook_cmd = list(hook_cmd)
+        self.abort_during = abort_during
+        self.crash_after = crash_after
+        self.hook_timeout = hook_timeout
+        self.log: list[str] = []
+        self.calls: list[HookCall] = []
+        self.errors: list[str] = []
+        self.guests: dict[int, GuestOutcome] = {}  # kept when vzdump "crashes" mid-job
+        self.stamp = time.strftime("%Y_%m_%d-%H_%M_%S")
+
+    # ---- hook calls -------------------------------------------------------------------------
+
+    def info(self, msg: str) -> None:
+        self.log.append(f"INFO: {msg}")
+
+    def hook(self, args: list[str], task_env: dict[str, str] | None = None) -> HookCall | None:
+        """run_hook_script: emptied environment, output to the task log, both pipes to EOF."""
+        if not self.hook_cmd:
+            return None
+        env = {"STOREID": STOREID, "DUMPDIR": DUMPDIR}
+        env.update(task_env or {})
+        env.update(
+            {
+                "LC_ALL": "C",
+                "LVM_SUPPRESS_FD_WARNINGS": "1",
+                # The test seam, not set by vzdump: where "/" is and where the package lives.
+                "PVE_GPU_HOOK_ROOT": str(self.node.root),
+                "PYTHONPATH": str(REPO),
+            }
+        )
+        call = run_hook_process([*self.hook_cmd, *args], env, self.hook_timeout)
+        call.args = list(args)
+        self.calls.append(call)
+        self.log.extend(f"INFO: {line}" for line in call.lines)
+        if call.error:
+            self.errors.append(f"{' '.join(args)}: {call.error}")
+            self.log.append(f"ERROR: {call.error}")
+        if self.crash_after is not None:
+            phase, vmid = self.crash_after
+            if phase == args[0] and (vmid is None or (len(args) > 2 and args[2] == str(vmid))):
+                raise _Crash(f"vzdump killed after {' '.join(args)}")
+        return call
+
+    def hook_or_fail(self, args: list[str], task_env: dict[str, str] | None = None) -> None:
+        call = self.hook(args, task_env)
+        if call is None or call.ok:
+            return
+        shown = " ".join(call.argv)
+        if call.error:
+            message = f"command '{shown}' failed: {call.error}"
+        else:
+            message = f"command '{shown}' failed: exit code {call.exit_code}"
+        last = next((line for line in reversed(call.lines) if line.strip()), None)
+        raise _Fail(message, last or message)
+
+    # ---- the job ----------------------------------------------------------------------------
+
+    def run(self, vmids: list[int]) -> tuple[bool, bool]:
+        """Returns (ok, aborted)."""
+        self.info(
+            f"starting new backup job: vzdump {' '.join(map(str, vmids))} "
+            f"--mode {self.mode} --storage {STOREID}"
+        )
+        init = self.hook(["job-init"])
+        if init is not None and not init.ok:
+            self.log.append(
+                f"ERROR: Backup job failed - command '{' '.join(init.argv)}' failed: "
+                f"exit code {init.exit_code}"
+            )
+            return False, False
+        # The node lock: job-init runs before it, everything else under it.
+        with flocked(self.node.root / "run/vzdump.lock"):
+            return self._locked(vmids)
+
+    def _locked(self, vmids: list[int]) -> tuple[bool, bool]:
+        guests = self.guests
+        err: str | None = None
+        aborted = False
+        try:
+            start = self.hook(["job-start"])
+            if start is not None and not start.ok:
+                raise _JobAbort(
+                    f"command '{' '.join(start.argv)}' failed: exit code {start.exit_code}"
+                )
+            for vmid in vmids:
+                outcome = self.guest(vmid)
+                guests[vmid] = outcome
+                if self.abort_during == vmid:
+                    aborted = True
+                    raise _JobAbort("interrupted by signal")
+            end = self.hook(["job-end"])
+            if end is not None and not end.ok:
+                raise _JobAbort(f"command '{' '.join(end.argv)}' failed: exit code {end.exit_code}")
+        except _JobAbort as e:
+            err = str(e)
+        if err is not None:
+            self.hook(["job-abort"])
+            self.log.append(f"ERROR: Backup job failed - {err}")
+            return False, aborted
+        failed = any(not g.ok for g in guests.values())
+        self.info(
+            "Backup job finished with errors" if failed else "Backup job finished successfully"
+        )
+        return not failed, aborted
+
+    # ---- one guest (exec_backup_task) -------------------------------------------------------
+
+    def guest(self, vmid: int) -> GuestOutcome:
+        pve = self.pve
+        kind = pve.guest_type(vmid)
+        label = {"qemu": "qemu", "lxc": "lxc"}.get(kind or "", "unknown")
+        args_mode = self.mode
+        env: dict[str, str] = {}
+        cleanup = {"unlock": False, "restart": False, "resume": False}
+        eff_mode = self.mode
+        t0 = time.time()
+        err: _Fail | None = None
+        try:
+            if kind is None:
+                raise _Fail(f"unable to find VM '{vmid}'")
+            # vzdump checks the job's mode, against HA resources in state 'started'.
+            if self.mode == "stop" and pve.ha_state(vmid) == "started":
+                raise _Fail(
+                    "Cannot execute a backup with stop mode on a HA managed and enabled "
+                    "Service. Use snapshot mode or disable the Service."
+                )
+            ext = ".vma.zst" if kind == "qemu" else ".tar.zst"
+            base = f"{DUMPDIR}/vzdump-{kind}-{vmid}-{self.stamp}"
+            env["TARGET"] = base + ext
+            env["LOGFILE"] = base + ".log"
+            env["VMTYPE"] = kind
+            self.info(f"Starting Backup of VM {vmid} ({kind})")
+            self.info(f"Backup started at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            running = pve.is_running(vmid)
+            self.info(f"status = {'running' if running else 'stopped'}")
+            try:
+                pve.set_lock(kind, vmid, "backup")
+            except PveError as e:
+                raise _Fail(e.message) from None
+            cleanup["unlock"] = True
+            eff_mode = self.mode if running else "stop"
+            args_mode = eff_mode
+            cfg = pve.read_config(kind, vmid)
+            name = cfg.get("name") if kind == "qemu" else (cfg.get("hostname") or f"CT{vmid}")
+            if name:
+                env["HOSTNAME"] = name  # set by the plugin's prepare; unnamed VMs have none
+            was_paused = (
+                kind == "qemu"
+                and running
+                and (pve.qmp_status(vmid) or "") in ("paused", "prelaunch", "suspended")
+            )
+            self.info(f"backup mode: {eff_mode}")
+            self.info("ionice priority: 7")
+            g = [str(vmid)]
+            if eff_mode == "stop":
+                self.hook_or_fail(["backup-start", eff_mode, *g], env)
+                if running:
+                    self.info("stopping virtual guest")
+                    self.hook_or_fail(["pre-stop", eff_mode, *g], env)
+                    self.stop_guest(kind, vmid)
+                    cleanup["restart"] = True
+            elif eff_mode == "suspend":
+                self.hook_or_fail(["backup-start", eff_mode, *g], env)
+                self.info("suspending guest")
+                self.hook_or_fail(["pre-stop", eff_mode, *g], env)
+                self.suspend(kind, vmid, was_paused)
+                cleanup["resume"] = True
+                if kind == "lxc":
+                    self.info("resuming guest")
+                    cleanup["resume"] = False
+                    self.hook_or_fail(["pre-restart", eff_mode, *g], env)
+                    self.resume(kind, vmid, was_paused)
+                    self.hook_or_fail(["post-restart", eff_mode, *g], env)
+            elif eff_mode == "snapshot":
+                self.hook_or_fail(["backup-start", eff_mode, *g], env)
+                self.hook_or_fail(["pre-stop", eff_mode, *g], env)
+                self.hook_or_fail(["pre-restart", eff_mode, *g], env)
+                self.hook_or_fail(["post-restart", eff_mode, *g], env)
+            else:
+                raise _Fail(f"internal error - unknown mode '{eff_mode}'")
+            self.info(f"creating vzdump archive '{env['TARGET']}'")
+            self.archive(kind, vmid, running, was_paused, eff_mode)
+            self.info("archive file size: 1.23GB")
+            self.hook_or_fail(["backup-end", eff_mode, *g], env)
+        except _Fail as e:
+            err = e
+
+        # Clean-up: unlock first, then bring back a guest vzdump stopped or suspended.
+        if cleanup["unlock"]:
+            with contextlib.suppress(PveError):
+                pve.remove_lock(kind or "qemu", vmid, "backup")
+        if kind and (cleanup["resume"] or cleanup["restart"]):
+            try:
+                self.hook_or_fail(["pre-restart", args_mode, str(vmid)], env)
+                if cleanup["resume"]:
+                    self.info("resume vm")
+                    self.resume(kind, vmid, False)
+                elif not pve.is_running(vmid):
+                    self.info("restarting vm")
+                    self.start_guest(kind, vmid)
+                self.hook_or_fail(["post-restart", args_mode, str(vmid)], env)
+            except _Fail as e:
+                self.log.append(f"WARN: {e.message}")
+
+        if err is not None:
+            self.log.append(f"ERROR: Backup of VM {vmid} failed - {err.message}")
+            abort = self.hook(["backup-abort", args_mode, str(vmid)], env)
+            if abort is not None and not abort.ok:
+                self.log.append(f"WARN: hook 'backup-abort' failed: exit code {abort.exit_code}")
+        else:
+            secs = int(time.time() - t0)
+            self.info(f"Finished Backup of VM {vmid} (00:00:{secs:02d})")
+        end = self.hook(["log-end", args_mode, str(vmid)], env)
+        if end is not None and not end.ok:
+            self.log.append(f"WARN: hook 'log-end' failed: exit code {end.exit_code}")
+        return GuestOutcome(vmid, label, args_mode, err is None, err.detail if err else None)
+
+    def archive(self, kind: str, vmid: int, was_running: bool, was_paused: bool, mode: str) -> None:
+        """The plugin's archive step; for QEMU: start paused if needed, resume, restore power."""
+        pve = self.pve
+        if kind == "lxc":
+            self.signal_point(vmid)
+            return
+        if not pve.vm_pid(vmid):
+            self.info("starting kvm to execute backup task")
+            out = Out()
+            try:
+                pve.vm_start(vmid, skiplock=True, paused=True, for_backup=True, out=out)
+            except PveError as e:
+                self.log.extend(out.text())
+                self.log.extend(e.before)
+                raise _Fail(e.message) from None
+            self.log.extend(out.text())
+        try:
+            self.info(f"started backup task '00000000-0000-0000-0000-{vmid:012d}'")
+            if was_running and not was_paused and mode in ("stop", "suspend"):
+                self.info("resuming VM again")
+                pve.set_qmp(vmid, "running")
+            self.signal_point(vmid)
+            self.info("100% (32.0 GiB of 32.0 GiB) in 1s, read: 32.0 GiB/s, write: 0 B/s")
+        except _Fail:
+            self.restore_power_state(vmid, was_running)
+            raise
+        self.restore_power_state(vmid, was_running)  # not on _Crash: a dead vzdump does nothing
+
+    def restore_power_state(self, vmid: int, was_running: bool) -> None:
+        """restore_vm_power_state: only a QEMU still in prelaunch is stopped again."""
+        if was_running:
+            return
+        status = self.pve.qmp_status(vmid)
+        if status == "prelaunch":
+            self.info("stopping kvm after backup task")
+            with contextlib.suppress(PveError):
+                self.pve.vm_stop(vmid, skiplock=True, use_faults=False)
+        elif status is not None:
+            self.info(f"kvm status changed after backup ('{status}') - keep VM running")
+
+    def signal_point(self, vmid: int) -> None:
+        """The backup is running: a signal or a crash can hit here (paused QEMU still up)."""
+        if self.crash_after is not None and self.crash_after in (
+            ("archive", None),
+            ("archive", vmid),
+        ):
+            raise _Crash(f"vzdump killed while archiving {vmid}")
+        if self.abort_during == vmid:
+            raise _Fail("interrupted by signal")
+
+    def stop_guest(self, kind: str, vmid: int) -> None:
+        """`qm shutdown --skiplock --keepActive` / `pct shutdown` as the plugin runs it."""
+        try:
+            if kind == "qemu":
+                self.pve.vm_stop(vmid, skiplock=True, shutdown=True, timeout=600, use_faults=False)
+            else:
+                self.pve.ct_stop(vmid, skiplock=True, use_faults=False)
+        except PveError as e:
+            raise _Fail(e.message) from None
+
+    def start_guest(self, kind: str, vmid: int) -> None:
+        out = Out()
+        try:
+            if kind == "qemu":
+                self.pve.vm_start(vmid, skiplock=True, out=out)
+            else:
+                self.pve.ct_start(vmid, skiplock=True, out=out)
+        except PveError as e:
+            self.log.extend(out.text())
+            self.log.extend(e.before)
+            raise _Fail(e.message) from None
+        self.log.extend(out.text())
+
+    def suspend(self, kind: str, vmid: int, was_paused: bool) -> None:
+        if kind == "qemu":
+            if not was_paused:
+                self.pve.set_qmp(vmid, "paused")
+        else:
+            self.pve.ct_freeze(vmid, True)
+
+    def resume(self, kind: str, vmid: int, was_paused: bool) -> None:
+        if kind == "qemu":
+            if not was_paused and self.pve.vm_pid(vmid):
+                self.pve.set_qmp(vmid, "running")
+        else:
+            self.pve.ct_freeze(vmid, False)
+
+
+def run_hook_process(argv: list[str], env: dict[str, str], timeout: float) -> HookCall:
+    """Run one hook, reading stdout and stderr in arrival order until both reach EOF.
+
+    Like vzdump we wait for EOF, not only for the exit; unlike vzdump we give up after
+    PIPE_GRACE seconds so that a hook leaving a background child on the pipes fails the test
+    instead of hanging it.
+    """
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+        process_group=0,  # lets us kill a leftover child together with the hook
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+    buffers = {"stdout": b"", "stderr": b""}
+    got: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    lines: list[str] = []
+
+    def emit(stream: str, raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip("\r")
+        got[stream].append(line)
+        lines.append(line)
+
+    sel = selectors.DefaultSelector()
+    for fd in streams:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    eof_deadline: float | None = None
+    error: str | None = None
+    try:
+        while sel.get_map():
+            now = time.monotonic()
+            if eof_deadline is None and proc.poll() is not None:
+                eof_deadline = now + PIPE_GRACE
+            if eof_deadline is not None and now > eof_deadline:
+                error = "hook left its output pipes open"
+                break
+            if now > deadline:
+                error = f"hook timed out after {timeout:g} s"
+                break
+            for key, _ in sel.select(timeout=0.05):
+                fd = int(key.fd)
+                stream = streams[fd]
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    sel.unregister(fd)
+                    if buffers[stream]:
+                        emit(stream, buffers[stream])
+                        buffers[stream] = b""
+                    continue
+                buffers[stream] += data
+                while b"\n" in buffers[stream]:
+                    raw, buffers[stream] = buffers[stream].split(b"\n", 1)
+                    emit(stream, raw)
+    finally:
+        sel.close()
+        if error is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for stream, rest in buffers.items():
+            if rest:
+                emit(stream, rest)
+        proc.stdout.close()
+        proc.stderr.close()
+        code = proc.wait()
+    return HookCall(list(argv), code, got["stdout"], got["stderr"], lines, dict(env), error=error)
+
+
+def run_job(
+    node: FakeNode,
+    vmids: Iterable[int] | None = None,
+    mode: str = "stop",
+    *,
+    exclude: Iterable[int] = (),
+    hook_cmd: Sequence[str] | None = None,
+    abort_during: int | None = None,
+    crash_after: tuple[str, int | None] | None = None,
+    hook_timeout: float = 120,
+) -> JobOutcome:
+    """Run one vzdump job on ``node``.
+
+    ``vmids`` None = every guest of this node; guests on other nodes are skipped. ``hook_cmd``
+    None = the project's hook (``python -m pvegpuhook.hook``); an empty sequence = no hook script.
+    ``abort_during`` = a signal arrives while that guest is archived; ``crash_after`` = (phase,
+    vmid or None): vzdump dies right after that hook call, or with phase "archive" while that
+    guest is being archived (its paused QEMU stays up).
+    """
+    if mode not in ("stop", "suspend", "snapshot"):
+        raise ValueError(f"bad mode {mode!r}")
+    cmd = list(DEFAULT_HOOK if hook_cmd is None else hook_cmd)
+    job = _Job(node, mode, cmd, abort_during, crash_after, hook_timeout)
+    pve = job.pve
+    excluded = set(exclude)
+    if vmids is None:
+        ids = pve.local_guests()
+    else:
+        ids = []
+        skipped = []
+        for v in vmids:
+            entry = pve.vmlist().get("ids", {}).get(str(v))
+            if entry and entry.get("node") != pve.node:
+                skipped.append(v)  # "skip external VMs"
+            else:
+                ids.append(int(v))
+        if skipped:
+            job.info(f"skip external VMs: {', '.join(map(str, sorted(skipped)))}")
+    ids = sorted(v for v in set(ids) if v not in excluded)
+    crashed = False
+    ok = False
+    aborted = False
+    try:
+        ok, aborted = job.run(ids)
+    except _Crash as e:
+        crashed = True
+        job.log.append(f"ERROR: {e}")
+    if job.errors:
+        ok = False
+    return JobOutcome(
+        ok=ok and not crashed,
+        guests=job.guests,
+        log=job.log,
+        hook_calls=job.calls,
+        errors=job.errors,
+        aborted=aborted,
+        crashed=crashed,
+    )

@@ -1,0 +1,168 @@
+"""`pve-gpu-hook dry-run` predicts what the hook then does: same planner, same walk of the job.
+
+For each end-to-end scenario, the forecast (JSON) is compared with the simulated night: who was
+stopped for which guest, which backups failed, and who runs afterwards. Faults a forecast cannot
+know (a guest ignoring ACPI, a start that fails) are not part of this comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import FAST, cli, seed_node
+from tests.sim.node import FakeNode
+from tests.sim.vzdump import run_job
+from tests.test_hook_e2e import MAPPING
+
+Scenario = Callable[[Path], tuple[FakeNode, list[int] | None]]
+
+
+def seed(root: Path) -> tuple[FakeNode, list[int] | None]:
+    return seed_node(root), None
+
+
+def seed_after_job(root: Path) -> tuple[FakeNode, list[int] | None]:
+    return seed_node(root, FAST + "restore: after-job\n"), None
+
+
+def id_forms(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root)
+    for vmid, form in enumerate(["01:00", "01:00.1", "host=0000:01:00.0", "01:00.0;01:00.1"], 120):
+        node.add_vm(vmid, hostpci=[form])
+    return node, [120, 121, 122, 123]
+
+
+def sibling_and_second_line(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root)
+    node.add_pci_device("0000:02:00.0", group=14, class_="0x0c0330", driver="xhci_hcd")
+    node.add_gpu("0000:03:00", group=15, functions=("0",))
+    node.add_vm(120, hostpci=["02:00.0"])
+    node.add_vm(121, hostpci=["03:00.0", "01:00.0"])
+    node.add_vm(122, hostpci=["03:00.0"])
+    return node, [120, 121, 122]
+
+
+def pending_and_snapshots(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root)
+    node.add_vm(120, "name: pend\n\n[PENDING]\nhostpci0: 01:00.0\n")
+    node.add_vm(121, "name: snap\n\n[before]\nhostpci0: 01:00.0\n")
+    return node, [120, 121]
+
+
+def mappings(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root)
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.set_mapping(MAPPING)
+    node.add_vm(106, hostpci=["02:00.0"], running=True)
+    node.add_vm(120, hostpci=["mapping=gpu"])
+    return node, [120]
+
+
+def mapping_free(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root)
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.set_mapping(MAPPING)
+    node.add_vm(120, hostpci=["mapping=gpu"])
+    return node, [120]
+
+
+def mdev(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = FakeNode(root)
+    node.write_override(FAST)
+    node.add_gpu("0000:03:00", group=20, functions=("0",), mdev_types=("nvidia-35",))
+    node.add_vm(130, hostpci=["03:00.0,mdev=nvidia-35"], running=True)
+    node.add_vm(131, hostpci=["03:00.0,mdev=nvidia-35"])
+    node.add_vm(132, hostpci=["03:00.0"])
+    return node, None
+
+
+def containers(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root)
+    node.stop(104)
+    node.add_ct(200, dev=["/dev/dri/renderD128"], running=True)
+    node.add_ct(201, "lxc.cgroup2.devices.allow: c 195:0 rwm\n", running=True)
+    return node, None
+
+
+def template_and_plain(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root)
+    node.add_vm(9000, hostpci=["01:00.0"], template=True)
+    node.add_vm(150)
+    return node, [150, 9000]
+
+
+def protected(root: Path) -> tuple[FakeNode, list[int] | None]:
+    return seed_node(root, FAST + "protect: [104]\n"), None
+
+
+def force_stop(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root, "shutdown_timeout: 1\nstart_timeout: 5\nforce_stop: true\n")
+    node.set_fault(104, ignore_shutdown=True)
+    return node, [102, 103]
+
+
+def ha_holder(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root)
+    node.set_ha(104)
+    return node, [102, 105]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "seed": seed,
+    "seed-after-job": seed_after_job,
+    "id-forms": id_forms,
+    "sibling-and-second-line": sibling_and_second_line,
+    "pending-and-snapshots": pending_and_snapshots,
+    "mapping-busy": mappings,
+    "mapping-free": mapping_free,
+    "mdev": mdev,
+    "containers": containers,
+    "template-and-plain": template_and_plain,
+    "protected": protected,
+    "force-stop": force_stop,
+    "ha-holder": ha_holder,
+}
+
+STOP_LINE = re.compile(
+    r"^\S+ backup-start (\d+) (?:VM|CT) (\d+)(?: \([^)]*\))? (?:shut down|stopped hard)"
+)
+
+
+def stops_in_log(node: FakeNode) -> dict[int, list[int]]:
+    """Who the hook stopped for whom, from its own log file."""
+    found: dict[int, list[int]] = {}
+    log = node.root / "var/log/pve-gpu-hook.log"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        match = STOP_LINE.match(line)
+        if match:
+            found.setdefault(int(match.group(1)), []).append(int(match.group(2)))
+    return found
+
+
+@pytest.mark.parametrize("mode", ["stop", "snapshot"])
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_dry_run_matches_the_night(tmp_path: Path, name: str, mode: str) -> None:
+    node, vmids = SCENARIOS[name](tmp_path)
+    selection = [str(v) for v in vmids] if vmids else ["--all"]
+    before = sorted(p.name for p in node.root.rglob("*"))
+    result = cli(node, "dry-run", *selection, "--mode", mode, "--output-format", "json")
+    assert result.returncode in (0, 1), result.stderr
+    assert sorted(p.name for p in node.root.rglob("*")) == before  # wrote nothing
+    assert node.calls() == []  # ran nothing
+    forecast = json.loads(result.stdout)
+
+    job = run_job(node, vmids, mode=mode)
+    node.wait_settled()
+    actual_stops = stops_in_log(node)
+    for guest in forecast["guests"]:
+        vmid = guest["vmid"]
+        predicted = sorted(s["vmid"] for s in guest["stops"])
+        assert predicted == sorted(actual_stops.get(vmid, [])), (vmid, guest, job.log)
+        assert (guest["outcome"] != "fail") == job.guests[vmid].ok, (vmid, guest, job.log)
+    assert forecast["ok"] == all(g.ok for g in job.guests.values())
+    assert (result.returncode == 0) == forecast["ok"]

@@ -1,0 +1,639 @@
+"""Unit tests of the override file, the state store and the log."""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import os
+import re
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pvegpuhook import log as logmod
+from pvegpuhook.errors import EXIT_USAGE, ConfigError, LockTimeout, StateError
+from pvegpuhook.settings import Settings, load_settings, parse_settings
+from pvegpuhook.state import START_FAILED, STOPPED, STOPPING, Record, StateStore
+
+
+@pytest.fixture
+def rootdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+
+TEMPLATE = """\
+# /etc/pve-gpu-hook/config.yaml — overrides for pve-gpu-hook (every key is optional)
+---
+# shutdown_timeout: 180   # s to wait for a holder's graceful shutdown
+# force_stop: false       # after that, hard-stop it instead of failing the backup
+# start_timeout: 120      # s to wait for a restored guest to be confirmed running
+#protect: []              # VMIDs never stopped to free a GPU
+    # restore: after-guest  # after-guest or after-job
+...
+"""
+
+DEFAULTS = {
+    "shutdown_timeout": 180,
+    "force_stop": False,
+    "start_timeout": 120,
+    "protect": [],
+    "restore": "after-guest",
+}
+
+
+def write_override(root: Path, text: str | bytes) -> Path:
+    path = root / "etc/pve-gpu-hook/config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def config_error(text: str, path: str = "/etc/pve-gpu-hook/config.yaml") -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text, path)
+    return info.value
+
+
+def test_defaults_when_absent(rootdir: Path) -> None:
+    settings = load_settings()
+    assert settings.as_dict() == DEFAULTS
+    assert settings.source is None
+    assert load_settings(str(rootdir / "nope.yaml")).as_dict() == DEFAULTS
+    assert Settings().as_dict() == DEFAULTS
+
+
+@pytest.mark.parametrize("text", [TEMPLATE, "", "\n\n", "---\n", "# only\n# comments\n"])
+def test_commented_file_gives_defaults_without_yaml(
+    rootdir: Path, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "yaml", None)  # any `import yaml` now fails
+    path = write_override(rootdir, text)
+    settings = load_settings()
+    assert settings.as_dict() == DEFAULTS
+    assert settings.source == str(path)
+
+
+def test_yaml_comment_only_document_parses_to_defaults() -> None:
+    assert parse_settings("# nothing\n", "/x").as_dict() == DEFAULTS
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "value"),
+    [
+        ("shutdown_timeout: 30", "shutdown_timeout", 30),
+        ("shutdown_timeout: 1", "shutdown_timeout", 1),
+        ("shutdown_timeout: 86400", "shutdown_timeout", 86400),
+        ("start_timeout: 5", "start_timeout", 5),
+        ("force_stop: true", "force_stop", True),
+        ("force_stop: false", "force_stop", False),
+        ("protect: [104, 105]", "protect", [104, 105]),
+        ("protect:\n  - 105\n  - 104\n  - 104", "protect", [104, 105]),
+        ("protect: []", "protect", []),
+        ("protect:", "protect", []),
+        ("restore: after-job", "restore", "after-job"),
+        ("restore: after-guest", "restore", "after-guest"),
+    ],
+)
+def test_each_key(rootdir: Path, text: str, key: str, value: object) -> None:
+    write_override(rootdir, f"# override\n{text}\n")
+    assert load_settings().as_dict() == {**DEFAULTS, key: value}
+
+
+def test_all_keys_together(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "---\nshutdown_timeout: 20  # short\nforce_stop: true\nstart_timeout: 10\n"
+        "protect: [101]\nrestore: after-job\n"
+    )
+    settings = load_settings(str(path))
+    assert settings.as_dict() == {
+        "shutdown_timeout": 20,
+        "force_stop": True,
+        "start_timeout": 10,
+        "protect": [101],
+        "restore": "after-job",
+    }
+    assert settings.protect == frozenset({101})
+    assert settings.source == str(path)
+
+
+def test_unknown_key_names_file_line_and_key(rootdir: Path) -> None:
+    path = write_override(rootdir, "# colours\nshutdown_timeout: 10\ncolour: red\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith(f"{path}:3: ")
+    assert "colour" in str(info.value)
+    assert info.value.exit_code == EXIT_USAGE == 2
+    assert info.value.line == 3
+    assert info.value.path == str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key"),
+    [
+        ('shutdown_timeout: "180"', 2, "shutdown_timeout"),
+        ("shutdown_timeout: 180s", 2, "shutdown_timeout"),
+        ("shutdown_timeout: true", 2, "shutdown_timeout"),
+        ("shutdown_timeout: 0", 2, "shutdown_timeout"),
+        ("shutdown_timeout: -5", 2, "shutdown_timeout"),
+        ("shutdown_timeout: 86401", 2, "shutdown_timeout"),
+        ("shutdown_timeout: 1.5", 2, "shutdown_timeout"),
+        ("shutdown_timeout:", 2, "shutdown_timeout"),
+        ("start_timeout: false", 2, "start_timeout"),
+        ("start_timeout: [1]", 2, "start_timeout"),
+        ('force_stop: "yes"', 2, "force_stop"),
+        ("force_stop: 1", 2, "force_stop"),
+        ("force_stop:", 2, "force_stop"),
+        ("protect: 104", 2, "protect"),
+        ("protect: {104: x}", 2, "protect"),
+        ("protect: [abc]", 2, "protect"),
+        ("protect: [99]", 2, "protect"),
+        ("protect: [104, true]", 2, "protect"),
+        ("protect: ['104']", 2, "protect"),
+        ("restore: sometimes", 2, "restore"),
+        ("restore: true", 2, "restore"),
+        ("restore: [after-job]", 2, "restore"),
+    ],
+)
+def test_wrong_type_names_key_and_line(text: str, line: int, key: str) -> None:
+    error = config_error(f"# override\n{text}\n")
+    assert str(error).startswith(f"/etc/pve-gpu-hook/config.yaml:{line}: {key}")
+    assert "given twice" not in str(error)
+    assert error.exit_code == 2
+
+
+def test_wrong_type_line_of_a_later_key() -> None:
+    error = config_error("# c\nshutdown_timeout: 10\n\nforce_stop: true\nrestore: sometimes\n")
+    assert str(error).startswith("/etc/pve-gpu-hook/config.yaml:5: restore: ")
+    assert "sometimes" in str(error)
+
+
+def test_duplicate_key() -> None:
+    error = config_error("restore: after-job\nshutdown_timeout: 5\nrestore: after-guest\n")
+    assert str(error).startswith("/etc/pve-gpu-hook/config.yaml:3: ")
+    assert "restore" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("shutdown_timeout: 10\nforce_stop: false: true\n", 2),
+        ("shutdown_timeout: 10\n\tforce_stop: true\n", 2),
+        ("shutdown_timeout: 10\nprotect: [104\nrestore: after-job\n", 3),
+        ("shutdown_timeout: *nothing\n", 1),
+        ("shutdown_timeout: 1\n---\nforce_stop: true\n", 2),
+    ],
+)
+def test_yaml_syntax_error_names_the_line(text: str, line: int) -> None:
+    error = config_error(text)
+    assert str(error).startswith(f"/etc/pve-gpu-hook/config.yaml:{line}: invalid YAML")
+    assert error.exit_code == 2
+
+
+@pytest.mark.parametrize(("text", "line"), [("- 104\n- 105\n", 1), ("# c\nhello\n", 2)])
+def test_top_level_must_be_a_mapping(text: str, line: int) -> None:
+    error = config_error(text)
+    assert str(error).startswith(f"/etc/pve-gpu-hook/config.yaml:{line}: ")
+    assert "mapping" in str(error)
+
+
+def test_unreadable_file_is_a_config_error(rootdir: Path) -> None:
+    path = write_override(rootdir, b"shutdown_timeout: \xff\xfe\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith(str(path))
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "shutdown_timeout: !!int abc\n",
+        "force_stop: !!bool maybe\n",
+        "restore: !!timestamp 2020-13-45\n",
+        "shutdown_timeout: !!python/name:os.system\n",
+        "shutdown_timeout: !custom 3\n",
+    ],
+)
+def test_bad_tagged_value_is_a_config_error(text: str) -> None:
+    error = config_error(text)
+    assert str(error).startswith("/etc/pve-gpu-hook/config.yaml:1: ")
+
+
+def test_bad_protect_item_names_its_own_line() -> None:
+    error = config_error("protect:\n  - 104\n  - abc\n")
+    assert str(error).startswith("/etc/pve-gpu-hook/config.yaml:3: protect: ")
+
+
+# --------------------------------------------------------------------------------------------
+# state
+
+RECORDS = [
+    Record(
+        104,
+        "qemu",
+        "win11",
+        102,
+        ["0000:01:00.0", "0000:01:00.1"],
+        since=1700000000.5,
+        status=STOPPED,
+        job=4242,
+        note="shut down for the backup of VM 102",
+    ),
+    Record(200, "lxc", None, None, [], since=1700000001.0, status=START_FAILED),
+    Record(105, "qemu", 'n\u00e4me "quoted"\n', 103, ["0000:04:00.0"], since=1.0),
+]
+
+
+def as_dicts(records: list[Record]) -> list[dict[str, object]]:
+    return [r.to_dict() for r in records]
+
+
+@pytest.fixture
+def store(rootdir: Path) -> Iterator[StateStore]:
+    s = StateStore()
+    s.acquire(1.0, "test")
+    yield s
+    s.release()
+
+
+def state_dir(root: Path) -> Path:
+    return root / "var/lib/pve-gpu-hook"
+
+
+def test_acquire_release_and_lock_owner(rootdir: Path) -> None:
+    first = StateStore()
+    first.acquire(1.0, "backup-start of VM 102")
+    lock = rootdir / "run/lock/pve-gpu-hook.lock"
+    assert lock.read_text() == f"pid {os.getpid()} backup-start of VM 102\n"
+    assert mode(lock) == 0o600
+    first.release()
+    second = StateStore()
+    second.acquire(0.3, "job-end")
+    assert lock.read_text() == f"pid {os.getpid()} job-end\n"
+    second.release()
+    second.release()  # releasing twice is harmless
+
+
+def test_second_acquire_times_out(rootdir: Path) -> None:
+    holder = StateStore()
+    holder.acquire(1.0, "log-end of VM 102")  # flock is per open file: a second fd conflicts
+    try:
+        waiter = StateStore()
+        started = time.monotonic()
+        with pytest.raises(LockTimeout) as info:
+            waiter.acquire(0.3, "job-end")
+        elapsed = time.monotonic() - started
+        assert 0.3 <= elapsed < 2.0
+        assert "log-end of VM 102" in str(info.value)  # who holds it
+        assert "job-end not done" in str(info.value)
+        assert info.value.exit_code == 1
+    finally:
+        holder.release()
+    waiter.acquire(0.3, "job-end")  # free again
+    waiter.release()
+
+
+def test_save_requires_the_lock(rootdir: Path) -> None:
+    with pytest.raises(StateError):
+        StateStore().save(RECORDS)
+    with pytest.raises(StateError):
+        StateStore().set_chain("/usr/local/bin/x")
+    assert not state_dir(rootdir).exists()
+
+
+def test_round_trip(rootdir: Path, store: StateStore) -> None:
+    assert not store.exists()
+    assert store.load() == []
+    store.save(RECORDS)
+    assert store.exists()
+    assert as_dicts(StateStore().load()) == as_dicts(RECORDS)
+    data = json.loads((state_dir(rootdir) / "state.json").read_text())
+    assert data["format"] == 1
+    assert [r["vmid"] for r in data["records"]] == [104, 200, 105]
+    assert StateStore().salvaged is None
+
+
+def test_permissions(rootdir: Path, store: StateStore) -> None:
+    store.save(RECORDS)
+    assert mode(state_dir(rootdir)) == 0o700
+    assert mode(state_dir(rootdir) / "state.json") == 0o600
+
+
+def test_loose_state_dir_is_tightened(rootdir: Path, store: StateStore) -> None:
+    state_dir(rootdir).mkdir(parents=True)
+    os.chmod(state_dir(rootdir), 0o755)
+    store.save(RECORDS[:1])
+    assert mode(state_dir(rootdir)) == 0o700
+
+
+def test_empty_save_removes_the_file(rootdir: Path, store: StateStore) -> None:
+    store.save([])  # nothing to remove
+    store.save(RECORDS)
+    store.save([])
+    assert not store.exists()
+    assert store.load() == []
+    assert os.listdir(state_dir(rootdir)) == []
+
+
+def test_symlinked_state_dir_is_refused(rootdir: Path, store: StateStore) -> None:
+    elsewhere = rootdir / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    state_dir(rootdir).parent.mkdir(parents=True)
+    state_dir(rootdir).symlink_to(elsewhere)
+    with pytest.raises(StateError):
+        store.save(RECORDS)
+    with pytest.raises(StateError):
+        store.set_chain("/usr/local/bin/old-hook")
+    assert os.listdir(elsewhere) == []
+
+
+def test_load_refuses_symlinked_state_dir(rootdir: Path, store: StateStore) -> None:
+    elsewhere = rootdir / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (elsewhere / "state.json").write_text(
+        '{"format": 1, "records": [\n{"vmid": 104, "kind": "qemu"}\n]}\n'
+    )
+    state_dir(rootdir).parent.mkdir(parents=True)
+    state_dir(rootdir).symlink_to(elsewhere)
+    with pytest.raises(StateError):
+        store.load()
+
+
+def test_symlinked_state_file_is_not_followed(rootdir: Path, store: StateStore) -> None:
+    target = rootdir / "target.json"
+    target.write_text('{"format": 1, "records": [{"vmid": 104, "kind": "qemu"}]}')
+    state_dir(rootdir).mkdir(parents=True, mode=0o700)
+    (state_dir(rootdir) / "state.json").symlink_to(target)
+    with pytest.raises(StateError):
+        store.load()
+
+
+def write_state(root: Path, data: bytes) -> Path:
+    directory = state_dir(root)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / "state.json"
+    path.write_bytes(data)
+    return path
+
+
+def test_garbage_state_is_kept_aside(rootdir: Path, store: StateStore) -> None:
+    garbage = b"\x00\xffnot json at all\n"
+    path = write_state(rootdir, garbage)
+    assert store.load() == []
+    assert store.salvaged is not None
+    corrupt = store.corrupt_files()
+    assert len(corrupt) == 1
+    assert os.path.basename(corrupt[0]).startswith("state.json.corrupt-")
+    assert Path(corrupt[0]).read_bytes() == garbage
+    assert corrupt[0] in store.salvaged
+    assert not path.exists()
+
+
+def test_truncated_state_keeps_intact_records(rootdir: Path, store: StateStore) -> None:
+    store.save(RECORDS)
+    path = state_dir(rootdir) / "state.json"
+    full = path.read_bytes()
+    cut = full.index(b'{"vmid": 105') + 20  # in the middle of the third record
+    write_state(rootdir, full[:cut])
+    loaded = store.load()
+    assert as_dicts(loaded) == as_dicts(RECORDS[:2])
+    assert store.salvaged is not None
+    assert "2 intact record(s) kept" in store.salvaged
+    assert [Path(p).read_bytes() for p in store.corrupt_files()] == [full[:cut]]
+    again = StateStore()
+    assert as_dicts(again.load()) == as_dicts(RECORDS[:2])  # rewritten clean
+    assert again.salvaged is None
+
+
+def test_bad_record_sends_the_file_to_salvage(rootdir: Path, store: StateStore) -> None:
+    write_state(
+        rootdir,
+        b'{"format": 1, "records": [\n{"vmid": 104, "kind": "qemu"},\n'
+        b'{"vmid": 5, "kind": "qemu"},\n{"vmid": 200, "kind": "vm"}\n]}\n',
+    )
+    assert [r.vmid for r in store.load()] == [104]
+    assert len(store.corrupt_files()) == 1
+
+
+def test_corrupt_state_without_the_lock_is_left_in_place(rootdir: Path) -> None:
+    path = write_state(rootdir, b'{"format": 1, "records": [\n{"vmid": 104, "kind": "qemu"},\n{')
+    reader = StateStore()
+    assert [r.vmid for r in reader.load()] == [104]
+    assert reader.salvaged is not None
+    assert path.exists()
+    assert reader.corrupt_files() == []
+
+
+def test_two_corrupt_files_in_one_second_are_both_kept(
+    rootdir: Path, store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20250101T000000")
+    write_state(rootdir, b"first corrupt copy")
+    store.load()
+    write_state(rootdir, b"second corrupt copy")
+    store.load()
+    kept = sorted(Path(p).read_bytes() for p in store.corrupt_files())
+    assert kept == [b"first corrupt copy", b"second corrupt copy"]
+
+
+def test_newer_format_is_refused(rootdir: Path, store: StateStore) -> None:
+    data = b'{"format": 2, "records": [{"vmid": 104, "kind": "qemu"}]}\n'
+    path = write_state(rootdir, data)
+    with pytest.raises(StateError) as info:
+        store.load()
+    assert "format" in str(info.value)
+    assert path.read_bytes() == data  # left alone for the newer version
+    assert store.corrupt_files() == []
+
+
+def test_older_file_without_format_loads(rootdir: Path, store: StateStore) -> None:
+    write_state(rootdir, b'{"records": [{"vmid": 104, "kind": "qemu", "for_vmid": 102}]}')
+    (record,) = store.load()
+    assert (record.vmid, record.kind, record.for_vmid, record.status) == (104, "qemu", 102, STOPPED)
+    assert (record.name, record.addresses, record.job, record.note) == (None, [], None, None)
+    assert store.salvaged is None
+
+
+def test_full_disk_leaves_previous_state(
+    rootdir: Path, store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.save(RECORDS[:1])
+    path = state_dir(rootdir) / "state.json"
+    before = path.read_bytes()
+
+    def no_space(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", no_space)
+    with pytest.raises(StateError) as info:
+        store.save(RECORDS)
+    monkeypatch.undo()
+    assert "No space left on device" in str(info.value)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(state_dir(rootdir))) == ["state.json"]
+
+
+def test_record_defaults() -> None:
+    before = time.time()
+    record = Record(104, "qemu", None, 102, ["0000:01:00.0"])
+    assert record.status == STOPPING
+    assert before <= record.since <= time.time()
+    assert (record.job, record.note) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [],
+        {"kind": "qemu"},
+        {"vmid": "104", "kind": "qemu"},
+        {"vmid": True, "kind": "qemu"},
+        {"vmid": 99, "kind": "qemu"},
+        {"vmid": 104, "kind": "openvz"},
+    ],
+)
+def test_record_from_bad_dict(data: object) -> None:
+    with pytest.raises(ValueError):
+        Record.from_dict(data)
+
+
+def test_chain(rootdir: Path, store: StateStore) -> None:
+    assert store.chain() is None
+    store.set_chain("/usr/local/bin/old-hook.sh")
+    assert store.chain() == "/usr/local/bin/old-hook.sh"
+    assert StateStore().chain() == "/usr/local/bin/old-hook.sh"
+    assert mode(state_dir(rootdir) / "chain") == 0o600
+    store.set_chain(None)
+    assert store.chain() is None
+    store.set_chain(None)  # already gone
+    assert not (state_dir(rootdir) / "chain").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# log
+
+
+@pytest.mark.parametrize(
+    ("text", "cleaned"),
+    [
+        ("plain text: ok", "plain text: ok"),
+        ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+        ("two\nlines", "two\\x0alines"),
+        ("carriage\rreturn", "carriage\\x0dreturn"),
+        ("tab\there", "tab\\x09here"),
+        ("nul\x00", "nul\\x00"),
+        ("del\x7f", "del\\x7f"),
+        ("csi\x9b31m", "csi\\x9b31m"),
+        ("nel\x85", "nel\\x85"),
+        ("surrogate\udcff", "surrogate\\udcff"),
+        ("Ümlaut 日本 ✓", "Ümlaut 日本 ✓"),
+        ("", ""),
+    ],
+)
+def test_clean(text: str, cleaned: str) -> None:
+    assert logmod.clean(text) == cleaned
+
+
+LINE_RE = re.compile(r"^(\S+) (\S+) (\S+) (.*)$")
+
+
+def log_lines(root: Path) -> list[tuple[str, str, str, str]]:
+    text = (root / "var/log/pve-gpu-hook.log").read_text()
+    assert text.endswith("\n")
+    result = []
+    for line in text.splitlines():
+        match = LINE_RE.match(line)
+        assert match, line
+        stamp, phase, vmid, message = match.groups()
+        assert datetime.datetime.fromisoformat(stamp).tzinfo is not None
+        result.append((stamp, phase, vmid, message))
+    return result
+
+
+def test_log_file_lines(rootdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    logmod.Log("backup-start", 102, echo=False).file("stopping VM 104\x1b[2J")
+    logmod.Log("job-end", echo=False).file("done\nforged line")
+    assert [line[1:] for line in log_lines(rootdir)] == [
+        ("backup-start", "102", "stopping VM 104\\x1b[2J"),
+        ("job-end", "-", "done\\x0aforged line"),
+    ]
+    assert mode(rootdir / "var/log/pve-gpu-hook.log") == 0o600
+    assert capsys.readouterr() == ("", "")
+
+
+def test_log_say_and_error(rootdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    quiet = logmod.Log("log-end", 102, echo=False)
+    quiet.say("started VM 104")
+    quiet.error("VM 105 did not start")
+    assert quiet.lines == ["started VM 104", "VM 105 did not start"]
+    assert capsys.readouterr() == ("", "")
+    loud = logmod.Log("log-end", 102)
+    loud.say("hello\x07")
+    loud.error("bad\x1b")
+    out, err = capsys.readouterr()
+    assert out == "pve-gpu-hook: hello\\x07\n"
+    assert err == "pve-gpu-hook: bad\\x1b\n"
+    assert [line[3] for line in log_lines(rootdir)] == [
+        "started VM 104",
+        "ERROR: VM 105 did not start",
+        "hello\\x07",
+        "ERROR: bad\\x1b",
+    ]
+
+
+def test_log_appends_to_existing_file(rootdir: Path) -> None:
+    path = rootdir / "var/log/pve-gpu-hook.log"
+    path.parent.mkdir(parents=True)
+    path.write_text("old line\n")
+    os.chmod(path, 0o600)
+    logmod.Log("job-start", echo=False).file("new")
+    assert path.read_text().startswith("old line\n")
+    assert path.read_text().endswith(" job-start - new\n")
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_log_does_not_follow_a_symlink(rootdir: Path, dangling: bool) -> None:
+    target = rootdir / "etc/shadow"
+    target.parent.mkdir(parents=True)
+    if not dangling:
+        target.write_text("root:x:\n")
+    path = rootdir / "var/log/pve-gpu-hook.log"
+    path.parent.mkdir(parents=True)
+    path.symlink_to(target)
+    logmod.Log("job-start", echo=False).file("must not land in the target")  # never raises
+    if dangling:
+        assert not target.exists()
+    else:
+        assert target.read_text() == "root:x:\n"
+    assert path.is_symlink()
+
+
+def test_log_unwritable_location_never_raises(rootdir: Path) -> None:
+    (rootdir / "var").mkdir()
+    (rootdir / "var/log").write_text("a file where the directory should be")
+    logmod.Log("job-start", echo=False).file("lost")
+    assert (rootdir / "var/log").read_text() == "a file where the directory should be"
+
+
+def test_timestamp_is_iso_with_offset() -> None:
+    stamp = logmod.timestamp(0)
+    parsed = datetime.datetime.fromisoformat(stamp)
+    assert parsed.timestamp() == 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", stamp)
