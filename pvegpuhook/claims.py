@@ -91,7 +91,7 @@ class ClaimReader:
             value = values.get(key)
             if value is None:
                 continue
-            where = f"{config.path}:{config.line_of(key) or '?'}"
+            where = f"{config.path}:{config.line_of(key, with_pending) or '?'}"
             first, options = split_options(value)
             kind = MDEV if options.get("mdev") else EXCLUSIVE
             if "mapping" in options:
@@ -120,7 +120,7 @@ class ClaimReader:
                 needs.append(Need(key, [claims]))
         args = values.get("args")
         if args and "vfio-pci" in args:
-            where = f"{config.path}:{config.line_of('args') or '?'}"
+            where = f"{config.path}:{config.line_of('args', with_pending) or '?'}"
             ids = vfio_hosts(split_args(args))
             claims = self._claims(ids, EXCLUSIVE, "args", where)
             needs.extend(Need("args", [(c,)]) for c in claims)

@@ -49,8 +49,12 @@ def job_start(log: Log) -> int:
     return 0
 
 
-def _when(epoch: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
+def _when(epoch: float | None) -> str:
+    return (
+        "an unknown time"
+        if epoch is None
+        else time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
+    )
 
 
 def backup_start(log: Log, vmid: int, text: str) -> int:
@@ -101,6 +105,7 @@ def _stop_holders(log: Log, store: StateStore, settings: Settings, plan: FreePla
             guest.name,
             vmid,
             sorted({c.address for c in stop.holder.claims}),
+            since=time.time(),
             job=job,
         )
         records = [r for r in store.load() if r.vmid != guest.vmid]
@@ -179,13 +184,18 @@ def job_end(log: Log) -> int:
 
 
 def chain_problem(script: str) -> str | None:
-    """Why a chained hook must not run, or None: absolute, root-owned, not group/world-writable."""
+    """Why a chained hook must not run, or None.
+
+    ``script`` is the host path as the admin wrote it: absolute, a root-owned executable file
+    that neither group nor others can write, in directories only root can write.
+    """
     import stat
 
     if not os.path.isabs(script):
         return "is not an absolute path"
+    path = os.path.realpath(paths.host(script))
     try:
-        info = os.stat(script)
+        info = os.stat(path)
     except OSError as error:
         return f"cannot be read: {error.strerror}"
     if not stat.S_ISREG(info.st_mode):
@@ -196,6 +206,13 @@ def chain_problem(script: str) -> str | None:
         return "is writable by group or others"
     if not info.st_mode & 0o100:
         return "is not executable"
+    top = os.path.realpath(paths.root())
+    directory = os.path.dirname(path)
+    while directory.startswith(top) and directory != top:
+        parent = os.stat(directory)
+        if parent.st_uid != 0 or parent.st_mode & 0o022:
+            return f"lies in {directory[len(top) :] or '/'}, which others can write"
+        directory = os.path.dirname(directory)
     return None
 
 
@@ -203,7 +220,7 @@ def run_chain(log: Log, argv: list[str]) -> int:
     script = StateStore().chain()
     if script is None:
         return 0
-    problem = chain_problem(paths.host(script))
+    problem = chain_problem(script)
     if problem is not None:
         log.error(f"chained hook {script} {problem}: not run")
         return 1

@@ -55,6 +55,17 @@ def nothing(call: Call) -> int:
 
 
 def job_start(call: Call) -> int:
+    from pvegpuhook import paths
+
+    if not os.path.exists(paths.host(paths.STATE_DIR, "state.json")):
+        from pvegpuhook.errors import ConfigError
+        from pvegpuhook.settings import load_settings
+
+        try:
+            load_settings()
+        except ConfigError as error:
+            call.log.say(f"{error}; this job will stop no guest to free a GPU")
+        return 0
     from pvegpuhook import handlers
 
     return handlers.job_start(call.log)
@@ -133,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         phase = argv[0] if argv else "?"
         Log(phase).error(call)
         return 0 if phase in NEVER_FAIL else 2
-    call.log.file(f"called: {' '.join(argv)}")
+    if call.phase != "job-init":  # before vzdump's node lock: a queued job must leave no trace
+        call.log.file(f"called: {' '.join(argv)}")
+        report_corrupt_state(call)
     handler = HANDLERS.get(call.phase, nothing)  # unknown phases: a newer vzdump; tolerate
     try:
         code = handler(call)
@@ -143,6 +156,31 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
     chained = run_chain(call)
     return code or chained
+
+
+# phases whose output reaches the admin once per job or per guest: the task log must not repeat
+# one warning seven times per guest
+LOUD_PHASES = ("job-start", "backup-start", "job-end", "job-abort")
+
+
+def report_corrupt_state(call: Call) -> None:
+    """A corrupt state file kept aside is an emergency until the admin deals with it."""
+    from pvegpuhook import paths
+
+    try:
+        names = os.listdir(paths.host(paths.STATE_DIR))
+    except OSError:
+        return
+    kept = sorted(n for n in names if ".corrupt-" in n)
+    if kept:
+        message = (
+            f"a corrupt state file was kept aside ({', '.join(kept)} in "
+            f"/{paths.STATE_DIR}): guests it named may still be off; see 'pve-gpu-hook status'"
+        )
+        if call.phase in LOUD_PHASES:
+            call.log.say(message)
+        else:
+            call.log.file(message)
 
 
 def report_crash(call: Call, error: Exception) -> int:

@@ -188,7 +188,10 @@ class Inventory:
             if address is not None and all(c.address != address for c in claims):
                 claims.append(Claim(address, self.sysfs.units(address), EXCLUSIVE, "running"))
         if "hostpci" in text or "vfio" in text:
-            for need in self.reader.vm_needs(guest.config, with_pending=False):
+            known = len(self.reader.warnings)
+            needs = self.reader.vm_needs(guest.config, with_pending=False)
+            del self.reader.warnings[known:]  # a holder's config problems are not this decision's
+            for need in needs:
                 # a mapping with several alternatives: only the running process says which
                 if len(need.alternatives) == 1:
                     claims.extend(need.alternatives[0])

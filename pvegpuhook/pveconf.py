@@ -62,10 +62,12 @@ class GuestConfig:
         ]
         return kept + list(self.pending)
 
-    def line_of(self, key: str) -> int | None:
-        for k, _, line in reversed(self.main):
-            if k == key:
-                return line
+    def line_of(self, key: str, with_pending: bool = False) -> int | None:
+        sections = (self.pending, self.main) if with_pending else (self.main,)
+        for entries in sections:
+            for k, _, line in reversed(entries):
+                if k == key:
+                    return line
         return None
 
     def has_pending(self, prefix: str) -> bool:

@@ -69,7 +69,10 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
     settling = {
         r.vmid
         for r in records
-        if r.vmid in running and r.status == STOPPING and time.time() - r.since < settle_after
+        if r.vmid in running
+        and r.status == STOPPING
+        and r.since is not None
+        and time.time() - r.since < settle_after
     }
     holders = None
     for record in records:
@@ -145,8 +148,8 @@ def _start(
 ) -> None:
     outcome = act.start(record.kind, record.vmid, settings.start_timeout)
     if outcome.ok:
-        away = minutes(time.time() - record.since)
-        log.say(f"{label} started again after {away} off (took {outcome.seconds:.0f} s)")
+        away = f"{minutes(time.time() - record.since)} off" if record.since else "a while off"
+        log.say(f"{label} started again after {away} (took {outcome.seconds:.0f} s)")
         report.started.append(record)
         _forget(store, record)
         return

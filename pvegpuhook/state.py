@@ -37,7 +37,7 @@ class Record:
         for_vmid: int | None,
         addresses: list[str],
         *,
-        since: float | None = None,
+        since: float | None = None,  # None: unknown (a damaged record)
         status: str = STOPPING,
         job: int | None = None,
         note: str | None = None,
@@ -47,7 +47,7 @@ class Record:
         self.name = name
         self.for_vmid = for_vmid
         self.addresses = addresses
-        self.since = time.time() if since is None else since
+        self.since = since
         self.status = status
         self.job = job
         self.note = note
@@ -73,14 +73,14 @@ class Record:
             str(data["name"]) if data.get("name") is not None else None,
             for_vmid if isinstance(for_vmid, int) else None,
             [str(a) for a in addresses] if isinstance(addresses, list) else [],
-            since=float(since) if isinstance(since, (int, float)) else time.time(),
+            since=float(since) if isinstance(since, (int, float)) else None,
             status=str(data.get("status") or STOPPED),
             job=data.get("job") if isinstance(data.get("job"), int) else None,
             note=str(data["note"]) if data.get("note") is not None else None,
         )
 
 
-def _check_dir(path: str) -> None:
+def check_private_dir(path: str) -> None:
     """Create the directory 0700; refuse a symlink or a directory owned by someone else."""
     try:
         info = os.lstat(path)
@@ -96,6 +96,42 @@ def _check_dir(path: str) -> None:
         raise StateError(f"{path} is owned by uid {info.st_uid}, not by us: refusing to use it")
     if info.st_mode & 0o077:
         os.chmod(path, 0o700)
+
+
+def write_atomic(
+    path: str, data: bytes, *, mode: int = 0o600, owner: tuple[int, int] | None = None
+) -> None:
+    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory.
+
+    A full disk or any other failure leaves the old file as it was and no temp file behind.
+    """
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            if owner is not None and (os.fstat(fd).st_uid, os.fstat(fd).st_gid) != owner:
+                os.fchown(fd, *owner)
+            os.fchmod(fd, mode)  # after the chown, which clears setuid bits; not umask-dependent
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # replaces a name: never writes through a symlink
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class StateStore:
@@ -216,7 +252,7 @@ class StateStore:
         """Replace the state atomically; an empty state removes the file."""
         if self._lock_fd is None:
             raise StateError("internal error: state written without the lock")
-        _check_dir(self.dir)
+        check_private_dir(self.dir)
         if not records:
             try:
                 os.unlink(self.path)
@@ -231,25 +267,10 @@ class StateStore:
         self._write_atomic(self.path, text.encode("utf-8"))
 
     def _write_atomic(self, path: str, data: bytes) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, flags, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            write_atomic(path, data)
         except OSError as error:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise StateError(f"cannot write {path}: {error.strerror}") from None
-        self._sync_dir()
 
     def _sync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -271,7 +292,7 @@ class StateStore:
     def set_chain(self, script: str | None) -> None:
         if self._lock_fd is None:
             raise StateError("internal error: state written without the lock")
-        _check_dir(self.dir)
+        check_private_dir(self.dir)
         path = os.path.join(self.dir, CHAIN_NAME)
         if script is None:
             try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from pvegpuhook import paths
 from pvegpuhook.errors import GpuHookError, StateError
+from pvegpuhook.state import write_atomic
 
 HOOK_PATH = "/usr/share/pve-gpu-hook/vzdump-hook"
 BEGIN_MARK = "# pve-gpu-hook: begin (added by 'pve-gpu-hook register'; removed by 'unregister')"
@@ -241,12 +242,13 @@ def conf_path() -> str:
     return paths.host(paths.VZDUMP_CONF)
 
 
-def read_conf(*, missing_ok: bool = False) -> ConfFile | None:
-    """Read vzdump.conf without following a symlink. None when absent and ``missing_ok``."""
+def read_conf(*, missing_ok: bool = False, follow: bool = False) -> ConfFile | None:
+    """Read vzdump.conf; a symlink is refused unless ``follow`` (reading only, as vzdump does).
+    None when absent and ``missing_ok``."""
     path = conf_path()
     shown = display(paths.VZDUMP_CONF)
     try:
-        info = os.lstat(path)
+        info = os.stat(path) if follow else os.lstat(path)
     except FileNotFoundError:
         if missing_ok:
             return None
@@ -264,7 +266,7 @@ def read_conf(*, missing_ok: bool = False) -> ConfFile | None:
     if not stat.S_ISREG(info.st_mode):
         raise GpuHookError(f"{shown} is not a regular file: refusing to edit it")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
         with os.fdopen(fd, "rb") as f:
             raw = f.read()
     except OSError as error:
@@ -292,39 +294,6 @@ def write_conf(conf: ConfFile, text: str) -> None:
         raise GpuHookError(f"cannot write {shown}: {error.strerror}") from None
 
 
-def write_atomic(
-    path: str, data: bytes, *, mode: int = 0o600, owner: tuple[int, int] | None = None
-) -> None:
-    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.pve-gpu-hook-{os.getpid()}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            if owner is not None and (os.fstat(fd).st_uid, os.fstat(fd).st_gid) != owner:
-                os.fchown(fd, *owner)
-            os.fchmod(fd, mode)  # after the chown, which clears setuid bits; not umask-dependent
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)  # replaces a name: never writes through a symlink
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def registration_path() -> str:
     return paths.host(paths.STATE_DIR, REGISTRATION_NAME)
 
@@ -342,7 +311,7 @@ def load_registration() -> Added | None:
 
 def save_registration(added: Added | None) -> None:
     """Record (or with None forget) what was appended. The caller holds the StateStore lock."""
-    from pvegpuhook.state import _check_dir
+    from pvegpuhook.state import check_private_dir
 
     path = registration_path()
     if added is None:
@@ -351,7 +320,7 @@ def save_registration(added: Added | None) -> None:
         except FileNotFoundError:
             pass
         return
-    _check_dir(os.path.dirname(path))
+    check_private_dir(os.path.dirname(path))
     data = {"format": 1, "file": display(paths.VZDUMP_CONF), **added.to_dict()}
     try:
         write_atomic(path, (json.dumps(data) + "\n").encode("utf-8"))
@@ -382,7 +351,8 @@ def jobs_warning(jobs: list[Job]) -> str | None:
     return (
         f"backup job(s) in {display(JOBS_CFG)} set their own hook script, which replaces the one "
         f"of {display(paths.VZDUMP_CONF)}: pve-gpu-hook does not run for {named}; remove their "
-        f"script option (Datacenter > Backup > Edit > Advanced) or chain it with register --chain"
+        "script option (Datacenter > Backup > Edit > Advanced); a hook they need can be set in "
+        f"{display(paths.VZDUMP_CONF)} and kept with 'pve-gpu-hook register --chain'"
     )
 
 
@@ -396,12 +366,9 @@ def executable(host_path: str) -> bool:
 
 
 def chain_problem(script: str) -> str | None:
-    """Why ``script`` must not be chained, or None (handlers.chain_problem, plus: absolute as
-    written — under a test root the rooted path is always absolute)."""
+    """Why ``script`` must not be chained, or None (see handlers.chain_problem)."""
     from pvegpuhook.handlers import chain_problem as problem_of
 
-    if not os.path.isabs(script):
-        return "is not an absolute path"
     if script == HOOK_PATH:
         return "is pve-gpu-hook itself"
-    return problem_of(paths.host(script))
+    return problem_of(script)

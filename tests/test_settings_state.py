@@ -491,11 +491,12 @@ def test_full_disk_leaves_previous_state(
 
 
 def test_record_defaults() -> None:
-    before = time.time()
     record = Record(104, "qemu", None, 102, ["0000:01:00.0"])
     assert record.status == STOPPING
-    assert before <= record.since <= time.time()
-    assert (record.job, record.note) == (None, None)
+    assert (record.since, record.job, record.note) == (None, None, None)
+    # a damaged record without a time stays "unknown", never "since now"
+    damaged = Record.from_dict({"vmid": 104, "kind": "qemu"})
+    assert damaged.since is None
 
 
 @pytest.mark.parametrize(

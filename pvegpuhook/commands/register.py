@@ -102,9 +102,15 @@ def run(args: argparse.Namespace) -> int:
             notes.append("--chain: no other hook script is active, nothing to chain")
         new, added = vzdumpconf.add_block(text)
         # the records first: a crash before the rename leaves records that unregister ignores
+        old_chain, old_added = store.chain(), vzdumpconf.load_registration()
         store.set_chain(chain)
         vzdumpconf.save_registration(added)
-        vzdumpconf.write_conf(conf, new)
+        try:
+            vzdumpconf.write_conf(conf, new)
+        except GpuHookError:
+            store.set_chain(old_chain)  # the file is unchanged: so are our records
+            vzdumpconf.save_registration(old_added)
+            raise
         line = vzdumpconf.active_script(new)
         assert line is not None
         detail = f"registered: {shown} line {line.line} now sets 'script: {vzdumpconf.HOOK_PATH}'"
@@ -115,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
             )
         Log("register", echo=False).file(detail)
         print(detail)
+        if not vzdumpconf.executable(vzdumpconf.HOOK_PATH):
+            # not refused: a source checkout may register before installing; vzdump would not
+            warn(
+                f"{vzdumpconf.HOOK_PATH} is missing or not executable: vzdump fails every "
+                "backup job until it is installed (or run 'pve-gpu-hook unregister')"
+            )
         for note in notes:
             print(note)
         return EXIT_OK

@@ -14,7 +14,8 @@ JSON shape of ``scan`` (keys sorted by ``emit``)::
     {"node": "pve1",
      "devices": [{"address": "0000:01:00",            # the device, every function together
                   "functions": ["0000:01:00.0", ...],  # its functions in sysfs (or as claimed)
-                  "present": true,                     # false: a config names it, sysfs lacks it
+                  "present": true,                     # false: a config names it, sysfs lacks
+                                                       # it; null: another node (--cluster)
                   "class": "0x030000" | null,
                   "vendor": "10de" | null, "device": "2204" | null,       # hex ids from sysfs
                   "vendor_name": str | null, "device_name": str | null,  # from pci.ids
@@ -40,18 +41,26 @@ JSON shape of ``scan`` (keys sorted by ``emit``)::
      "needs": [{"source": "hostpci0", "mapping": str | null,
                 "alternatives": [[{"address", "kind", "units": ["group:14"], "present": bool}]]}],
      "conflicts": [{"vmid", "type", "name", "running", "source", "address", "kind",
-                    "with": <this guest's address>, "units": [...]}],
-     "would_stop": [{"vmid", "type", "name", "address"}],   # to free what this guest needs now
+                    "with": [<this guest's addresses>], "units": [...]}],
+     "would_stop": [{"vmid", "type", "name", "address"}],   # running holders to shut down so
+                                                            # it can start now; address: held
      "refusal": null | {"vmid", "address", "reason"},       # a holder that must not be stopped
      "warnings": [str, ...]}
 
-Exit status 0 (warnings are shown, not signalled); 2 for an unknown VMID.
+Warnings (text: ``warning: ...`` lines after the table): two ``onboot: 1`` guests that conflict
+on one unit; a ``hostpci`` change waiting in ``[PENDING]``; a PCI mapping without an entry for the
+node, missing, or pointing at hardware sysfs lacks; a full passthrough of a device whose IOMMU
+group another guest uses with a different device; a configured device sysfs lacks; every config
+line that cannot be parsed.
+
+Exit status 0 (warnings are shown, not signalled); 2 for an unknown VMID or VMID with --cluster.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from pvegpuhook import paths, pci, runtime
 from pvegpuhook.claims import EXCLUSIVE, Claim, ClaimReader, Need
@@ -60,6 +69,7 @@ from pvegpuhook.inventory import LXC, QEMU, Guest, Holder, Inventory, describe
 from pvegpuhook.output import Table, add_output_options, emit
 from pvegpuhook.pveconf import PciMapping, load_pci_mapping, parse_guest_config, read_text
 
+Json = dict[str, Any]  # a JSON object of the documented shapes
 PCI_IDS_FILES = ("usr/share/misc/pci.ids", "usr/share/hwdata/pci.ids")
 DISPLAY_CLASS = "0x03"
 
@@ -182,11 +192,13 @@ class NodeView:
         self.mappings: dict[str, PciMapping] = {}
         # (message, vmids it concerns): ``scan VMID`` shows the ones naming its guest
         self.warnings: list[tuple[str, frozenset[int]]] = []
+        self._said: set[str] = set()
         self.notes: list[str] = []
         self.mapped_groups: dict[str, str] = {}  # device → iommugroup of a map line (other nodes)
 
     def warn(self, message: str, *vmids: int) -> None:
-        if all(message != known for known, _ in self.warnings):
+        if message not in self._said:
+            self._said.add(message)
             self.warnings.append((message, frozenset(vmids)))
 
     def is_running(self, vmid: int) -> bool | None:
@@ -356,12 +368,12 @@ def _check_mappings(view: NodeView) -> None:
 # ---- the node report --------------------------------------------------------------------------
 
 
-def node_report(view: NodeView) -> dict[str, object]:
+def node_report(view: NodeView) -> Json:
     sysfs = view.sysfs
-    devices: dict[str, dict[str, object]] = {}
+    devices: dict[str, Json] = {}
     addresses: dict[str, set[str]] = {}  # functions named by claims, for devices sysfs lacks
 
-    def device(address: str) -> dict[str, object]:
+    def device(address: str) -> Json:
         key = pci.device_of(address)
         if key not in devices:
             devices[key] = {"address": key, "claims": [], "held_by": [], "_claimed": set()}
@@ -375,14 +387,12 @@ def node_report(view: NodeView) -> dict[str, object]:
         row = device(entry.claim.address)
         addresses[pci.device_of(entry.claim.address)].add(entry.claim.address)
         seen = row["_claimed"]
-        assert isinstance(seen, set)
         mark = (entry.guest.vmid, entry.claim.source)
         if mark in seen:
             continue  # "01:00.0;01:00.1" on one line is one claim of the device
         seen.add(mark)
         guest = entry.guest
         claims = row["claims"]
-        assert isinstance(claims, list)
         claims.append(
             {
                 "vmid": guest.vmid,
@@ -400,7 +410,6 @@ def node_report(view: NodeView) -> dict[str, object]:
     for holder in view.holders:
         for claim in holder.claims:
             held = device(claim.address)["held_by"]
-            assert isinstance(held, list)
             if holder.vmid not in held:
                 held.append(holder.vmid)
 
@@ -426,10 +435,8 @@ def node_report(view: NodeView) -> dict[str, object]:
         device_id = _hex_id(sysfs.attribute(first, "device")) if first else None
         vendor_name, device_name = names.lookup(vendor, device_id) if names else (None, None)
         claims = row["claims"]
-        assert isinstance(claims, list)
         claims.sort(key=lambda c: (c["vmid"], c["source"]))
         held = row["held_by"]
-        assert isinstance(held, list)
         held.sort()
         row.update(
             {
@@ -447,7 +454,7 @@ def node_report(view: NodeView) -> dict[str, object]:
         )
         result.append(row)
     _check_claims(view)
-    data: dict[str, object] = {
+    data: Json = {
         "node": view.node,
         "devices": result,
         "warnings": [message for message, _ in view.warnings],
@@ -466,39 +473,47 @@ def _check_claims(view: NodeView) -> None:
     """Missing devices, siblings in one IOMMU group, conflicting ``onboot`` guests."""
     sysfs = view.sysfs
     by_unit: dict[str, list[Entry]] = {}
+    missing: dict[tuple[int, str], list[Entry]] = {}
     for entry in view.entries:
         for unit in entry.claim.units:
             by_unit.setdefault(unit, []).append(entry)
         if view.local and not entry.mapping and not sysfs.exists(entry.claim.address):
-            view.warn(
-                f"{entry.guest.label} {entry.claim.source}: {entry.claim.address} is not on "
-                f"this node (no such device in sysfs)",
-                entry.guest.vmid,
-            )
+            missing.setdefault((entry.guest.vmid, entry.claim.source), []).append(entry)
+    for (vmid, source), entries in missing.items():
+        view.warn(
+            f"{entries[0].guest.label} {source}: "
+            f"{', '.join(e.claim.address for e in entries)} not on this node "
+            "(no such device in sysfs)",
+            vmid,
+        )
     for unit in sorted(by_unit, key=_unit_order):
         entries = by_unit[unit]
         where = _unit_text(unit)
         # Siblings: a full passthrough binds the whole group, so other devices in it go too.
+        by_device: dict[str, list[Entry]] = {}
+        for entry in entries:
+            by_device.setdefault(pci.device_of(entry.claim.address), []).append(entry)
         pairs: set[tuple[int, int]] = set()
-        for mine in entries:
-            if mine.claim.kind != EXCLUSIVE:
-                continue
-            for other in entries:
-                if other.guest.vmid == mine.guest.vmid:
+        for device, mine_list in by_device.items() if len(by_device) > 1 else ():
+            for mine in mine_list:
+                if mine.claim.kind != EXCLUSIVE:
                     continue
-                if pci.device_of(other.claim.address) == pci.device_of(mine.claim.address):
-                    continue
-                pair = (mine.guest.vmid, other.guest.vmid)
-                if pair in pairs or pair[::-1] in pairs:
-                    continue
-                pairs.add(pair)
-                view.warn(
-                    f"{mine.guest.label} passes {mine.claim.address} and "
-                    f"{other.guest.label} uses {other.claim.address}, both in {where}: PVE binds "
-                    "the whole group to vfio-pci, so they cannot run at the same time",
-                    mine.guest.vmid,
-                    other.guest.vmid,
-                )
+                for other_device, others in by_device.items():
+                    if other_device == device:
+                        continue
+                    for other in others:
+                        pair = (mine.guest.vmid, other.guest.vmid)
+                        if pair[0] == pair[1] or pair in pairs or pair[::-1] in pairs:
+                            continue
+                        pairs.add(pair)
+                        view.warn(
+                            f"{mine.guest.label} passes {mine.claim.address} and "
+                            f"{other.guest.label} uses {other.claim.address}, both in {where}: "
+                            "PVE binds the whole group to vfio-pci, so they cannot run at the "
+                            "same time",
+                            mine.guest.vmid,
+                            other.guest.vmid,
+                        )
         # onboot: only one of them can get the unit at boot; firm claims only (a mapping
         # with several alternatives can give each its own device).
         boot = [e for e in entries if e.guest.onboot and not e.guest.template and e.firm]
@@ -518,8 +533,8 @@ def _check_claims(view: NodeView) -> None:
             if len(conflicting) > 1:
                 labels = [view.guests[v].label for v in conflicting]
                 view.warn(
-                    f"{_and(labels)} all have onboot: 1 and conflict on {where}: only one of "
-                    "them can start at boot",
+                    f"{_and(labels)} {'both' if len(labels) == 2 else 'all'} have onboot: 1 "
+                    f"and conflict on {where}: only one of them can start at boot",
                     *conflicting,
                 )
 
@@ -549,7 +564,7 @@ def _guest_word(kind: str, vmid: int) -> str:
     return f"{'VM' if kind == QEMU else 'CT'} {vmid}"
 
 
-def claimed_by(claims: list[dict[str, object]]) -> str:
+def claimed_by(claims: list[Json]) -> str:
     """``VM 102, VM 104*, VM 106 (mdev), CT 200 (shared)`` — one item per guest, * = running."""
     items: list[str] = []
     seen: set[object] = set()
@@ -557,12 +572,14 @@ def claimed_by(claims: list[dict[str, object]]) -> str:
         if claim["vmid"] in seen:
             continue
         seen.add(claim["vmid"])
-        text = _guest_word(str(claim["type"]), int(str(claim["vmid"])))
+        text = _guest_word(claim["type"], claim["vmid"])
         if claim["running"]:
             text += "*"
         extras = []
+        if claim["template"]:
+            extras.append("template")
         if claim["kind"] != EXCLUSIVE:
-            extras.append(str(claim["kind"]))
+            extras.append(claim["kind"])
         if claim["mapping"]:
             extras.append(f"mapping {claim['mapping']}")
         if extras:
@@ -571,27 +588,43 @@ def claimed_by(claims: list[dict[str, object]]) -> str:
     return ", ".join(items)
 
 
-def model_text(row: dict[str, object]) -> str | None:
+def model_text(row: Json) -> str | None:
     vendor_name, device_name = row.get("vendor_name"), row.get("device_name")
     if isinstance(device_name, str) and device_name:
         # "GA102 [GeForce RTX 3090]" → "NVIDIA GeForce RTX 3090": the name people use
         short = device_name
         if "[" in device_name and device_name.endswith("]"):
             short = device_name[device_name.rindex("[") + 1 : -1]
-        brand = str(vendor_name).split()[0] if vendor_name else ""
+        brand = _brand(str(vendor_name)) if vendor_name else ""
         return f"{brand} {short}".strip() if brand and brand not in short else short
     if row.get("vendor") and row.get("device"):
-        return f"{row['vendor']}:{row['device']}"
+        ids = f"{row['vendor']}:{row['device']}"
+        return f"{_brand(str(vendor_name))} {ids}" if vendor_name else ids
     if row.get("present") is False:
         return "not in sysfs"
     return None
 
 
-def device_table(view: NodeView, data: dict[str, object]) -> Table:
+_VENDOR_SUFFIXES = {
+    "corporation", "corp.", "inc.", "inc", "co.", "ltd.", "ltd", "limited", "gmbh", "ag",
+    "technology", "technologies", "electronics", "systems", "semiconductor", "microsystems",
+}  # fmt: skip
+
+
+def _brand(vendor_name: str) -> str:
+    """The vendor as people say it: ``[AMD/ATI]``, ``NVIDIA Corporation`` → ``NVIDIA``."""
+    if "[" in vendor_name and vendor_name.endswith("]"):
+        return vendor_name[vendor_name.rindex("[") + 1 : -1]
+    words = vendor_name.split(",")[0].split()
+    while len(words) > 1 and words[-1].lower() in _VENDOR_SUFFIXES:
+        words.pop()
+    return " ".join(words)
+
+
+def device_table(view: NodeView, data: Json) -> Table:
     rows = []
     guests = view.guests
     devices = data["devices"]
-    assert isinstance(devices, list)
     for row in devices:
         group = row["iommu_group"] or None
         if group and row["group_members"]:
@@ -631,9 +664,8 @@ def device_table(view: NodeView, data: dict[str, object]) -> Table:
     )
 
 
-def _legend(node: dict[str, object]) -> list[str]:
+def _legend(node: Json) -> list[str]:
     devices = node["devices"]
-    assert isinstance(devices, list)
     if not devices:
         return ["no GPU or passed-through PCI device found"]
     if any(c["running"] for d in devices for c in d["claims"]):
@@ -644,7 +676,7 @@ def _legend(node: dict[str, object]) -> list[str]:
 # ---- --cluster ---------------------------------------------------------------------------------
 
 
-def cluster_report(inventory: Inventory) -> tuple[dict[str, object], list[Table], list[str]]:
+def cluster_report(inventory: Inventory) -> tuple[Json, list[Table], list[str]]:
     try:
         nodes = sorted(os.listdir(paths.host("etc/pve/nodes")))
     except OSError:
@@ -664,7 +696,7 @@ def cluster_report(inventory: Inventory) -> tuple[dict[str, object], list[Table]
         report["sysfs"] = view.local
         reports.append(report)
         tables.append(device_table(view, report))
-        notes.extend(f"warning: {view.node}: {w}" for w in report["warnings"])  # type: ignore[union-attr]
+        notes.extend(f"warning: {view.node}: {w}" for w in report["warnings"])
         notes.extend(f"{view.node}: {note}" for note in view.notes)
     if len(views) > 1:
         notes.insert(
@@ -673,7 +705,7 @@ def cluster_report(inventory: Inventory) -> tuple[dict[str, object], list[Table]
             "state for them, so a device's group is the iommugroup of a PCI mapping naming it "
             "for that node, else the device itself; HELD BY is unknown there",
         )
-    if any(c["running"] for r in reports for d in r["devices"] for c in d["claims"]):  # type: ignore[union-attr]
+    if any(c["running"] for r in reports for d in r["devices"] for c in d["claims"]):
         notes.insert(0, "* = running")
     return {"node": local, "nodes": reports}, tables, notes
 
@@ -681,7 +713,7 @@ def cluster_report(inventory: Inventory) -> tuple[dict[str, object], list[Table]
 # ---- scan VMID --------------------------------------------------------------------------------
 
 
-def guest_report(view: NodeView, guest: Guest) -> tuple[dict[str, object], list[Table], list[str]]:
+def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[str]]:
     from pvegpuhook.plan import plan_free
     from pvegpuhook.settings import load_settings
 
@@ -752,42 +784,39 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[dict[str, object], list[
                 }
             )
 
-    conflicts = []
-    seen: set[tuple[int, str, str, str]] = set()
+    # one row per claim of another guest, with every claim of this guest it conflicts with
+    conflicts: list[Json] = []
+    listed: set[tuple[int, str, str]] = set()
     for theirs in view.entries:
         if theirs.guest.vmid == guest.vmid:
             continue
-        for claim in mine:
-            if not claim.claim.conflicts_with(theirs.claim):
-                continue
-            key = (
-                theirs.guest.vmid,
-                theirs.claim.source,
-                theirs.claim.address,
-                claim.claim.address,
-            )
-            if key in seen:
-                continue
-            seen.add(key)
-            conflicts.append(
-                {
-                    "vmid": theirs.guest.vmid,
-                    "type": theirs.guest.kind,
-                    "name": theirs.guest.name,
-                    "running": view.is_running(theirs.guest.vmid),
-                    "source": theirs.claim.source,
-                    "address": theirs.claim.address,
-                    "kind": theirs.claim.kind,
-                    "with": claim.claim.address,
-                    "units": sorted(theirs.claim.units & claim.claim.units, key=_unit_order),
-                }
-            )
+        hits = [m for m in mine if m.claim.conflicts_with(theirs.claim)]
+        if not hits:
+            continue
+        key = (theirs.guest.vmid, theirs.claim.source, theirs.claim.address)
+        if key in listed:
+            continue  # the same address in several alternatives of a mapping
+        listed.add(key)
+        shared = set().union(*(theirs.claim.units & m.claim.units for m in hits))
+        conflicts.append(
+            {
+                "vmid": theirs.guest.vmid,
+                "type": theirs.guest.kind,
+                "name": theirs.guest.name,
+                "running": view.is_running(theirs.guest.vmid),
+                "source": theirs.claim.source,
+                "address": theirs.claim.address,
+                "kind": theirs.claim.kind,
+                "with": sorted({m.claim.address for m in hits}),
+                "units": sorted(shared, key=_unit_order),
+            }
+        )
     conflicts.sort(key=lambda c: (c["vmid"], c["source"], c["address"]))
 
-    would_stop: list[dict[str, object]] = []
+    would_stop: list[Json] = []
     refusal = None
     notes: list[str] = []
-    if guest.kind == QEMU and needs:
+    if guest.kind == QEMU and needs and not guest.template:  # templates start without PCI
         settings = load_settings()
         plan = plan_free(guest, needs, view.holders, settings.protect)
         for stop in plan.stops:
@@ -819,7 +848,7 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[dict[str, object], list[
             f"{guest.label} is running: it holds its devices; the hook has nothing to free for it"
         )
     elif would_stop:
-        names = _and([_label(view, s) for s in would_stop])
+        names = _and([_label(s) for s in would_stop])
         notes.append(
             f"to start {guest.label} now (also vzdump's stop-mode backup), {names} would be shut "
             "down and started again afterwards"
@@ -896,7 +925,7 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[dict[str, object], list[
                     "source": c["source"],
                     "address": c["address"],
                     "kind": c["kind"],
-                    "with": c["with"],
+                    "with": ", ".join(c["with"]),
                     "units": ", ".join(_unit_text(u) for u in c["units"]),
                 }
                 for c in conflicts
@@ -908,7 +937,7 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[dict[str, object], list[
         tables.append(
             Table(
                 [("guest", "GUEST"), ("address", "HOLDS")],
-                [{"guest": _label(view, s), "address": s["address"]} for s in would_stop],
+                [{"guest": _label(s), "address": s["address"]} for s in would_stop],
                 title="Would be stopped to free its devices",
             )
         )
@@ -916,8 +945,8 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[dict[str, object], list[
     return data, tables, notes
 
 
-def _label(view: NodeView, item: dict[str, object]) -> str:
-    return describe(str(item["type"]), int(str(item["vmid"])), item.get("name"))  # type: ignore[arg-type]
+def _label(item: Json) -> str:
+    return describe(item["type"], item["vmid"], item.get("name"))
 
 
 # ---- pci.ids ----------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def gather() -> dict[str, object]:
     script = script_line = None
     conf_exists = False
     try:
-        conf = vzdumpconf.read_conf(missing_ok=True)
+        conf = vzdumpconf.read_conf(missing_ok=True, follow=True)  # vzdump follows it
     except GpuHookError as error:
         conf = None
         conf_exists = True
@@ -231,7 +231,7 @@ def gather() -> dict[str, object]:
                 "kind": record.kind,
                 "name": record.name,
                 "status": record.status,
-                "since": timestamp(record.since),
+                "since": timestamp(record.since) if record.since is not None else None,
                 "for_vmid": record.for_vmid,
                 "note": record.note,
             }
