@@ -17,6 +17,13 @@ from tests.sim.node import FakeNode, reboot
 from tests.sim.vzdump import JobOutcome, run_job
 
 REPO = Path(__file__).resolve().parents[1]
+# the two lines of the system's pci.ids that name the demo node's cards
+PCI_IDS = """\
+8086  Intel Corporation
+\t4680  AlderLake-S GT1 [UHD Graphics 770]
+10de  NVIDIA Corporation
+\t2204  GA102 [GeForce RTX 3090]
+"""
 
 
 def build_demo_node(root: Path) -> FakeNode:
@@ -44,6 +51,13 @@ def build_demo_node(root: Path) -> FakeNode:
     node.add_vm(110, name="pihole", running=True, onboot=True, startup="order=1")
     node.add_vm(9000, name="gpu-template", hostpci=["01:00.0"], template=True)
     node.write_override("shutdown_timeout: 60\nstart_timeout: 30\n")
+    (root / "usr/share/misc").mkdir(parents=True, exist_ok=True)
+    (root / "usr/share/misc/pci.ids").write_text(PCI_IDS)
+    node.write_vzdump_conf("# vzdump default settings\n\n#tmpdir: DIR\n#mode: snapshot\n")
+    hook = root / "usr/share/pve-gpu-hook/vzdump-hook"  # as the package installs it
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text((REPO / "bin/vzdump-hook").read_text())
+    hook.chmod(0o755)
     return node
 
 
@@ -66,18 +80,21 @@ def show_job(title: str, job: JobOutcome) -> None:
         print("   *** the host lost power here: vzdump ran nothing more ***")
 
 
+def command(env: dict[str, str], *args: str) -> None:
+    print(f"\n$ pve-gpu-hook {' '.join(args)}")
+    subprocess.run([sys.executable, "-m", "pvegpuhook", *args], env=env, check=False)
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pve-gpu-hook-demo-") as tmp:
         root = Path(tmp)
         node = build_demo_node(root)
         guests = [102, 103, 104, 105, 106, 110, 200, 9000]
         env = dict(os.environ, PVE_GPU_HOOK_ROOT=str(root), PYTHONPATH=str(REPO))
-        print("Demo node pve1 (simulated): what 'pve-gpu-hook dry-run --all --mode stop' predicts")
-        subprocess.run(
-            [sys.executable, "-m", "pvegpuhook", "dry-run", "--all", "--mode", "stop"],
-            env=env,
-            check=False,
-        )
+        print("Demo node pve1 (simulated under a temporary root; no Proxmox needed)")
+        command(env, "register")
+        command(env, "scan")
+        command(env, "dry-run", "--all", "--mode", "stop")
         print(f"\nbefore:  {power(node, guests)}")
         show_job("Night 1: vzdump --all --mode stop", run_job(node, mode="stop"))
         print(f"\nafter:   {power(node, guests)}")
@@ -88,12 +105,12 @@ def main() -> int:
         )
         reboot(node, onboot=True)
         print(f"\nafter the reboot (onboot guests only): {power(node, guests)}")
-        print("\n$ pve-gpu-hook recover")
-        subprocess.run([sys.executable, "-m", "pvegpuhook", "recover"], env=env, check=False)
+        command(env, "status")
+        command(env, "recover")
         print(f"\nfinally: {power(node, guests)}")
-        print("\nThe full log of the hook (/var/log/pve-gpu-hook.log), last lines:")
+        print("\nThe hook's own log (/var/log/pve-gpu-hook.log), last lines:")
         log = (root / "var/log/pve-gpu-hook.log").read_text().splitlines()
-        for line in [x for x in log if " called: " not in x][-6:]:
+        for line in [x for x in log if " called: " not in x][-4:]:
             print(f"   {line}")
     return 0
 
