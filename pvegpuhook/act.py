@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from pvegpuhook import paths, runtime
+from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.inventory import QEMU
 
 TYPE_CHECKING = False  # typing costs ~7 ms of import on the hook path
@@ -107,6 +108,7 @@ def start(kind: str, vmid: int, timeout: int) -> Outcome:
     """Start and confirm the guest runs; HA-managed guests confirm only once HA has started them."""
     began = time.monotonic()
     code, text = run([tool(kind), "start", str(vmid)], timeout + GRACE)
+    crash_point("start-issued")
     deadline = began + timeout if code == 0 else time.monotonic() + SETTLE
     ok = wait_until(lambda: runtime.running(kind, vmid), deadline)
     if ok:

@@ -6,6 +6,7 @@ import os
 import time
 
 from pvegpuhook import act, paths, runtime
+from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import ConfigError
 from pvegpuhook.inventory import QEMU, Guest, Inventory
 from pvegpuhook.log import Log
@@ -108,8 +109,10 @@ def _stop_holders(log: Log, store: StateStore, settings: Settings, plan: FreePla
             since=time.time(),
             job=job,
         )
+        crash_point("before-record")
         records = [r for r in store.load() if r.vmid != guest.vmid]
         store.save([*records, record])  # before the guest is touched: a crash leaves the record
+        crash_point("after-record")
         timeout = settings.shutdown_timeout
         outcome = act.shutdown(guest.kind, guest.vmid, timeout)
         how = "shut down"
@@ -117,6 +120,7 @@ def _stop_holders(log: Log, store: StateStore, settings: Settings, plan: FreePla
             log.file(f"{guest.label} did not shut down ({outcome.detail}); force_stop: stopping it")
             outcome = act.hard_stop(guest.kind, guest.vmid)
             how = "stopped hard (force_stop) after a shutdown timeout,"
+        crash_point("after-shutdown")
         _set_status(store, guest.vmid, STOPPED if outcome.ok else STOP_FAILED, outcome.detail)
         if not outcome.ok:
             if how != "shut down":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from pvegpuhook import act, runtime
+from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.inventory import QEMU, Guest, Holder, Inventory, describe, load_guest
 from pvegpuhook.log import Log
 from pvegpuhook.plan import (
@@ -148,6 +149,7 @@ def _start(
 ) -> None:
     outcome = act.start(record.kind, record.vmid, settings.start_timeout)
     if outcome.ok:
+        crash_point("after-start")
         away = f"{minutes(time.time() - record.since)} off" if record.since else "a while off"
         log.say(f"{label} started again after {away} (took {outcome.seconds:.0f} s)")
         report.started.append(record)

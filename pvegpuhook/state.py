@@ -13,6 +13,7 @@ import os
 import time
 
 from pvegpuhook import paths
+from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import LockTimeout, StateError
 
 FORMAT = 1
@@ -120,6 +121,7 @@ def write_atomic(
             os.fsync(fd)
         finally:
             os.close(fd)
+        crash_point("state-rename")
         os.replace(tmp, path)  # replaces a name: never writes through a symlink
     except BaseException:
         try:
@@ -174,6 +176,20 @@ class StateStore:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} {purpose}\n".encode(), 0)
         self._lock_fd = fd
+        self._remove_stale_temp_files()
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of writers killed before their rename; under the lock none is in use."""
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(".") and ".tmp-" in name:
+                try:
+                    os.unlink(os.path.join(self.dir, name))
+                except OSError:
+                    pass
 
     def release(self) -> None:
         if self._lock_fd is not None:
