@@ -90,7 +90,18 @@ def backup_start(log: Log, vmid: int, text: str) -> int:
                 f"{refusal.holder.guest.label} {refusal.reason}"
             )
             return 1
-        return _stop_holders(log, store, settings, plan)
+        code = _stop_holders(log, store, settings, plan)
+        if code == 0:
+            # confirm: nothing (an HA manager, an admin) took the devices while we waited
+            again = plan_free(guest, needs, inventory.holders(exclude={vmid}), frozenset())
+            if again.stops:
+                late = again.stops[0]
+                log.error(
+                    f"cannot free {late.address} for VM {vmid}: "
+                    f"{late.holder.guest.label} holds it now"
+                )
+                return 1
+        return code
     finally:
         store.release()
 
