@@ -10,6 +10,7 @@ keep open.
 
 from __future__ import annotations
 
+import os
 import time
 
 from pvegpuhook import paths, runtime
@@ -114,6 +115,38 @@ def start(kind: str, vmid: int, timeout: int) -> Outcome:
     if ok:
         return Outcome(True, time.monotonic() - began)
     return Outcome(False, time.monotonic() - began, text or f"exit code {code}")
+
+
+def rebind(function: str, driver: str) -> str | None:
+    """Give a PCI function back to its host driver after a VM's vfio-pci took it.
+
+    Returns None when it is bound to ``driver`` (or the request was made), else the problem.
+    Only for functions no running VM holds: the caller checked that.
+    """
+    device = paths.host("sys/bus/pci/devices", function)
+    try:
+        current = os.path.basename(os.readlink(os.path.join(device, "driver")))
+    except OSError:
+        current = None
+    if current == driver:
+        return None
+    try:
+        if current is not None:
+            _sysfs_write(paths.host("sys/bus/pci/drivers", current, "unbind"), function)
+        if os.path.exists(os.path.join(device, "driver_override")):
+            _sysfs_write(os.path.join(device, "driver_override"), "")
+        _sysfs_write(paths.host("sys/bus/pci/drivers", driver, "bind"), function)
+    except OSError as error:
+        return f"cannot bind {function} to {driver} again: {error.strerror}"
+    return None
+
+
+def _sysfs_write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.write(fd, (value + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def run_chained(script: str, argv: list[str]) -> int:

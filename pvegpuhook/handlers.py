@@ -90,7 +90,7 @@ def backup_start(log: Log, vmid: int, text: str) -> int:
                 f"{refusal.holder.guest.label} {refusal.reason}"
             )
             return 1
-        code = _stop_holders(log, store, settings, plan)
+        code = _stop_holders(log, store, settings, plan, inventory)
         if code == 0:
             # confirm: nothing (an HA manager, an admin) took the devices while we waited
             again = plan_free(guest, needs, inventory.holders(exclude={vmid}), frozenset())
@@ -106,11 +106,19 @@ def backup_start(log: Log, vmid: int, text: str) -> int:
         store.release()
 
 
-def _stop_holders(log: Log, store: StateStore, settings: Settings, plan: FreePlan) -> int:
+def _stop_holders(
+    log: Log, store: StateStore, settings: Settings, plan: FreePlan, inventory: Inventory
+) -> int:
     vmid = plan.target.vmid
     job = os.getppid()
     for stop in plan.stops:
         guest = stop.holder.guest
+        drivers = {}
+        if guest.kind != QEMU:
+            for claim in stop.holder.claims:
+                driver = inventory.sysfs.driver(claim.address)
+                if driver and driver != "vfio-pci":
+                    drivers[claim.address] = driver
         record = Record(
             guest.vmid,
             guest.kind,
@@ -119,6 +127,7 @@ def _stop_holders(log: Log, store: StateStore, settings: Settings, plan: FreePla
             sorted({c.address for c in stop.holder.claims}),
             since=time.time(),
             job=job,
+            drivers=drivers,
         )
         crash_point("before-record")
         records = [r for r in store.load() if r.vmid != guest.vmid]

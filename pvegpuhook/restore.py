@@ -147,6 +147,11 @@ def _start(
     label: str,
     report: RestoreReport,
 ) -> None:
+    for function, driver in sorted(record.drivers.items()):
+        problem = act.rebind(function, driver)
+        log.file(problem or f"{function} given back to {driver} for {label}")
+        if problem:
+            log.say(f"warning: {label}: {problem}; it may start without that device")
     outcome = act.start(record.kind, record.vmid, settings.start_timeout)
     if outcome.ok:
         crash_point("after-start")

@@ -28,7 +28,18 @@ START_FAILED = "start-failed"  # a start was tried and not confirmed
 
 
 class Record:
-    __slots__ = ("vmid", "kind", "name", "for_vmid", "since", "addresses", "status", "job", "note")
+    __slots__ = (
+        "vmid",
+        "kind",
+        "name",
+        "for_vmid",
+        "since",
+        "addresses",
+        "status",
+        "job",
+        "note",
+        "drivers",
+    )
 
     def __init__(
         self,
@@ -42,6 +53,7 @@ class Record:
         status: str = STOPPING,
         job: int | None = None,
         note: str | None = None,
+        drivers: dict[str, str] | None = None,
     ) -> None:
         self.vmid = vmid
         self.kind = kind
@@ -52,6 +64,9 @@ class Record:
         self.status = status
         self.job = job
         self.note = note
+        # a CT's GPU functions → their host driver when it was stopped: a VM's backup binds them
+        # to vfio-pci and PVE never binds them back, so the CT would start without its GPU
+        self.drivers = drivers or {}
 
     def to_dict(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -78,7 +93,14 @@ class Record:
             status=str(data.get("status") or STOPPED),
             job=data.get("job") if isinstance(data.get("job"), int) else None,
             note=str(data["note"]) if data.get("note") is not None else None,
+            drivers=_drivers(data.get("drivers")),
         )
+
+
+def _drivers(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items() if isinstance(v, str)}
 
 
 def check_private_dir(path: str) -> None:

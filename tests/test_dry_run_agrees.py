@@ -84,6 +84,7 @@ def mdev(root: Path) -> tuple[FakeNode, list[int] | None]:
 def containers(root: Path) -> tuple[FakeNode, list[int] | None]:
     node = seed_node(root)
     node.stop(104)
+    node.bind_host_driver("0000:01:00.0", "nvidia")
     node.add_ct(200, dev=["/dev/dri/renderD128"], running=True)
     node.add_ct(201, "lxc.cgroup2.devices.allow: c 195:0 rwm\n", running=True)
     return node, None

@@ -239,6 +239,7 @@ def test_full_passthrough_excludes_mdev_users(tmp_path: Path) -> None:
 def test_container_holder_is_shut_down_and_restored(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     node.stop(104)
+    node.bind_host_driver("0000:01:00.0", "nvidia")  # 104 left it on vfio-pci
     node.add_ct(200, hostname="jellyfin", dev=["/dev/dri/renderD128,gid=104"], running=True)
     node.add_ct(201, "lxc.cgroup2.devices.allow: c 195:* rwm\n", running=True)
     node.add_ct(202, hostname="nogpu", running=True)
@@ -254,6 +255,7 @@ def test_container_holder_is_shut_down_and_restored(tmp_path: Path) -> None:
 def test_containers_do_not_free_for_each_other(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     node.stop(104)
+    node.bind_host_driver("0000:01:00.0", "nvidia")
     node.add_ct(200, dev=["/dev/dri/renderD128"], running=True)
     node.add_ct(201, dev=["/dev/dri/renderD128"])
     job = run_job(node, [201])
@@ -536,3 +538,27 @@ def test_state_dir_symlink_is_refused_and_nobody_is_stopped(tmp_path: Path) -> N
     assert not job.guests[102].ok
     assert node.running_guests() == {104}
     assert list(elsewhere.iterdir()) == []
+
+
+def test_container_gets_its_gpu_back_from_vfio(tmp_path: Path) -> None:
+    """After the VM's backup the GPU stays on vfio-pci (PVE never binds it back): without the
+    host driver the CT's /dev/dri node is missing and `pct start` fails."""
+    node = FakeNode(tmp_path)
+    node.write_override(FAST)
+    node.add_gpu("0000:00:02", group=2, vendor="8086", driver="i915", drm=("renderD128",))
+    node.add_vm(106, name="plex", hostpci=["00:02.0"])
+    node.add_ct(200, hostname="jellyfin", dev=["/dev/dri/renderD128,gid=104"], running=True)
+    job = run_job(node, [106])
+    assert job.ok, job.log
+    assert node.running_guests() == {200}
+    assert node.driver("0000:00:02.0") == "i915"
+    assert_clean(node)
+    # the same night without the hook's help: the CT's start fails on the missing node
+    node.stop(200)
+    node.start(106)
+    node.stop(106)
+    assert node.driver("0000:00:02.0") == "vfio-pci"
+    result = cli(node, "recover")
+    assert "nothing to recover" in result.stdout
+    with pytest.raises(Exception, match="renderD128 does not exist"):
+        node.pve.ct_start(200)

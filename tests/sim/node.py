@@ -352,7 +352,9 @@ class FakeNode:
 
     def set_fault(self, vmid: int, **faults: object) -> None:
         """Merge faults for a guest: ignore_shutdown, start_fails, shutdown_delay, start_delay,
-        ha_delay, start_paused, cleanup_delay (s between QEMU exit and reservation release).
+        ha_delay, start_paused, cleanup_delay (s between QEMU exit and reservation release),
+        kill_caller (one shot: the next ``qm/pct shutdown`` SIGKILLs the pve-gpu-hook process
+        that called it, then shuts down anyway).
         A value of None removes that fault."""
         path = self.root / "run/fake-pve/faults.json"
         with flocked(self.root / "run/fake-pve/faults.lock"):
@@ -413,6 +415,10 @@ class FakeNode:
 
     def driver(self, addr: str) -> str | None:
         return self.pve.driver(_full_addr(addr))
+
+    def bind_host_driver(self, addr: str, driver: str) -> None:
+        """What an admin does after a VM used a GPU: give it back to the host driver."""
+        self.pve.set_driver(_full_addr(addr), driver)
 
     def calls(self, prog: str | None = None) -> list[dict]:
         """Every fake command call: {"argv", "exit", "t", "t_end", "out"}; HA workers log

@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -339,6 +340,19 @@ class Pve:
             return {}
         return dict(data.get(str(vmid), {}))
 
+    def take_fault(self, vmid: int, name: str) -> object:
+        """A one-shot fault: its value (None when not set), removed as it is used."""
+        path = self.sim / "faults.json"
+        with flocked(self.sim / "faults.lock"):
+            try:
+                data = json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):
+                return None
+            value = data.get(str(vmid), {}).pop(name, None)
+            if value is not None:
+                write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        return value
+
     def set_lock(self, kind: str, vmid: int, lock: str) -> None:
         """AbstractConfig::set_lock: refuses when another lock is already set."""
         with self.guest_lock(kind, vmid):
@@ -472,11 +486,15 @@ class Pve:
         return self.lspci(addr.rsplit(".", 1)[0]) or [addr]
 
     def driver(self, addr: str) -> str | None:
+        self.apply_sysfs_writes()
+        return self.linked_driver(addr)
+
+    def linked_driver(self, addr: str) -> str | None:
         link = self.pci_dir(addr) / "driver"
         return os.path.basename(os.readlink(link)) if link.is_symlink() else None
 
     def set_driver(self, addr: str, name: str | None) -> None:
-        old = self.driver(addr)
+        old = self.linked_driver(addr)
         if old == name:
             return
         if old:
@@ -485,9 +503,40 @@ class Pve:
         if name is None:
             remove(link)
             return
-        self.p(f"sys/bus/pci/drivers/{name}").mkdir(parents=True, exist_ok=True)
+        self.driver_dir(name)
         symlink(link, f"../../drivers/{name}")
         symlink(self.p(f"sys/bus/pci/drivers/{name}/{addr}"), f"../../devices/{addr}")
+
+    def driver_dir(self, name: str) -> Path:
+        """``sys/bus/pci/drivers/<name>`` with its write-only ``bind``/``unbind`` attributes."""
+        d = self.p(f"sys/bus/pci/drivers/{name}")
+        d.mkdir(parents=True, exist_ok=True)
+        for attribute in ("bind", "unbind"):
+            (d / attribute).touch()
+        return d
+
+    def apply_sysfs_writes(self) -> None:
+        """The kernel's side of ``echo <addr> > drivers/<name>/(un)bind``.
+
+        The real kernel acts during the write; this fake one acts when PVE next looks, which
+        is before any start (and whenever a test asks for a driver).
+        """
+        drivers = self.p("sys/bus/pci/drivers")
+        if not drivers.is_dir():
+            return
+        for attribute in ("unbind", "bind"):
+            for name in sorted(os.listdir(drivers)):
+                path = drivers / name / attribute
+                try:
+                    requests = path.read_text().split()
+                except OSError:
+                    continue
+                if not requests:
+                    continue
+                path.write_text("")
+                for addr in requests:
+                    if self.pci_dir(addr).is_dir():
+                        self.set_driver(addr, None if attribute == "unbind" else name)
 
     def pci_ids(self, addr: str) -> tuple[str, str]:
         d = self.pci_dir(addr)
@@ -1259,6 +1308,13 @@ class Pve:
                 # The host driver lost the device to a VM's vfio: the device node is gone.
                 if self.exclusive_holder(set(self.group_members(addr)), vmid):
                     raise PveError(f"startup for container '{vmid}' failed", before=failed)
+            self.apply_sysfs_writes()
+            for key, value in cfg.items:
+                # a passed-through device node exists only while a host driver has the device
+                if re.fullmatch(r"dev\d+", key):
+                    node = value.split(",")[0].removeprefix("path=")
+                    if any(self.driver(a) in (None, "vfio-pci") for a in self.dev_path_addrs(node)):
+                        raise PveError(f"Device {node} does not exist")
             if faults.get("start_fails"):
                 raise PveError(f"startup for container '{vmid}' failed", before=failed)
             time.sleep(float(faults.get("start_delay", 0)))
@@ -1395,6 +1451,14 @@ def parse_cli(prog: str, cmd: str, argv: Sequence[str]) -> tuple[int, dict[str, 
     return int(pos[0]), opts
 
 
+def kill_caller() -> None:
+    """Test fault: the pve-gpu-hook process that called us dies by SIGKILL; we go on."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError):
+        if b"pvegpuhook" in Path(f"/proc/{parent}/cmdline").read_bytes():  # never the test runner
+            os.kill(parent, signal.SIGKILL)
+
+
 def guest_cli(pve: Pve, prog: str, argv: list[str], out: Out) -> int:
     kind = "qemu" if prog == "qm" else "lxc"
     if not argv or argv[0] not in OPTIONS[prog]:
@@ -1471,6 +1535,8 @@ def guest_cli(pve: Pve, prog: str, argv: list[str], out: Out) -> int:
         limit = (timeout if timeout is not None else 60) if shutdown else 0
         pve.ha_request("stop", kind, vmid, limit, out)
         return 0
+    if shutdown and pve.take_fault(vmid, "kill_caller"):
+        kill_caller()
     stop = pve.vm_stop if kind == "qemu" else pve.ct_stop
     stop(vmid, skiplock=skiplock, shutdown=shutdown, timeout=timeout, force=force, out=out)
     return 0
