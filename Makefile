@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 DEV_PACKAGES := pytest hypothesis PyYAML rich argcomplete ruff
 
-.PHONY: all test lint demo bench clean venv
+.PHONY: all test lint demo bench clean venv deb package-test
 
 all: test
 
@@ -29,5 +29,63 @@ demo:
 bench:
 	$(PYTHON) -m tests.bench
 
+# the soak (tests/soak.py): >= 2,000 random jobs through the simulator, invariants after each;
+# bounded by --max-seconds (default 1500); prints the seed to replay a counterexample
+.PHONY: soak
+soak: $(VPY)
+	$(VPY) -m tests.soak --jobs 2000
+
 clean:
 	rm -rf $(VENV) build dist .pytest_cache *.egg-info
+
+# ---- committed generated files: tests/test_manpage.py and tests/test_completion.py fail when
+# they are stale. Written through a temporary file, so a failing generator leaves the old one.
+.PHONY: man completion
+
+# pve-gpu-hook(8) from the argparse parser (pvegpuhook/manpage.py); pve-gpu-hook.yaml(5) is
+# written by hand
+man:
+	$(PYTHON) -m pvegpuhook.manpage > man/pve-gpu-hook.8.tmp
+	mv man/pve-gpu-hook.8.tmp man/pve-gpu-hook.8
+
+# the bash completion script, by the venv's argcomplete (the one the tests compare with)
+completion: $(VPY)
+	mkdir -p completion
+	$(VENV)/bin/register-python-argcomplete pve-gpu-hook > completion/pve-gpu-hook.tmp
+	mv completion/pve-gpu-hook.tmp completion/pve-gpu-hook
+
+# ---- Debian package (debian/, tests/packaging/) ------------------------------------------------
+# `make deb` installs nothing: it needs the Debian packages listed in
+# tests/packaging/apt-packages.txt. stdeb's sdist_dsc lays out the source tree and the orig tarball
+# (made from the git work tree by tests/packaging/orig_tarball.py, since setuptools' sdist would
+# leave out bin/, etc/, man/ and completion/); the hand-written debian/ then replaces the one stdeb
+# generated, and dpkg-buildpackage builds the source package (.dsc, orig tarball) and the .deb
+# into $(DEB_BUILD)/.
+DEB_BUILD := deb-build
+DEB_SOURCE := pve-gpu-hook
+# Debian's python3, which has stdeb: the venv's has not
+DEB_PYTHON := /usr/bin/python3
+DEB_VERSION = $(shell dpkg-parsechangelog -l debian/changelog -S Version)
+DEB_UPSTREAM = $(shell dpkg-parsechangelog -l debian/changelog -S Version | sed 's/-[^-]*$$//')
+DEB_TIMESTAMP = $(shell dpkg-parsechangelog -l debian/changelog -S Timestamp)
+DEB_TREE = $(DEB_BUILD)/$(DEB_SOURCE)-$(DEB_UPSTREAM)
+
+deb:
+	@code=$$($(DEB_PYTHON) setup.py --version) && [ "$$code" = "$(DEB_UPSTREAM)" ] || { \
+	  echo "make deb: debian/changelog is at $(DEB_VERSION) but pvegpuhook.__version__ is" \
+	    "'$$code': add a debian/changelog entry for $$code-1" >&2; exit 1; }
+	rm -rf $(DEB_BUILD)
+	mkdir -p $(DEB_BUILD)
+	$(DEB_PYTHON) tests/packaging/orig_tarball.py $(DEB_SOURCE)-$(DEB_UPSTREAM) \
+	  $(DEB_BUILD)/$(DEB_SOURCE)-$(DEB_UPSTREAM).tar.gz $(DEB_TIMESTAMP)
+	$(DEB_PYTHON) setup.py --quiet --command-packages=stdeb.command sdist_dsc \
+	  --dist-dir $(DEB_BUILD) --use-premade-distfile $(DEB_BUILD)/$(DEB_SOURCE)-$(DEB_UPSTREAM).tar.gz
+	rm -rf $(DEB_TREE)/debian $(DEB_BUILD)/*.dsc $(DEB_BUILD)/*.debian.tar.* \
+	  $(DEB_BUILD)/$(DEB_SOURCE)-$(DEB_UPSTREAM).tar.gz
+	cp -a debian $(DEB_TREE)/debian
+	cd $(DEB_TREE) && dpkg-buildpackage -us -uc
+	@ls -1 $(DEB_BUILD)/*.dsc $(DEB_BUILD)/*.orig.tar.* $(DEB_BUILD)/*.deb
+
+# the packaging tests alone (they run `make deb` themselves; clean Debian roots need root)
+package-test: $(VPY)
+	$(VPY) -m pytest -q tests/test_package.py

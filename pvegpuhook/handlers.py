@@ -7,7 +7,7 @@ import time
 
 from pvegpuhook import act, paths, runtime
 from pvegpuhook.crashpoints import crash_point
-from pvegpuhook.errors import ConfigError
+from pvegpuhook.errors import ConfigError, StateError
 from pvegpuhook.inventory import QEMU, Guest, Inventory
 from pvegpuhook.log import Log
 from pvegpuhook.plan import FreePlan, plan_free
@@ -35,9 +35,14 @@ def job_start(log: Log) -> int:
     _, error = settings_or_error(log)
     if error is not None:
         log.say(f"{error}; this job will stop no guest to free a GPU")
-    store = StateStore()
+    store = StateStore(report=log.say)
     if store.exists():
-        for record in store.load():
+        try:
+            records = store.load()
+        except StateError as error:  # GPU backups will fail on it; the others can run
+            log.say(str(error))
+            return 0
+        for record in records:
             if runtime.running(record.kind, record.vmid):
                 continue
             for_what = f" for the backup of VM {record.for_vmid}" if record.for_vmid else ""
@@ -72,7 +77,7 @@ def backup_start(log: Log, vmid: int, text: str) -> int:
     if not needs:
         return 0
     settings, config_error = settings_or_error(log)
-    store = StateStore()
+    store = StateStore(report=log.say)
     store.acquire(lock_timeout(settings), f"backup-start of VM {vmid}")
     try:
         plan = plan_free(guest, needs, inventory.holders(exclude={vmid}), settings.protect)
@@ -173,7 +178,7 @@ def log_end(log: Log, vmid: int) -> int:
     settings, _ = settings_or_error(log)  # an invalid override file never keeps guests off
     if settings.restore != "after-guest":
         return 0
-    store = StateStore()
+    store = StateStore(report=log.say)
     if not any(r.for_vmid == vmid for r in store.load()):
         return 0
     # the paused QEMU vzdump started for the backup must be gone before the holders can start
@@ -191,7 +196,7 @@ def log_end(log: Log, vmid: int) -> int:
 
 def job_end(log: Log) -> int:
     settings, _ = settings_or_error(log)
-    store = StateStore()
+    store = StateStore(report=log.say)
     store.acquire(lock_timeout(settings), f"{log.phase}")
     try:
         report = restore(store, settings, log, lambda r: True)
@@ -199,9 +204,9 @@ def job_end(log: Log) -> int:
         store.release()
     if report.ok:
         return 0
-    names = ", ".join(record_label(r) for r, _ in report.kept)
+    kept = "; ".join(f"{record_label(r)}: {why}" for r, why in report.kept)
     log.error(
-        f"{len(report.kept)} guest(s) stopped to free a GPU are not running again: {names}; "
+        f"{len(report.kept)} guest(s) stopped to free a GPU still need attention ({kept}); "
         "see 'pve-gpu-hook status', then run 'pve-gpu-hook recover'"
     )
     return 1

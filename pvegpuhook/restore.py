@@ -10,6 +10,7 @@ import time
 
 from pvegpuhook import act, runtime
 from pvegpuhook.crashpoints import crash_point
+from pvegpuhook.errors import StateError
 from pvegpuhook.inventory import QEMU, Guest, Holder, Inventory, describe, load_guest
 from pvegpuhook.log import Log
 from pvegpuhook.plan import (
@@ -127,7 +128,7 @@ def restore(
             report.dropped.append(record)
             if not dry_run:
                 log.file(f"{label} is running; record dropped")
-                _forget(store, record)
+                _forget(store, record, log)
         elif step.action in (BLOCKED, MISSING, WAIT):
             report.kept.append((record, step.reason))
             if not dry_run:
@@ -158,7 +159,7 @@ def _start(
         away = f"{minutes(time.time() - record.since)} off" if record.since else "a while off"
         log.say(f"{label} started again after {away} (took {outcome.seconds:.0f} s)")
         report.started.append(record)
-        _forget(store, record)
+        _forget(store, record, log)
         return
     why = f"did not start within {settings.start_timeout} s: {outcome.detail}"
     log.error(f"{label} {why}; record kept, run 'pve-gpu-hook recover'")
@@ -168,8 +169,16 @@ def _start(
         if kept.vmid == record.vmid:
             kept.status = START_FAILED
             kept.note = outcome.detail[:500]
-    store.save(records)
+    try:
+        store.save(records)
+    except StateError as error:  # the record itself is still there, marked or not
+        log.file(f"cannot mark the record of {label}: {error}")
 
 
-def _forget(store: StateStore, record: Record) -> None:
-    store.save([r for r in store.load() if r.vmid != record.vmid])
+def _forget(store: StateStore, record: Record, log: Log) -> None:
+    """Drop the record of a guest that runs again; if that cannot be written (a full disk),
+    keep going: the record of a running guest is dropped by the next restore."""
+    try:
+        store.save([r for r in store.load() if r.vmid != record.vmid])
+    except StateError as error:
+        log.error(f"{record_label(record)} runs, but its record stays: {error}")

@@ -16,6 +16,10 @@ from pvegpuhook import paths
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import LockTimeout, StateError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 FORMAT = 1
 STATE_NAME = "state.json"
 CHAIN_NAME = "chain"
@@ -159,12 +163,13 @@ def write_atomic(
 
 
 class StateStore:
-    def __init__(self) -> None:
+    def __init__(self, report: Callable[[str], None] | None = None) -> None:
         self.dir = paths.host(paths.STATE_DIR)
         self.path = os.path.join(self.dir, STATE_NAME)
         self.lock_path = paths.host(paths.LOCK_FILE)
         self._lock_fd: int | None = None
-        self.salvaged: str | None = None  # set when load() had to keep a corrupt file aside
+        self.salvaged: str | None = None  # set when load() found the file corrupt
+        self._report = report  # told once, where a corrupt file is found
 
     # Locking
 
@@ -240,14 +245,15 @@ class StateStore:
 
         try:
             data = json.loads(raw.decode("utf-8"))
-            if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-                raise ValueError("no record list")
-            version = data.get("format", 1)
-            if not isinstance(version, int) or version > FORMAT:
+            version = data.get("format", 1) if isinstance(data, dict) else 1
+            if isinstance(version, int) and version > FORMAT:
+                # whatever its layout, a newer release's file is not ours to judge or rewrite
                 raise StateError(
-                    f"{self.path} has format {version!r}, newer than this pve-gpu-hook "
+                    f"{self.path} has format {version}, newer than this pve-gpu-hook "
                     f"understands ({FORMAT}); upgrade pve-gpu-hook"
                 )
+            if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+                raise ValueError("no record list")
             return [Record.from_dict(item) for item in data["records"]]
         except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
             return self._salvage(raw, str(error))
@@ -273,8 +279,19 @@ class StateStore:
             os.rename(self.path, aside)
             self.salvaged = f"{aside} ({reason}); {len(records)} intact record(s) kept"
             self.save(records)
+            message = (
+                f"the state file was corrupt ({reason}): kept aside as {aside}; "
+                f"{len(records)} intact record(s) kept; guests it named may still be off, "
+                "see 'pve-gpu-hook status'"
+            )
         else:
             self.salvaged = f"{self.path} is corrupt ({reason})"
+            message = (
+                f"the state file {self.path} is corrupt ({reason}); "
+                f"{len(records)} intact record(s) read"
+            )
+        if self._report is not None:
+            self._report(message)
         return records
 
     def corrupt_files(self) -> list[str]:

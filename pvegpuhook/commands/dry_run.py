@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from pvegpuhook import runtime
+from pvegpuhook import completion, runtime
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, ConfigError, GpuHookError
 from pvegpuhook.inventory import Inventory, all_guests, describe
 from pvegpuhook.output import Table, add_output_options, emit
@@ -34,11 +34,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "same planner as the hook; runs no command and writes nothing."
         ),
     )
-    parser.add_argument("vmids", metavar="VMID", nargs="*", type=vmid_arg, help="guests to back up")
+    vmids = parser.add_argument(
+        "vmids", metavar="VMID", nargs="*", type=vmid_arg, help="guests to back up"
+    )
+    vmids.completer = completion.local_vmids  # type: ignore[attr-defined]
     parser.add_argument("--all", action="store_true", help="every guest of this node")
-    parser.add_argument(
+    exclude = parser.add_argument(
         "--exclude", metavar="VMID,...", default="", help="guests to leave out (with --all)"
     )
+    exclude.completer = completion.local_vmid_list  # type: ignore[attr-defined]
     parser.add_argument(
         "--mode",
         choices=("stop", "snapshot", "suspend"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pvegpuhook import completion
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, GpuHookError
 from pvegpuhook.log import Log
 from pvegpuhook.restore import record_label, restore
@@ -30,7 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "guest are reported, never forced. Safe to run again."
         ),
     )
-    parser.add_argument("vmids", metavar="VMID", nargs="*", type=vmid_arg, help="only these guests")
+    vmids = parser.add_argument(
+        "vmids", metavar="VMID", nargs="*", type=vmid_arg, help="only these guests"
+    )
+    vmids.completer = completion.recorded_vmids  # type: ignore[attr-defined]
     parser.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
     parser.add_argument(
         "--forget",
@@ -45,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings()
-    store = StateStore()
+    store = StateStore(report=lambda message: print(f"warning: {message}"))
     wanted = set(args.vmids)
     if args.forget and not wanted:
         raise GpuHookError("--forget needs the VMIDs whose records to drop", EXIT_USAGE)
@@ -53,8 +57,6 @@ def run(args: argparse.Namespace) -> int:
         return _report(store, settings, wanted, dry_run=True)
     store.acquire(args.wait, "recover")
     try:
-        if store.salvaged:
-            print(f"state file was corrupt, kept aside: {store.salvaged}")
         known = {r.vmid for r in store.load()}
         unknown = sorted(wanted - known)
         if unknown:

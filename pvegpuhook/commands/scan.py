@@ -62,7 +62,7 @@ import argparse
 import os
 from typing import Any
 
-from pvegpuhook import paths, pci, runtime
+from pvegpuhook import completion, paths, pci, runtime
 from pvegpuhook.claims import EXCLUSIVE, Claim, ClaimReader, Need
 from pvegpuhook.errors import EXIT_OK, EXIT_USAGE, GpuHookError
 from pvegpuhook.inventory import LXC, QEMU, Guest, Holder, Inventory, describe
@@ -94,7 +94,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "conflicts and who would have to stop for it. Reads only; runs no command."
         ),
     )
-    parser.add_argument("vmid", metavar="VMID", nargs="?", type=vmid_arg, help="detail this guest")
+    vmid = parser.add_argument(
+        "vmid", metavar="VMID", nargs="?", type=vmid_arg, help="detail this guest"
+    )
+    vmid.completer = completion.local_vmids  # type: ignore[attr-defined]
     parser.add_argument(
         "--cluster",
         action="store_true",

@@ -8,13 +8,15 @@ Guest power actions run in-process (as vzdump's own code would), so they do not 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import selectors
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+import traceback
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tests.sim.node import FakeNode
@@ -24,6 +26,9 @@ DUMPDIR = "/var/lib/vz/dump"
 STOREID = "local"
 PIPE_GRACE = 5.0  # how long we wait for EOF after the hook exited
 DEFAULT_HOOK = (sys.executable, "-m", "pvegpuhook.hook")
+# hook_cmd=INPROCESS: call pvegpuhook.hook.main() in this process instead of starting one per
+# phase (~40 ms each), for the soak; the fake qm/pct the hook runs stay real processes
+INPROCESS = ("<in-process pvegpuhook.hook>",)
 
 
 @dataclass
@@ -107,6 +112,8 @@ class _Job:
         abort_during: int | None,
         crash_after: tuple[str, int | None] | None,
         hook_timeout: float,
+        env_extra: Mapping[str, str] | None = None,
+        env_at: tuple[str, int | None] | None = None,
     ) -> None:
         self.node = node
         self.pve = Pve(node.root)
@@ -115,6 +122,8 @@ class _Job:
         self.abort_during = abort_during
         self.crash_after = crash_after
         self.hook_timeout = hook_timeout
+        self.env_extra = dict(env_extra or {})
+        self.env_at = env_at
         self.log: list[str] = []
         self.calls: list[HookCall] = []
         self.errors: list[str] = []
@@ -141,17 +150,20 @@ class _Job:
                 "PYTHONPATH": str(REPO),
             }
         )
-        call = run_hook_process([*self.hook_cmd, *args], env, self.hook_timeout)
+        if self.env_at is None or _matches(self.env_at, args):
+            env.update(self.env_extra)  # a test's extra environment (e.g. a crash point)
+        if self.hook_cmd == list(INPROCESS):
+            call = run_hook_inprocess(args, env)
+        else:
+            call = run_hook_process([*self.hook_cmd, *args], env, self.hook_timeout)
         call.args = list(args)
         self.calls.append(call)
         self.log.extend(f"INFO: {line}" for line in call.lines)
         if call.error:
             self.errors.append(f"{' '.join(args)}: {call.error}")
             self.log.append(f"ERROR: {call.error}")
-        if self.crash_after is not None:
-            phase, vmid = self.crash_after
-            if phase == args[0] and (vmid is None or (len(args) > 2 and args[2] == str(vmid))):
-                raise _Crash(f"vzdump killed after {' '.join(args)}")
+        if self.crash_after is not None and _matches(self.crash_after, args):
+            raise _Crash(f"vzdump killed after {' '.join(args)}")
         return call
 
     def hook_or_fail(self, args: list[str], task_env: dict[str, str] | None = None) -> None:
@@ -416,6 +428,87 @@ class _Job:
             self.pve.ct_freeze(vmid, False)
 
 
+def _matches(target: tuple[str, int | None], args: Sequence[str]) -> bool:
+    """Whether hook ``args`` (phase [mode vmid]) are the call ``target`` = (phase, vmid or None)."""
+    phase, vmid = target
+    return phase == args[0] and (vmid is None or (len(args) > 2 and args[2] == str(vmid)))
+
+
+class _LineSink(io.TextIOBase):
+    """A stand-in for sys.stdout/sys.stderr that appends whole lines to a shared list."""
+
+    def __init__(self, stream: str, lines: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.stream = stream
+        self.lines = lines
+        self.pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            self.lines.append((self.stream, line))
+        return len(text)
+
+    def finish(self) -> None:
+        if self.pending:
+            self.lines.append((self.stream, self.pending))
+            self.pending = ""
+
+
+@contextlib.contextmanager
+def process_environment(env: Mapping[str, str]) -> Iterator[list[tuple[str, str]]]:
+    """Run code in this process as if it were a process started with ``env``.
+
+    ``os.environ`` is replaced by ``env`` and sys.stdout/sys.stderr are captured as (stream, line)
+    in arrival order; both are restored afterwards. Output written to file descriptors 1/2
+    directly (a child process inheriting them) is not captured.
+    """
+    saved_env = dict(os.environ)
+    saved_streams = sys.stdout, sys.stderr
+    lines: list[tuple[str, str]] = []
+    sinks = _LineSink("stdout", lines), _LineSink("stderr", lines)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.stdout, sys.stderr = sinks
+    try:
+        yield lines
+    finally:
+        for sink in sinks:
+            sink.finish()
+        sys.stdout, sys.stderr = saved_streams
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def run_hook_inprocess(args: Sequence[str], env: Mapping[str, str]) -> HookCall:
+    """``pvegpuhook.hook.main(args)`` under vzdump's environment ``env``, as a HookCall.
+
+    No timeout and no pipe check (there are no pipes); an uncaught exception becomes a traceback
+    on stderr and exit code 1, as in a hook process. The simulator imports the library only here.
+    """
+    if "PVE_GPU_HOOK_CRASH_AT" in env:
+        raise ValueError("a crash point SIGKILLs its own process: use a hook process for it")
+    from pvegpuhook import hook
+
+    with process_environment(env) as lines:
+        try:
+            code = hook.main(list(args))
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        except Exception:  # noqa: BLE001 - reported like a hook process would report it
+            traceback.print_exc()
+            code = 1
+    stdout = [line for stream, line in lines if stream == "stdout"]
+    stderr = [line for stream, line in lines if stream == "stderr"]
+    return HookCall(
+        [*DEFAULT_HOOK, *args], code, stdout, stderr, [line for _, line in lines], dict(env)
+    )
+
+
 def run_hook_process(argv: list[str], env: dict[str, str], timeout: float) -> HookCall:
     """Run one hook, reading stdout and stderr in arrival order until both reach EOF.
 
@@ -502,19 +595,24 @@ def run_job(
     abort_during: int | None = None,
     crash_after: tuple[str, int | None] | None = None,
     hook_timeout: float = 120,
+    env_extra: Mapping[str, str] | None = None,
+    env_at: tuple[str, int | None] | None = None,
 ) -> JobOutcome:
     """Run one vzdump job on ``node``.
 
     ``vmids`` None = every guest of this node; guests on other nodes are skipped. ``hook_cmd``
-    None = the project's hook (``python -m pvegpuhook.hook``); an empty sequence = no hook script.
+    None = the project's hook (``python -m pvegpuhook.hook``); an empty sequence = no hook script;
+    INPROCESS = the project's hook called in this process (fast, see run_hook_inprocess).
     ``abort_during`` = a signal arrives while that guest is archived; ``crash_after`` = (phase,
     vmid or None): vzdump dies right after that hook call, or with phase "archive" while that
-    guest is being archived (its paused QEMU stays up).
+    guest is being archived (its paused QEMU stays up). ``env_extra`` is added to the hook's
+    environment (after vzdump's own), for every call or, with ``env_at`` = (phase, vmid or None),
+    only for that call; e.g. ``{"PVE_GPU_HOOK_CRASH_AT": "after-record"}``.
     """
     if mode not in ("stop", "suspend", "snapshot"):
         raise ValueError(f"bad mode {mode!r}")
     cmd = list(DEFAULT_HOOK if hook_cmd is None else hook_cmd)
-    job = _Job(node, mode, cmd, abort_during, crash_after, hook_timeout)
+    job = _Job(node, mode, cmd, abort_during, crash_after, hook_timeout, env_extra, env_at)
     pve = job.pve
     excluded = set(exclude)
     if vmids is None:
