@@ -12,7 +12,7 @@ of claims. A claim names an address, the units it occupies and how:
 from __future__ import annotations
 
 from pvegpuhook import pci
-from pvegpuhook.pveconf import GuestConfig, PciMapping, split_options
+from pvegpuhook.pveconf import GuestConfig, PciMapping, is_number, split_options
 
 EXCLUSIVE = "exclusive"
 MDEV = "mdev"
@@ -131,7 +131,7 @@ class ClaimReader:
         claims: list[Claim] = []
         for key, value, line in config.raw_entries(with_pending):
             functions: list[str] = []
-            if key.startswith("dev") and key[3:].isdigit():
+            if key.startswith("dev") and is_number(key[3:]):
                 first, options = split_options(value)
                 node = options.get("path", first or "")
                 functions = self.sysfs.node_functions(node)
@@ -152,11 +152,11 @@ class ClaimReader:
         if len(parts) < 2 or parts[0] != "c":
             return []
         major, _, minor = parts[1].partition(":")
-        if not major.isdigit():
+        if not is_number(major):
             return []
         if minor == "*":
             return self.sysfs.char_functions(int(major), None)
-        if minor.isdigit():
+        if is_number(minor):
             return self.sysfs.char_functions(int(major), int(minor))
         return []
 

@@ -17,6 +17,7 @@ import sys
 
 from pvegpuhook import __version__
 from pvegpuhook.errors import EXIT_USAGE, GpuHookError
+from pvegpuhook.log import clean
 
 COMMANDS = ("dry-run", "recover", "status", "register", "unregister", "scan")
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except GpuHookError as error:
-        print(f"pve-gpu-hook: {error}", file=sys.stderr)
+        print(f"pve-gpu-hook: {clean(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("pve-gpu-hook: interrupted", file=sys.stderr)

@@ -25,6 +25,7 @@ class ConfigError(GpuHookError):
 
     def __init__(self, path: str, line: int | None, message: str) -> None:
         where = f"{path}:{line}" if line else path
+        message = " ".join(message.split())  # one line, whatever the parser said
         super().__init__(f"{where}: {message}")
         self.path = path
         self.line = line

@@ -213,33 +213,49 @@ def job_end(log: Log) -> int:
 
 
 def chain_problem(script: str) -> str | None:
-    """Why a chained hook must not run, or None.
+    """Why a chained hook must not run, or None (see resolve_chain)."""
+    return resolve_chain(script)[0]
+
+
+def resolve_chain(script: str) -> tuple[str | None, str]:
+    """(why it must not run or None, the resolved file to run).
 
     ``script`` is the host path as the admin wrote it: absolute, a root-owned executable file
-    that neither group nor others can write, in directories only root can write.
+    that neither group nor others can write, in directories only root can write. The file that
+    was checked is the one that runs, so a symlink cannot be swapped in between.
     """
     import stat
 
-    if not os.path.isabs(script):
-        return "is not an absolute path"
     path = os.path.realpath(paths.host(script))
+    if not os.path.isabs(script):
+        return "is not an absolute path", path
     try:
         info = os.stat(path)
     except OSError as error:
-        return f"cannot be read: {error.strerror}"
+        return f"cannot be read: {error.strerror}", path
     if not stat.S_ISREG(info.st_mode):
-        return "is not a regular file"
+        return "is not a regular file", path
     if info.st_uid != 0:
-        return f"is owned by uid {info.st_uid}, not root"
+        return f"is owned by uid {info.st_uid}, not root", path
     if info.st_mode & 0o022:
-        return "is writable by group or others"
+        return "is writable by group or others", path
     if not info.st_mode & 0o100:
-        return "is not executable"
+        return "is not executable", path
+    # the directories of the file and of the name it was given by (a symlink there could be
+    # pointed elsewhere) must be root's alone
+    for start in (path, paths.host(script)):
+        problem = _open_directory(os.path.dirname(start))
+        if problem:
+            return problem, path
+    return None, path
+
+
+def _open_directory(directory: str) -> str | None:
     top = os.path.realpath(paths.root())
-    directory = os.path.dirname(path)
+    directory = os.path.abspath(directory)
     while directory.startswith(top) and directory != top:
-        parent = os.stat(directory)
-        if parent.st_uid != 0 or parent.st_mode & 0o022:
+        info = os.stat(directory)
+        if info.st_uid != 0 or info.st_mode & 0o022:
             return f"lies in {directory[len(top) :] or '/'}, which others can write"
         directory = os.path.dirname(directory)
     return None
@@ -249,8 +265,8 @@ def run_chain(log: Log, argv: list[str]) -> int:
     script = StateStore().chain()
     if script is None:
         return 0
-    problem = chain_problem(script)
+    problem, path = resolve_chain(script)
     if problem is not None:
         log.error(f"chained hook {script} {problem}: not run")
         return 1
-    return act.run_chained(paths.host(script), argv)
+    return act.run_chained(path, argv)

@@ -152,10 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         code = handler(call)
     except Exception as error:  # noqa: BLE001 - the hook must answer vzdump, whatever happened
         code = report_crash(call, error)
-    if call.phase in NEVER_FAIL:
-        code = 0
-    chained = run_chain(call)
-    return code or chained
+    chained = run_chain(call)  # always: the admin's hook runs whatever ours decided
+    return 0 if call.phase in NEVER_FAIL else code or chained
 
 
 # phases whose output reaches the admin once per job or per guest: the task log must not repeat

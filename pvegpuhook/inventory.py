@@ -13,6 +13,7 @@ from pvegpuhook.claims import EXCLUSIVE, Claim, ClaimReader, Need, vfio_hosts
 from pvegpuhook.pveconf import (
     GuestConfig,
     ha_managed,
+    is_number,
     node_name,
     parse_guest_config,
     read_text,
@@ -94,7 +95,7 @@ def local_vmids() -> dict[int, str]:
             continue
         for name in names:
             stem = name[:-5]
-            if name.endswith(".conf") and stem.isdigit():
+            if name.endswith(".conf") and is_number(stem):
                 found.setdefault(int(stem), kind)
     return dict(sorted(found.items()))
 

@@ -64,7 +64,8 @@ class Log:
     def file(self, message: str) -> None:
         """A line for the log file only; logging must never break a backup."""
         vmid = str(self.vmid) if self.vmid is not None else "-"
-        entry = f"{timestamp()} {self.phase} {vmid} {clean(message)}\n"
+        phase = clean(self.phase).replace(" ", "_") or "-"  # argv: never a forged log line
+        entry = f"{timestamp()} {phase} {vmid} {clean(message)}\n"
         path = paths.host(paths.LOG_FILE)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -78,7 +79,8 @@ class Log:
         except OSError:
             return
         try:
-            os.write(fd, entry.encode("utf-8", "backslashreplace"))
+            if os.fstat(fd).st_uid == os.geteuid():  # not into a file someone else planted
+                os.write(fd, entry.encode("utf-8", "backslashreplace"))
         except OSError:
             pass
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from pvegpuhook import paths
+from pvegpuhook.pveconf import is_number
 
 TYPE_CHECKING = False  # typing costs ~7 ms of import on the hook path
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class Sysfs:
             for gpu in sorted(gpus):
                 for line in (_read(os.path.join(base, gpu, "information")) or "").splitlines():
                     key, _, value = line.partition(":")
-                    if key.strip() == "Device Minor" and value.strip().isdigit():
+                    if key.strip() == "Device Minor" and is_number(value.strip()):
                         address = normalize(gpu)
                         if address:
                             self._nvidia[int(value.strip())] = address
@@ -177,7 +178,7 @@ class Sysfs:
         if node.startswith("/dev/dri/"):
             found = self.drm_device(node[len("/dev/dri/") :])
             return [found] if found else []
-        if node.startswith("/dev/nvidia") and node[len("/dev/nvidia") :].isdigit():
+        if node.startswith("/dev/nvidia") and is_number(node[len("/dev/nvidia") :]):
             found = self.nvidia_minors().get(int(node[len("/dev/nvidia") :]))
             return [found] if found else []
         return []

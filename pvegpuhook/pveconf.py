@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from pvegpuhook import paths
 
-PENDING_SECTIONS = ("PENDING", "pve:pending")
+PENDING_SECTIONS = ("PENDING", "PVE:PENDING")  # PVE matches them case-insensitively
+
+
+def is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes superscripts and full-width digits, which
+    int() refuses or PVE never writes."""
+    return text.isascii() and text.isdigit()
 
 
 def read_text(path: str) -> str | None:
@@ -20,6 +26,12 @@ def read_text(path: str) -> str | None:
             return f.read()
     except OSError:
         return None
+
+
+def _valid_section(name: str) -> bool:
+    """``[snap1]``, ``[PENDING]``, ``[special:cloudinit]``, ``[pve:pending]``."""
+    bare = name.split(":", 1)[1] if name.count(":") == 1 else name
+    return bool(bare) and bare[0].isalpha() and all(c.isalnum() or c in "_-" for c in bare)
 
 
 def _valid_key(key: str) -> bool:
@@ -84,8 +96,12 @@ def parse_guest_config(text: str, path: str) -> GuestConfig:
         if not line or line.startswith("#"):
             continue
         if line.startswith("["):
-            name = line[1:].partition("]")[0].strip()
-            section = name or "?"
+            name = line[1:-1] if line.endswith("]") else ""
+            if _valid_section(name):
+                section = name.upper()
+                continue
+            # PVE warns about such a line and stays in the section it is in
+            config.warnings.append(f"{path}:{number}: cannot parse {_shorten(raw)!r}, line ignored")
             continue
         if section is not None and section not in PENDING_SECTIONS:
             continue  # snapshot and special sections are not the current config
@@ -138,7 +154,7 @@ def startup_order(value: str | None) -> int | None:
         return None
     first, options = split_options(value)
     order = options.get("order", first)
-    return int(order) if order and order.isdigit() else None
+    return int(order) if order and is_number(order) else None
 
 
 class MapEntry:
@@ -216,7 +232,7 @@ def parse_ha_resources(text: str) -> set[int]:
         sid = rest.strip()
         if kind.strip() in ("vm", "ct", "service") and sid:
             number = sid.rpartition(":")[2]
-            if number.isdigit():
+            if is_number(number):
                 managed.add(int(number))
     return managed
 

@@ -12,6 +12,7 @@ import os
 import time
 
 from pvegpuhook import paths
+from pvegpuhook.pveconf import is_number
 
 
 def _read(path: str) -> str | None:
@@ -25,7 +26,7 @@ def _read(path: str) -> str | None:
 def qemu_cmdline(vmid: int) -> list[str] | None:
     """The argv of a VM's live QEMU process, or None when the VM is not running."""
     pid_text = _read(paths.host("run/qemu-server", f"{vmid}.pid"))
-    if pid_text is None or not pid_text.strip().isdigit():
+    if pid_text is None or not is_number(pid_text.strip()):
         return None
     raw = _read(paths.host("proc", pid_text.strip(), "cmdline"))
     if not raw:
@@ -57,7 +58,7 @@ def vm_candidates() -> list[int]:
         names = os.listdir(paths.host("run/qemu-server"))
     except OSError:
         return []
-    return sorted(int(n[:-4]) for n in names if n.endswith(".pid") and n[:-4].isdigit())
+    return sorted(int(n[:-4]) for n in names if n.endswith(".pid") and is_number(n[:-4]))
 
 
 def running_cts() -> list[int]:
@@ -65,7 +66,7 @@ def running_cts() -> list[int]:
         names = os.listdir(paths.host("sys/fs/cgroup/lxc"))
     except OSError:
         return []
-    return sorted(int(n) for n in names if n.isdigit() and ct_running(int(n)))
+    return sorted(int(n) for n in names if is_number(n) and ct_running(int(n)))
 
 
 def reservations() -> dict[int, list[str]]:
@@ -80,12 +81,12 @@ def reservations() -> dict[int, list[str]]:
     now = time.time()
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) != 3 or not parts[1].isdigit():
+        if len(parts) != 3 or not is_number(parts[1]):
             continue
         address, vmid, holder = parts[0].lower(), int(parts[1]), parts[2]
         kind, _, value = holder.partition(":")
         if kind == "pid":
-            if not value.isdigit() or not os.path.exists(paths.host("proc", value, "cmdline")):
+            if not is_number(value) or not os.path.exists(paths.host("proc", value, "cmdline")):
                 continue
         elif kind == "time":
             try:

@@ -80,8 +80,12 @@ def parse_settings(text: str, path: str, settings: Settings | None = None) -> Se
             line = error.context_mark.line + 1  # "end of file": point at what was left open
         problem = error.problem or error.context or "invalid YAML"
         raise ConfigError(path, line, f"invalid YAML: {problem}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(path, None, f"invalid YAML: {error}") from None
+    except yaml.YAMLError as error:  # e.g. a control character: no mark, but a position
+        position = getattr(error, "position", None)
+        line = text[:position].count("\n") + 1 if isinstance(position, int) else None
+        raise ConfigError(path, line, f"invalid YAML: {error}") from None
+    except RecursionError:
+        raise ConfigError(path, None, "invalid YAML: nested too deeply") from None
     if document is None:
         return settings
     if not isinstance(document, yaml.MappingNode):
@@ -92,8 +96,8 @@ def parse_settings(text: str, path: str, settings: Settings | None = None) -> Se
         # tagged values (!!int abc, !!python/name:...) fail here, not later as a traceback
         try:
             return loader.construct_object(node, deep=True)
-        except (yaml.YAMLError, ValueError, KeyError, TypeError, OverflowError) as error:
-            reason = getattr(error, "problem", None) or str(error)
+        except Exception as error:  # noqa: BLE001 - any failure here is the file's, not ours
+            reason = getattr(error, "problem", None) or str(error) or type(error).__name__
             raise ConfigError(path, node.start_mark.line + 1, f"{key}: {reason}") from None
 
     seen: set[str] = set()

@@ -86,6 +86,10 @@ class Record:
             raise ValueError(f"bad kind {kind!r}")
         for_vmid = data.get("for_vmid")
         since = data.get("since")
+        try:
+            since = float(since) if isinstance(since, (int, float)) else None
+        except OverflowError:
+            since = None
         addresses = data.get("addresses") or []
         return cls(
             vmid,
@@ -93,7 +97,7 @@ class Record:
             str(data["name"]) if data.get("name") is not None else None,
             for_vmid if isinstance(for_vmid, int) else None,
             [str(a) for a in addresses] if isinstance(addresses, list) else [],
-            since=float(since) if isinstance(since, (int, float)) else None,
+            since=since,
             status=str(data.get("status") or STOPPED),
             job=data.get("job") if isinstance(data.get("job"), int) else None,
             note=str(data["note"]) if data.get("note") is not None else None,
@@ -205,8 +209,24 @@ class StateStore:
         self._lock_fd = fd
         self._remove_stale_temp_files()
 
+    def _untrusted_dir(self) -> str | None:
+        """Why the state directory must not be used (a symlink, someone else's), or None."""
+        import stat
+
+        try:
+            info = os.lstat(self.dir)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            return f"{self.dir} is not a directory (a symlink?): refusing to use it"
+        if info.st_uid != os.geteuid():
+            return f"{self.dir} is owned by uid {info.st_uid}, not by us: refusing to use it"
+        return None
+
     def _remove_stale_temp_files(self) -> None:
         """Temp files of writers killed before their rename; under the lock none is in use."""
+        if self._untrusted_dir():
+            return
         try:
             names = os.listdir(self.dir)
         except OSError:
@@ -231,8 +251,9 @@ class StateStore:
     def load(self) -> list[Record]:
         """Every record. A corrupt file is renamed aside (under the lock only) and its intact
         records are returned, so that no guest that must be restarted is forgotten."""
-        if os.path.islink(self.dir):
-            raise StateError(f"{self.dir} is a symlink: refusing to use it")
+        problem = self._untrusted_dir()
+        if problem:
+            raise StateError(problem)
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -240,6 +261,9 @@ class StateStore:
         except OSError as error:
             raise StateError(f"cannot read {self.path}: {error.strerror}") from None
         with os.fdopen(fd, "rb") as f:
+            owner = os.fstat(f.fileno()).st_uid
+            if owner != os.geteuid():  # records planted by someone else must not start guests
+                raise StateError(f"{self.path} is owned by uid {owner}, not by us: refusing it")
             raw = f.read()
         import json
 
@@ -255,8 +279,8 @@ class StateStore:
             if not isinstance(data, dict) or not isinstance(data.get("records"), list):
                 raise ValueError("no record list")
             return [Record.from_dict(item) for item in data["records"]]
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
-            return self._salvage(raw, str(error))
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as error:
+            return self._salvage(raw, str(error) or type(error).__name__)
 
     def _salvage(self, raw: bytes, reason: str) -> list[Record]:
         import json
@@ -268,7 +292,7 @@ class StateStore:
                 continue
             try:
                 records.append(Record.from_dict(json.loads(line)))
-            except ValueError:
+            except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
                 continue
         if self._lock_fd is not None:
             stamp = f"{self.path}{CORRUPT_MARK}{time.strftime('%Y%m%dT%H%M%S')}"

@@ -403,13 +403,21 @@ def test_lxc_pending_section_and_overrides() -> None:
     ]
 
 
-@pytest.mark.parametrize("section", ["[snap1]", "[special:cloudinit]", "[vzdump]", "[ snap ]"])
+@pytest.mark.parametrize("section", ["[snap1]", "[special:cloudinit]", "[vzdump]", "[Snap-2]"])
 def test_sections_other_than_pending_are_ignored(section: str) -> None:
     text = f"name: a\n{section}\nhostpci0: 01:00.0\nname: b\ndelete: name\n"
     config = parse_guest_config(text, VM_CONF)
     assert config.values() == {"name": "a"}
     assert config.values(with_pending=True) == {"name": "a"}
     assert config.warnings == []
+
+
+@pytest.mark.parametrize("line", ["[ snap ]", "[oops", "[1snap]", "[]"])
+def test_a_broken_section_header_is_warned_and_the_section_goes_on(line: str) -> None:
+    """PVE starts a section only at ``[name]``; it warns about other lines and reads on."""
+    config = parse_guest_config(f"name: a\n{line}\nhostpci0: 01:00.0\n", VM_CONF)
+    assert config.values() == {"name": "a", "hostpci0": "01:00.0"}
+    assert [w.split(": ")[0] for w in config.warnings] == [f"{VM_CONF}:2"]
 
 
 def test_lxc_raw_keys_with_both_separators_repeat() -> None:

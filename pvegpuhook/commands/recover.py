@@ -6,7 +6,7 @@ import argparse
 
 from pvegpuhook import completion
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, GpuHookError
-from pvegpuhook.log import Log
+from pvegpuhook.log import Log, clean
 from pvegpuhook.restore import record_label, restore
 from pvegpuhook.settings import load_settings
 from pvegpuhook.state import StateStore
@@ -19,6 +19,16 @@ def vmid_arg(text: str) -> int:
     if vmid is None:
         raise argparse.ArgumentTypeError(f"invalid VMID {text!r} (100-999999999)")
     return vmid
+
+
+def seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r} (0-3600)")
+    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,14 +52,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="drop the records of the given VMIDs without starting anything",
     )
     parser.add_argument(
-        "--wait", type=float, default=10.0, metavar="SECONDS", help="how long to wait for the lock"
+        "--wait",
+        type=seconds_arg,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the lock, 0-3600",
     )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings()
-    store = StateStore(report=lambda message: print(f"warning: {message}"))
+    store = StateStore(report=lambda message: print(f"warning: {clean(message)}"))
     wanted = set(args.vmids)
     if args.forget and not wanted:
         raise GpuHookError("--forget needs the VMIDs whose records to drop", EXIT_USAGE)
@@ -88,6 +102,7 @@ def _report(store: StateStore, settings, wanted: set[int], *, dry_run: bool) -> 
     if not rows:
         print("nothing to recover: no guest stopped by pve-gpu-hook is waiting")
         return EXIT_OK
+    rows = [(vmid, clean(label), clean(result)) for vmid, label, result in rows]
     width = max(len(label) for _, label, _ in rows)
     print(f"{'GUEST'.ljust(width)}  RESULT")
     for _, label, result in sorted(rows):

@@ -14,7 +14,7 @@ import sys
 
 from pvegpuhook import paths, vzdumpconf
 from pvegpuhook.errors import EXIT_OK, GpuHookError
-from pvegpuhook.log import Log
+from pvegpuhook.log import Log, clean
 from pvegpuhook.state import StateStore
 
 
@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def warn(message: str) -> None:
-    print(f"pve-gpu-hook: warning: {message}", file=sys.stderr)
+    print(f"pve-gpu-hook: warning: {clean(message)}", file=sys.stderr)
 
 
 def warn_jobs() -> None:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"already registered: line {active.line} of {shown} sets "
                 f"'script: {vzdumpconf.HOOK_PATH}'"
-                + (f"; chained hook: {chained}" if chained else "")
+                + (f"; chained hook: {clean(chained)}" if chained else "")
             )
             if args.chain and not chained:
                 print("--chain: nothing to chain (the hook is already active); nothing changed")
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 "in the file and is run after pve-gpu-hook's work (chained)"
             )
         Log("register", echo=False).file(detail)
-        print(detail)
+        print(clean(detail))
         if not vzdumpconf.executable(vzdumpconf.HOOK_PATH):
             # not refused: a source checkout may register before installing; vzdump would not
             warn(
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                 "backup job until it is installed (or run 'pve-gpu-hook unregister')"
             )
         for note in notes:
-            print(note)
+            print(clean(note))
         return EXIT_OK
     finally:
         store.release()

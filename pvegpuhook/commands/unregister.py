@@ -13,7 +13,7 @@ import argparse
 from pvegpuhook import paths, vzdumpconf
 from pvegpuhook.commands.register import warn, warn_jobs
 from pvegpuhook.errors import EXIT_OK, GpuHookError
-from pvegpuhook.log import Log
+from pvegpuhook.log import Log, clean
 from pvegpuhook.state import StateStore
 
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             "; the file is as it was before register" if exact else ""
         )
         Log("unregister", echo=False).file(detail)
-        print(detail)
+        print(clean(detail))
         if leftovers:
             warn(
                 f"kept {len(leftovers)} line(s) someone added inside the pve-gpu-hook block: "
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             )
         elif now is not None:
             print(
-                f"vzdump's hook script is '{now.value}' again (line {now.line})"
+                clean(f"vzdump's hook script is '{now.value}' again (line {now.line})")
                 + (" (it was chained)" if chained == now.value else "")
             )
         return EXIT_OK
