@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from pvegpuhook import paths
-from pvegpuhook.pveconf import is_number
+from pvegpuhook.pveconf import is_number, read_text
 
 TYPE_CHECKING = False  # typing costs ~7 ms of import on the hook path
 if TYPE_CHECKING:
@@ -53,14 +53,6 @@ def device_of(address: str) -> str:
 def _link_name(path: str) -> str | None:
     try:
         return os.path.basename(os.readlink(path))
-    except OSError:
-        return None
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
     except OSError:
         return None
 
@@ -127,7 +119,7 @@ class Sysfs:
         return _link_name(os.path.join(self._devices_dir, function, "driver"))
 
     def attribute(self, function: str, name: str) -> str | None:
-        value = _read(os.path.join(self._devices_dir, function, name))
+        value = read_text(os.path.join(self._devices_dir, function, name))
         return value.strip() if value is not None else None
 
     def is_vf(self, function: str) -> bool:
@@ -159,7 +151,7 @@ class Sysfs:
             except OSError:
                 gpus = []
             for gpu in sorted(gpus):
-                for line in (_read(os.path.join(base, gpu, "information")) or "").splitlines():
+                for line in (read_text(os.path.join(base, gpu, "information")) or "").splitlines():
                     key, _, value = line.partition(":")
                     if key.strip() == "Device Minor" and is_number(value.strip()):
                         address = normalize(gpu)

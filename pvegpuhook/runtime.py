@@ -12,23 +12,15 @@ import os
 import time
 
 from pvegpuhook import paths
-from pvegpuhook.pveconf import is_number
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
+from pvegpuhook.pveconf import is_number, read_text
 
 
 def qemu_cmdline(vmid: int) -> list[str] | None:
     """The argv of a VM's live QEMU process, or None when the VM is not running."""
-    pid_text = _read(paths.host("run/qemu-server", f"{vmid}.pid"))
+    pid_text = read_text(paths.host("run/qemu-server", f"{vmid}.pid"))
     if pid_text is None or not is_number(pid_text.strip()):
         return None
-    raw = _read(paths.host("proc", pid_text.strip(), "cmdline"))
+    raw = read_text(paths.host("proc", pid_text.strip(), "cmdline"))
     if not raw:
         return None
     argv = raw.rstrip("\0").split("\0")
@@ -74,7 +66,7 @@ def reservations() -> dict[int, list[str]]:
 
     ``<pci-id> <vmid> pid:<pid>`` is live while that pid lives; ``time:<epoch>`` until that time.
     """
-    text = _read(paths.host(paths.RESERVATIONS))
+    text = read_text(paths.host(paths.RESERVATIONS))
     result: dict[int, list[str]] = {}
     if not text:
         return result

@@ -32,21 +32,18 @@ def hook(node: FakeNode, *args: str, vmtype: str | None = "qemu") -> subprocess.
     env = {"LC_ALL": "C", "PVE_GPU_HOOK_ROOT": str(node.root), "PYTHONPATH": str(REPO)}
     if vmtype and len(args) > 1:
         env["VMTYPE"] = vmtype
-    return subprocess.run(
-        [sys.executable, "-m", "pvegpuhook.hook", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        check=False,
-    )
+    return _run(["pvegpuhook.hook", *args], env)
 
 
 def cli(node: FakeNode, *args: str) -> subprocess.CompletedProcess:
+    """The admin command, as typed in a root shell."""
     env = dict(os.environ, PVE_GPU_HOOK_ROOT=str(node.root), PYTHONPATH=str(REPO))
+    return _run(["pvegpuhook", *args], env)
+
+
+def _run(module_and_args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pvegpuhook", *args],
+        [sys.executable, "-m", *module_and_args],
         env=env,
         capture_output=True,
         text=True,

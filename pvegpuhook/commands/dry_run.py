@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from pvegpuhook import completion, runtime
+from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, ConfigError, GpuHookError
 from pvegpuhook.inventory import Inventory, all_guests, describe
 from pvegpuhook.output import Table, add_output_options, emit
@@ -22,8 +23,6 @@ from pvegpuhook.settings import load_settings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from pvegpuhook.commands.recover import vmid_arg
-
     parser = subparsers.add_parser(
         "dry-run",
         help="predict what a backup job would do",

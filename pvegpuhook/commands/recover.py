@@ -5,20 +5,12 @@ from __future__ import annotations
 import argparse
 
 from pvegpuhook import completion
+from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, GpuHookError
 from pvegpuhook.log import Log, clean
 from pvegpuhook.restore import record_label, restore
 from pvegpuhook.settings import load_settings
 from pvegpuhook.state import StateStore
-
-
-def vmid_arg(text: str) -> int:
-    from pvegpuhook.hook import parse_vmid
-
-    vmid = parse_vmid(text)
-    if vmid is None:
-        raise argparse.ArgumentTypeError(f"invalid VMID {text!r} (100-999999999)")
-    return vmid
 
 
 def seconds_arg(text: str) -> float:

@@ -64,6 +64,7 @@ from typing import Any
 
 from pvegpuhook import completion, paths, pci, runtime
 from pvegpuhook.claims import EXCLUSIVE, Claim, ClaimReader, Need
+from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_OK, EXIT_USAGE, GpuHookError
 from pvegpuhook.inventory import LXC, QEMU, Guest, Holder, Inventory, describe
 from pvegpuhook.output import Table, add_output_options, emit
@@ -72,15 +73,6 @@ from pvegpuhook.pveconf import PciMapping, load_pci_mapping, parse_guest_config,
 Json = dict[str, Any]  # a JSON object of the documented shapes
 PCI_IDS_FILES = ("usr/share/misc/pci.ids", "usr/share/hwdata/pci.ids")
 DISPLAY_CLASS = "0x03"
-
-
-def vmid_arg(text: str) -> int:
-    from pvegpuhook.hook import parse_vmid
-
-    vmid = parse_vmid(text)
-    if vmid is None:
-        raise argparse.ArgumentTypeError(f"invalid VMID {text!r} (100-999999999)")
-    return vmid
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
