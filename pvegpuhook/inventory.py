@@ -180,6 +180,8 @@ class Inventory:
         return result
 
     def _vm_holder(self, vmid: int, argv: list[str], reserved: list[str]) -> Holder | None:
+        if not reserved and not any(word.startswith("vfio-pci,") for word in argv):
+            return None  # a QEMU without a vfio-pci device holds no PCI device, mdevs included
         path = paths.qemu_conf(vmid)
         text = read_text(path) or ""
         guest = Guest(vmid, QEMU, parse_guest_config(text, path))

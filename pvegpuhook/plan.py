@@ -6,7 +6,7 @@ functions, so what ``dry-run`` predicts is what the hook does.
 
 from __future__ import annotations
 
-from pvegpuhook.claims import Claim, Need
+from pvegpuhook.claims import EXCLUSIVE, Claim, Need
 from pvegpuhook.inventory import Guest, Holder
 from pvegpuhook.state import Record
 
@@ -56,6 +56,23 @@ def _blockers(alternative: tuple[Claim, ...], holders: list[Holder]) -> dict[int
     return found
 
 
+def same_function(a: str, b: str) -> bool:
+    """Whether two addresses (a function or a whole device) name a common PCI function."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _reserved(alternative: tuple[Claim, ...], holders: list[Holder], leaving: set[int]) -> bool:
+    """Whether a running VM (not one about to stop) passes one of these very functions through:
+    PVE's reservation check, which knows nothing of IOMMU groups, CTs or mdevs."""
+    return any(
+        held.kind == EXCLUSIVE and same_function(claim.address, held.address)
+        for holder in holders
+        if holder.vmid not in leaving
+        for held in holder.claims
+        for claim in alternative
+    )
+
+
 def _unstoppable(holder: Holder, protect: frozenset[int]) -> str | None:
     if holder.vmid in protect:
         return "is protected (protect: in the override file)"
@@ -70,16 +87,24 @@ def plan_free(
 ) -> FreePlan:
     """Who must shut down so that every need of ``target`` has a free alternative.
 
-    For a mapping, PVE takes the first free alternative: when none is free we free the one that
-    costs the fewest further stops (and no protected or locked guest), the first on a tie.
+    For a mapping, PVE takes the first alternative none of whose functions a running VM has
+    reserved, whatever else uses its IOMMU group: that one must then be made usable. When every
+    alternative is reserved we free the one that costs the fewest further stops (and no
+    protected or locked guest), the first on a tie — PVE then takes that one.
     """
     plan = FreePlan(target)
     chosen: dict[int, Stop] = {}
     holders = [h for h in holders if h.vmid != target.vmid]
     for need in needs:
+        alternatives = need.alternatives
+        if len(alternatives) > 1:
+            leaving = set(chosen)
+            picked = next((a for a in alternatives if not _reserved(a, holders, leaving)), None)
+            if picked is not None:
+                alternatives = [picked]
         best: tuple[int, int, dict[int, Stop]] | None = None
         first_refusal: Refusal | None = None
-        for index, alternative in enumerate(need.alternatives):
+        for index, alternative in enumerate(alternatives):
             blockers = _blockers(alternative, holders)
             new = {v: s for v, s in blockers.items() if v not in chosen}
             if not blockers:
@@ -118,9 +143,11 @@ class RestoreStep:
         self.reason = reason
 
 
-def restore_order(record: Record, orders: dict[int, int | None]) -> tuple[int, int]:
+def restore_order(
+    record: Record, orders: dict[int, int | None], ranks: dict[int, int]
+) -> tuple[int, int, int]:
     order = orders.get(record.vmid)
-    return (UNORDERED if order is None else order, record.vmid)
+    return (ranks.get(record.vmid, 0), UNORDERED if order is None else order, record.vmid)
 
 
 def plan_restore(
@@ -131,14 +158,19 @@ def plan_restore(
     missing: set[int],
     blocked: dict[int, str],
     settling: set[int] | frozenset[int] = frozenset(),
+    ranks: dict[int, int] | None = None,
 ) -> list[RestoreStep]:
     """Put recorded guests back, in ``startup`` order and then VMID order (as PVE boots them).
 
-    ``settling``: running guests whose recorded shutdown was interrupted recently; they may still
-    go down, so their record must stay until that is known.
+    ``ranks`` go first: guests with a PCI mapping take the first free alternative when they
+    start, so they start after the guests with fixed devices, in the order of the alternative
+    each had — then every guest gets the device it had before. ``settling``: running guests
+    whose recorded shutdown was interrupted recently; they may still go down, so their record
+    must stay until that is known.
     """
+    ranks = ranks or {}
     steps = []
-    for record in sorted(records, key=lambda r: restore_order(r, orders)):
+    for record in sorted(records, key=lambda r: restore_order(r, orders, ranks)):
         if record.vmid in running and record.vmid in settling:
             steps.append(
                 RestoreStep(record, WAIT, "its interrupted shutdown may still be under way")

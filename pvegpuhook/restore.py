@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from pvegpuhook import act, runtime
+from pvegpuhook.claims import Need
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import StateError
 from pvegpuhook.inventory import QEMU, Guest, Holder, Inventory, describe, load_guest
@@ -23,6 +24,7 @@ from pvegpuhook.plan import (
     Stop,
     plan_free,
     plan_restore,
+    same_function,
 )
 from pvegpuhook.settings import Settings
 from pvegpuhook.state import START_FAILED, STOPPING, Record, StateStore
@@ -76,6 +78,7 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
         and r.since is not None
         and time.time() - r.since < settle_after
     }
+    ranks: dict[int, int] = {}
     holders = None
     for record in records:
         guest = load_guest(record.vmid, record.kind)
@@ -83,6 +86,7 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
             missing.add(record.vmid)
             continue
         orders[record.vmid] = guest.startup_order
+        ranks[record.vmid] = mapping_rank(record, inventory.needs(guest, for_start=True))
         if record.vmid in running:
             continue
         if holders is None:
@@ -91,8 +95,29 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
         if conflict is not None:
             blocked[record.vmid] = f"{conflict.address} is held by {conflict.holder.guest.label}"
     return plan_restore(
-        records, running=running, orders=orders, missing=missing, blocked=blocked, settling=settling
+        records,
+        running=running,
+        orders=orders,
+        missing=missing,
+        blocked=blocked,
+        settling=settling,
+        ranks=ranks,
     )
+
+
+def mapping_rank(record: Record, needs: list[Need]) -> int:
+    """0 for fixed devices; for a mapping, 1 + the index of the alternative the guest had."""
+    rank = 0
+    for need in needs:
+        if len(need.alternatives) < 2:
+            continue
+        held = [
+            i
+            for i, alternative in enumerate(need.alternatives)
+            if any(same_function(c.address, a) for c in alternative for a in record.addresses)
+        ]
+        rank = max(rank, 1 + (held[0] if held else len(need.alternatives)))
+    return rank
 
 
 class RestoreReport:
