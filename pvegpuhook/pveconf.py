@@ -29,9 +29,15 @@ def read_text(path: str) -> str | None:
 
 
 def _valid_section(name: str) -> bool:
-    """``[snap1]``, ``[PENDING]``, ``[special:cloudinit]``, ``[pve:pending]``."""
-    bare = name.split(":", 1)[1] if name.count(":") == 1 else name
-    return bool(bare) and bare[0].isalpha() and all(c.isalnum() or c in "_-" for c in bare)
+    """``[snap1]``, ``[PENDING]``, ``[special:cloudinit]``, ``[pve:pending]`` — ASCII only."""
+    prefix, colon, bare = name.rpartition(":")
+    if colon and not (prefix and ":" not in prefix and _word(prefix)):
+        return False
+    return bool(bare) and bare[0].isascii() and bare[0].isalpha() and _word(bare)
+
+
+def _word(text: str) -> bool:
+    return text.isascii() and all(c.isalnum() or c in "_-" for c in text)
 
 
 def _valid_key(key: str) -> bool:

@@ -362,7 +362,10 @@ class StateStore:
 
     def chain(self) -> str | None:
         try:
-            with open(os.path.join(self.dir, CHAIN_NAME), encoding="utf-8") as f:
+            # a path is bytes: whatever vzdump.conf held comes back unchanged
+            with open(
+                os.path.join(self.dir, CHAIN_NAME), encoding="utf-8", errors="surrogateescape"
+            ) as f:
                 value = f.read().strip()
         except OSError:
             return None
@@ -379,4 +382,4 @@ class StateStore:
             except FileNotFoundError:
                 pass
             return
-        self._write_atomic(path, (script + "\n").encode("utf-8"))
+        self._write_atomic(path, (script + "\n").encode("utf-8", "surrogateescape"))

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             chained = _forget(store)
             print(
                 f"not registered: {shown} has no pve-gpu-hook block; nothing to do"
-                + (f" (forgot the chained hook {chained})" if chained else "")
+                + (f" (forgot the chained hook {clean(chained)})" if chained else "")
             )
             return EXIT_OK
         new, leftovers = vzdumpconf.remove_block(conf.text, added)
