@@ -22,6 +22,7 @@ from pvegpuhook.pveconf import (
 
 QEMU = "qemu"
 LXC = "lxc"
+RESERVED = "reserved"  # the source of a claim found in PVE's PCI reservation file
 
 
 class Guest:
@@ -186,10 +187,14 @@ class Inventory:
         text = read_text(path) or ""
         guest = Guest(vmid, QEMU, parse_guest_config(text, path))
         claims: list[Claim] = []
-        for raw in vfio_hosts(argv) + reserved:
+        # PVE's reservation file first: only those functions count for its own check (raw
+        # "args" devices and the rest of an IOMMU group are not reserved, yet held)
+        for raw, source in [(r, RESERVED) for r in reserved] + [
+            (h, "running") for h in vfio_hosts(argv)
+        ]:
             address = pci.normalize(raw)
             if address is not None and all(c.address != address for c in claims):
-                claims.append(Claim(address, self.sysfs.units(address), EXCLUSIVE, "running"))
+                claims.append(Claim(address, self.sysfs.units(address), EXCLUSIVE, source))
         if "hostpci" in text or "vfio" in text:
             known = len(self.reader.warnings)
             needs = self.reader.vm_needs(guest.config, with_pending=False)

@@ -6,8 +6,8 @@ functions, so what ``dry-run`` predicts is what the hook does.
 
 from __future__ import annotations
 
-from pvegpuhook.claims import EXCLUSIVE, Claim, Need
-from pvegpuhook.inventory import Guest, Holder
+from pvegpuhook.claims import Claim, Need
+from pvegpuhook.inventory import RESERVED, Guest, Holder
 from pvegpuhook.state import Record
 
 UNORDERED = 1 << 62  # PVE starts guests without a startup order after those with one
@@ -62,10 +62,10 @@ def same_function(a: str, b: str) -> bool:
 
 
 def _reserved(alternative: tuple[Claim, ...], holders: list[Holder], leaving: set[int]) -> bool:
-    """Whether a running VM (not one about to stop) passes one of these very functions through:
-    PVE's reservation check, which knows nothing of IOMMU groups, CTs or mdevs."""
+    """Whether a running VM (not one about to stop) has reserved one of these very functions:
+    PVE's own check, which knows nothing of IOMMU groups, CTs, mdevs or raw ``args`` devices."""
     return any(
-        held.kind == EXCLUSIVE and same_function(claim.address, held.address)
+        held.source == RESERVED and same_function(claim.address, held.address)
         for holder in holders
         if holder.vmid not in leaving
         for held in holder.claims

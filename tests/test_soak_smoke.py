@@ -57,15 +57,17 @@ def two_gpu_node(root: Path) -> FakeNode:
     return node
 
 
-@pytest.mark.parametrize("user", ["ct-device-node", "mdev", "audio-function"])
+@pytest.mark.parametrize("user", ["ct-device-node", "mdev", "audio-function", "raw-args"])
 def test_mapped_vm_whose_first_alternative_is_used_unreserved(tmp_path: Path, user: str) -> None:
     node = two_gpu_node(tmp_path)
     if user == "ct-device-node":
         node.add_ct(200, dev=["/dev/dri/renderD128"], running=True)
     elif user == "mdev":
         node.add_vm(200, hostpci=["01:00.0,mdev=nvidia-35"], running=True)
-    else:
+    elif user == "audio-function":
         node.add_vm(200, hostpci=["01:00.1"], running=True)  # reserves 01:00.1 only
+    else:  # PVE reserves nothing for a raw "args: -device vfio-pci" (soak seed 1795830302)
+        node.add_vm(200, args="-device vfio-pci,host=0000:01:00.0,id=raw0", running=True)
     node.add_vm(120, hostpci=["mapping=gpu"])
     job = run_job(node, [120], hook_cmd=INPROCESS)
     assert job.guests[120].ok, job.guests[120].error  # not QEMU's "Device or resource busy"
