@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 RUNS = int(os.environ.get("BENCH_RUNS", "40"))
 SIZES = [int(x) for x in os.environ.get("BENCH_SIZES", "100,1000,10000").split(",")]
+TIME = "/usr/bin/time"  # GNU time, for the peak memory of a run
 GPU_VM = 100  # stopped, passes the first GPU through; nothing holds it
 PLAIN_VM = 101  # stopped, no passthrough
 
@@ -82,9 +83,19 @@ def run_once(argv: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
-def measure(
-    cases: list[tuple[str, list[str], dict[str, str]]], runs: int
-) -> dict[str, list[float]]:
+def peak_mib(argv: list[str], env: dict[str, str]) -> float | None:
+    """Peak memory (max RSS) of one run, from GNU time: a child forked from this Python would
+    count this process's pages too."""
+    if not os.path.exists(TIME):
+        return None
+    result = subprocess.run([TIME, "-f", "%M", *argv], env=env, capture_output=True, text=True)
+    return int(result.stderr.strip().splitlines()[-1]) / 1024
+
+
+Case = tuple[str, list[str], dict[str, str]]
+
+
+def measure(cases: list[Case], runs: int) -> dict[str, list[float]]:
     """Round-robin over the cases, so that background load hits every case alike."""
     times: dict[str, list[float]] = {label: [] for label, _, _ in cases}
     for _ in range(runs):
@@ -93,10 +104,11 @@ def measure(
     return times
 
 
-def row(label: str, times: list[float], bare: float) -> str:
+def row(label: str, times: list[float], bare: float, peak: float | None) -> str:
     p90 = sorted(times)[max(0, int(len(times) * 0.9) - 1)]
     median = statistics.median(times)
-    return f"| {label} | {median:.1f} | {p90:.1f} | {median / bare:.2f} |"
+    memory = f"{peak:.1f}" if peak is not None else "-"
+    return f"| {label} | {median:.1f} | {p90:.1f} | {median / bare:.2f} | {memory} |"
 
 
 def main() -> int:
@@ -109,7 +121,7 @@ def main() -> int:
     ).stdout.strip()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
     print(f"interpreter: {PYTHON} (Python {version}), {RUNS} runs per case, round-robin\n")
-    print("| case | median ms | p90 ms | × bare |\n|---|---|---|---|")
+    print("| case | median ms | p90 ms | × bare | peak MiB |\n|---|---|---|---|---|")
     for size in SIZES:
         with tempfile.TemporaryDirectory(prefix="pve-gpu-hook-bench-") as tmp:
             root = Path(tmp)
@@ -137,12 +149,50 @@ def main() -> int:
             ]
             times = measure(cases, RUNS)
             bare = statistics.median(times["bare interpreter start"])
-            for label, _, _ in cases:
-                print(row(f"{size} guests: {label}", times[label], bare))
-            dry = [PYTHON, "-m", "pvegpuhook", "dry-run", "--all", "--output-format", "json"]
-            dry_times = measure([("dry-run", dry, base)], max(3, RUNS // 8))["dry-run"]
-            print(row(f"{size} guests: dry-run --all (CLI, JSON)", dry_times, bare))
+            for label, argv, env in cases:
+                peak = peak_mib(argv, env)
+                print(row(f"{size} guests: {label}", times[label], bare, peak))
+            cli = [PYTHON, str(REPO / "bin/pve-gpu-hook")]
+            commands: list[Case] = [
+                (
+                    "dry-run --all (JSON)",
+                    [*cli, "dry-run", "--all", "--output-format", "json"],
+                    base,
+                ),
+                ("scan (JSON)", [*cli, "scan", "--output-format", "json"], base),
+            ]
+            cmd_times = measure(commands, max(3, RUNS // 8))
+            for label, argv, env in commands:
+                peak = peak_mib(argv, env)
+                print(row(f"{size} guests: {label}", cmd_times[label], bare, peak))
+    print()
+    spawns()
     return 0
+
+
+def spawns() -> None:
+    """Processes the hook starts per phase, counted by the simulator's fake qm/pct on the seed's
+    node (VMs 102-105 share one GPU, 104 runs), stop mode."""
+    from tests.e2e import hook, seed_node
+
+    with tempfile.TemporaryDirectory(prefix="pve-gpu-hook-bench-") as tmp:
+        node = seed_node(Path(tmp))
+        print("| phase (seed node, VM 102 stopped, 104 holds the GPU) | qm/pct runs |")
+        print("|---|---|")
+        for args in (
+            ["job-init"],
+            ["job-start"],
+            ["backup-start", "stop", "102"],
+            ["pre-stop", "stop", "102"],
+            ["backup-end", "stop", "102"],
+            ["log-end", "stop", "102"],
+            ["job-end"],
+            ["backup-start", "stop", "103"],
+            ["log-end", "stop", "103"],
+        ):
+            before = len(node.calls())
+            hook(node, *args)
+            print(f"| {' '.join(args)} | {len(node.calls()) - before} |")
 
 
 if __name__ == "__main__":
