@@ -32,6 +32,11 @@ def qemu_cmdline(vmid: int) -> list[str] | None:
     return argv
 
 
+def process_alive(pid: int) -> bool:
+    """A live (not zombie) process, judged by its /proc entry under the root."""
+    return bool(read_text(paths.host("proc", str(pid), "cmdline")))
+
+
 def vm_running(vmid: int) -> bool:
     return qemu_cmdline(vmid) is not None
 

@@ -562,3 +562,33 @@ def test_container_gets_its_gpu_back_from_vfio(tmp_path: Path) -> None:
     assert "nothing to recover" in result.stdout
     with pytest.raises(Exception, match="renderD128 does not exist"):
         node.pve.ct_start(200)
+
+
+def test_recover_leaves_the_running_jobs_guests_to_it(tmp_path: Path) -> None:
+    """A holder stopped by the backup job that still runs: starting it now would take the GPU
+    back from the backup that needs it."""
+    node = seed_node(tmp_path)
+    run_job(node, [102], crash_after=("backup-start", 102))
+    node.stop(102)
+    [record] = records(node)
+    job = node.root / "proc" / str(record["job"]) / "cmdline"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    job.write_bytes(b"task UPID:pve1:00001234:vzdump::root@pam:\0")  # vzdump still runs
+    result = cli(node, "recover")
+    assert result.returncode == 1
+    assert "stopped by the backup job running now" in result.stdout
+    assert 104 not in node.running_guests()
+    job.unlink()  # the job ended (or was killed) without restoring it
+    assert cli(node, "recover").returncode == 0
+    assert node.running_guests() == {104}
+
+
+def test_recover_force_starts_the_running_jobs_guests(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    run_job(node, [102], crash_after=("backup-start", 102))
+    node.stop(102)
+    job = node.root / "proc" / str(records(node)[0]["job"]) / "cmdline"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    job.write_bytes(b"vzdump\0")
+    assert cli(node, "recover", "--force").returncode == 0
+    assert node.running_guests() == {104}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from pvegpuhook import completion
+from pvegpuhook import completion, runtime
 from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, GpuHookError
 from pvegpuhook.log import Log, clean
 from pvegpuhook.restore import record_label, restore
-from pvegpuhook.settings import load_settings
+from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
 
 
@@ -44,6 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="drop the records of the given VMIDs without starting anything",
     )
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="also start guests stopped by the backup job running now (it would start them "
+        "itself when its backup ends)",
+    )
+    parser.add_argument(
         "--wait",
         type=seconds_arg,
         default=10.0,
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.forget and not wanted:
         raise GpuHookError("--forget needs the VMIDs whose records to drop", EXIT_USAGE)
     if args.dry_run:
-        return _report(store, settings, wanted, dry_run=True)
+        return _report(store, settings, wanted, dry_run=True, force=args.force)
     store.acquire(args.wait, "recover")
     try:
         known = {r.vmid for r in store.load()}
@@ -76,16 +82,34 @@ def run(args: argparse.Namespace) -> int:
                 Log("recover", vmid, echo=False).file("record dropped by the admin (--forget)")
                 print(f"record of {vmid} dropped; nothing was started")
             return EXIT_OK
-        return _report(store, settings, wanted, dry_run=False)
+        return _report(store, settings, wanted, dry_run=False, force=args.force)
     finally:
         store.release()
 
 
-def _report(store: StateStore, settings, wanted: set[int], *, dry_run: bool) -> int:
+def _report(
+    store: StateStore, settings: Settings, wanted: set[int], *, dry_run: bool, force: bool = False
+) -> int:
     log = Log("recover", echo=False)
+    # a guest stopped by the job running now: starting it would take the GPU from the backup
+    # that needs it; that job's log-end or job-end starts it
+    busy = [
+        r
+        for r in store.load()
+        if (not wanted or r.vmid in wanted) and r.job and runtime.process_alive(r.job)
+    ]
+    skip = set() if force else {r.vmid for r in busy}
     report = restore(
-        store, settings, log, lambda r: not wanted or r.vmid in wanted, dry_run=dry_run
+        store,
+        settings,
+        log,
+        lambda r: (not wanted or r.vmid in wanted) and r.vmid not in skip,
+        dry_run=dry_run,
     )
+    if not force:
+        for record in busy:
+            why = f"stopped by the backup job running now (pid {record.job}); --force starts it"
+            report.kept.append((record, why))
     rows = []
     verb = "would start" if dry_run else "started"
     rows += [(r.vmid, record_label(r), verb) for r in report.started]
