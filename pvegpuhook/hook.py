@@ -57,7 +57,7 @@ def nothing(call: Call) -> int:
 def job_start(call: Call) -> int:
     from pvegpuhook import paths
 
-    if not os.path.exists(paths.host(paths.STATE_DIR, "state.json")):
+    if not os.path.exists(paths.host(paths.STATE_FILE)):
         from pvegpuhook.errors import ConfigError
         from pvegpuhook.settings import load_settings
 
@@ -89,7 +89,7 @@ def backup_start(call: Call) -> int:
 def log_end(call: Call) -> int:
     from pvegpuhook import paths
 
-    if not os.path.exists(paths.host(paths.STATE_DIR, "state.json")):
+    if not os.path.exists(paths.host(paths.STATE_FILE)):
         return 0
     from pvegpuhook import handlers
 
@@ -100,7 +100,7 @@ def log_end(call: Call) -> int:
 def job_end(call: Call) -> int:
     from pvegpuhook import paths
 
-    if not os.path.exists(paths.host(paths.STATE_DIR, "state.json")):
+    if not os.path.exists(paths.host(paths.STATE_FILE)):
         return 0
     from pvegpuhook import handlers
 
@@ -199,7 +199,7 @@ def run_chain(call: Call) -> int:
     """Run the hook that was active before ours (``register --chain``), same argv and env."""
     from pvegpuhook import paths
 
-    chain_file = paths.host(paths.STATE_DIR, "chain")
+    chain_file = paths.host(paths.CHAIN_FILE)
     if not os.path.exists(chain_file):
         return 0
     from pvegpuhook import handlers

@@ -27,6 +27,8 @@ def lxc_conf(vmid: int) -> str:
 
 
 STATE_DIR = "var/lib/pve-gpu-hook"
+STATE_FILE = STATE_DIR + "/state.json"  # absent when no guest waits: phases check it cheaply
+CHAIN_FILE = STATE_DIR + "/chain"  # the admin's previous hook, set by 'register --chain'
 LOCK_FILE = "run/lock/pve-gpu-hook.lock"
 LOG_FILE = "var/log/pve-gpu-hook.log"
 OVERRIDE_FILE = "etc/pve-gpu-hook/config.yaml"

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 FORMAT = 1
-STATE_NAME = "state.json"
-CHAIN_NAME = "chain"
 CORRUPT_MARK = ".corrupt-"
 
 STOPPING = "stopping"  # written before the shutdown; the guest may be up or down
@@ -169,7 +167,7 @@ def write_atomic(
 class StateStore:
     def __init__(self, report: Callable[[str], None] | None = None) -> None:
         self.dir = paths.host(paths.STATE_DIR)
-        self.path = os.path.join(self.dir, STATE_NAME)
+        self.path = paths.host(paths.STATE_FILE)
         self.lock_path = paths.host(paths.LOCK_FILE)
         self._lock_fd: int | None = None
         self.salvaged: str | None = None  # set when load() found the file corrupt
@@ -364,7 +362,7 @@ class StateStore:
         try:
             # a path is bytes: whatever vzdump.conf held comes back unchanged
             with open(
-                os.path.join(self.dir, CHAIN_NAME), encoding="utf-8", errors="surrogateescape"
+                paths.host(paths.CHAIN_FILE), encoding="utf-8", errors="surrogateescape"
             ) as f:
                 value = f.read().strip()
         except OSError:
@@ -375,7 +373,7 @@ class StateStore:
         if self._lock_fd is None:
             raise StateError("internal error: state written without the lock")
         check_private_dir(self.dir)
-        path = os.path.join(self.dir, CHAIN_NAME)
+        path = paths.host(paths.CHAIN_FILE)
         if script is None:
             try:
                 os.unlink(path)
