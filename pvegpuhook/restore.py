@@ -38,7 +38,7 @@ def record_label(record: Record) -> str:
     return describe(record.kind, record.vmid, record.name)
 
 
-def minutes(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -49,7 +49,7 @@ def minutes(seconds: float) -> str:
 def first_conflict(guest: Guest, inventory: Inventory, holders: list[Holder]) -> Stop | None:
     """A running guest that would keep ``guest`` from starting now, if any."""
     if guest.kind == QEMU:
-        # the same rule as for a backup: a mapping is fine when any alternative is free
+        # the same rule as for a backup, mappings included
         plan = plan_free(guest, inventory.needs(guest, for_start=True), holders, frozenset())
         if plan.refusal is not None:
             return Stop(plan.refusal.holder, plan.refusal.address)
@@ -181,7 +181,7 @@ def _start(
     outcome = act.start(record.kind, record.vmid, settings.start_timeout)
     if outcome.ok:
         crash_point("after-start")
-        away = f"{minutes(time.time() - record.since)} off" if record.since else "a while off"
+        away = f"{duration(time.time() - record.since)} off" if record.since else "a while off"
         log.say(f"{label} started again after {away} (took {outcome.seconds:.0f} s)")
         report.started.append(record)
         _forget(store, record, log)
