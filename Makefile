@@ -24,7 +24,7 @@ lint: $(VPY)
 	$(VPY) -m ruff format --check pvegpuhook tests
 
 demo:
-	$(PYTHON) -m tests.sim.demo
+	$(PYTHON) -m tests.demo
 
 bench:
 	$(PYTHON) -m tests.bench
