@@ -86,6 +86,8 @@ def command(env: dict[str, str], *args: str) -> None:
 
 
 def main() -> int:
+    # the commands below write to the same terminal or pipe: keep the order of the lines
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     with tempfile.TemporaryDirectory(prefix="pve-gpu-hook-demo-") as tmp:
         root = Path(tmp)
         node = build_demo_node(root)
