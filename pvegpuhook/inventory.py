@@ -86,10 +86,11 @@ def load_guest(vmid: int, kind: str | None = None) -> Guest | None:
     return Guest(vmid, kind, parse_guest_config(text, path))
 
 
-def local_vmids() -> dict[int, str]:
-    """Every guest configured on this node: vmid → kind."""
-    found: dict[int, str] = {}
-    for kind, folder in ((QEMU, "etc/pve/qemu-server"), (LXC, "etc/pve/lxc")):
+def guest_configs(node: str | None = None) -> dict[int, tuple[str, str]]:
+    """Every guest configured on this node (or on ``node`` of the cluster): vmid → (kind, path)."""
+    base = "etc/pve" if node is None else f"etc/pve/nodes/{node}"
+    found: dict[int, tuple[str, str]] = {}
+    for kind, folder in ((QEMU, f"{base}/qemu-server"), (LXC, f"{base}/lxc")):
         try:
             names = os.listdir(paths.host(folder))
         except OSError:
@@ -97,17 +98,23 @@ def local_vmids() -> dict[int, str]:
         for name in names:
             stem = name[:-5]
             if name.endswith(".conf") and is_number(stem):
-                found.setdefault(int(stem), kind)
+                found.setdefault(int(stem), (kind, paths.host(folder, name)))
     return dict(sorted(found.items()))
 
 
-def all_guests() -> list[Guest]:
-    """Every guest of this node, in VMID order (for the CLI; the hook never needs them all)."""
+def local_vmids() -> dict[int, str]:
+    """Every guest configured on this node: vmid → kind."""
+    return {vmid: kind for vmid, (kind, _) in guest_configs().items()}
+
+
+def all_guests(node: str | None = None) -> list[Guest]:
+    """Every guest of this node (or of ``node``), in VMID order — for the CLI: the hook never
+    needs them all."""
     guests = []
-    for vmid, kind in local_vmids().items():
-        guest = load_guest(vmid, kind)
-        if guest is not None:
-            guests.append(guest)
+    for vmid, (kind, path) in guest_configs(node).items():
+        text = read_text(path)
+        if text is not None:
+            guests.append(Guest(vmid, kind, parse_guest_config(text, path)))
     return guests
 
 

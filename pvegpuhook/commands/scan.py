@@ -66,9 +66,9 @@ from pvegpuhook import completion, paths, pci, runtime
 from pvegpuhook.claims import EXCLUSIVE, Claim, ClaimReader, Need
 from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_OK, EXIT_USAGE, GpuHookError
-from pvegpuhook.inventory import LXC, QEMU, Guest, Holder, Inventory, describe
+from pvegpuhook.inventory import LXC, QEMU, Guest, Holder, Inventory, all_guests, describe
 from pvegpuhook.output import Table, add_output_options, emit
-from pvegpuhook.pveconf import PciMapping, load_pci_mapping, parse_guest_config, read_text
+from pvegpuhook.pveconf import PciMapping, load_pci_mapping
 
 Json = dict[str, Any]  # a JSON object of the documented shapes
 PCI_IDS_FILES = ("usr/share/misc/pci.ids", "usr/share/hwdata/pci.ids")
@@ -203,27 +203,6 @@ class NodeView:
         return [e for e in self.entries if e.guest.vmid == vmid]
 
 
-def _load_guests(folders: list[tuple[str, str]]) -> list[Guest]:
-    """Guests from ``(kind, folder)`` config folders, in VMID order."""
-    found: dict[int, tuple[str, str]] = {}
-    for kind, folder in folders:
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
-            stem = name[:-5]
-            if name.endswith(".conf") and stem.isdigit():
-                found.setdefault(int(stem), (kind, os.path.join(folder, name)))
-    guests = []
-    for vmid in sorted(found):
-        kind, path = found[vmid]
-        text = read_text(path)
-        if text is not None:
-            guests.append(Guest(vmid, kind, parse_guest_config(text, path)))
-    return guests
-
-
 def local_view(inventory: Inventory) -> NodeView:
     view = NodeView(inventory.node, inventory.sysfs, local=True)
     mappings, mapping_warnings = load_pci_mapping()
@@ -231,20 +210,12 @@ def local_view(inventory: Inventory) -> NodeView:
     view.mappings = mappings
     for warning in mapping_warnings:
         view.warn(warning)
-    guests = _load_guests(
-        [
-            (QEMU, paths.host("etc/pve/qemu-server")),
-            (LXC, paths.host("etc/pve/lxc")),
-        ]
-    )
+    guests = all_guests()
     _read_claims(view, inventory.reader, guests)
     assert view.running is not None
     view.running.update(v for v in runtime.vm_candidates() if runtime.qemu_cmdline(v) is not None)
     view.running.update(runtime.running_cts())
-    before = len(inventory.reader.warnings)
     view.holders = inventory.holders()
-    # holders() reads running configs again (without pending): their warnings are known already
-    del inventory.reader.warnings[before:]
     _check_mappings(view)
     return view
 
@@ -259,10 +230,7 @@ def remote_view(node: str, mappings: dict[str, PciMapping]) -> NodeView:
                 if address is not None and line.iommugroup:
                     view.mapped_groups.setdefault(pci.device_of(address), line.iommugroup)
     reader = ClaimReader(view.sysfs, node, mappings)
-    base = paths.host("etc/pve/nodes", node)
-    guests = _load_guests(
-        [(QEMU, os.path.join(base, "qemu-server")), (LXC, os.path.join(base, "lxc"))]
-    )
+    guests = all_guests(node)
     _read_claims(view, reader, guests)
     for guest in guests:
         if guest.kind == LXC and _uses_gpu_nodes(guest):
