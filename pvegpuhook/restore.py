@@ -46,11 +46,13 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def first_conflict(guest: Guest, inventory: Inventory, holders: list[Holder]) -> Stop | None:
-    """A running guest that would keep ``guest`` from starting now, if any."""
+def first_conflict(
+    guest: Guest, needs: list[Need], inventory: Inventory, holders: list[Holder]
+) -> Stop | None:
+    """A running guest that would keep ``guest`` (with these needs, if a VM) from starting now."""
     if guest.kind == QEMU:
         # the same rule as for a backup, mappings included
-        plan = plan_free(guest, inventory.needs(guest, for_start=True), holders, frozenset())
+        plan = plan_free(guest, needs, holders, frozenset())
         if plan.refusal is not None:
             return Stop(plan.refusal.holder, plan.refusal.address)
         return plan.stops[0] if plan.stops else None
@@ -86,12 +88,13 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
             missing.add(record.vmid)
             continue
         orders[record.vmid] = guest.startup_order
-        ranks[record.vmid] = mapping_rank(record, inventory.needs(guest, for_start=True))
+        needs = inventory.needs(guest, for_start=True)
+        ranks[record.vmid] = mapping_rank(record, needs)
         if record.vmid in running:
             continue
         if holders is None:
             holders = inventory.holders()
-        conflict = first_conflict(guest, inventory, holders)
+        conflict = first_conflict(guest, needs, inventory, holders)
         if conflict is not None:
             blocked[record.vmid] = f"{conflict.address} is held by {conflict.holder.guest.label}"
     return plan_restore(
