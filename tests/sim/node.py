@@ -238,22 +238,10 @@ class FakeNode:
     ) -> None:
         """A QEMU guest. ``config`` is PVE config text (main section, [PENDING], snapshots...);
         the keyword arguments add main-section keys. ``running`` starts it like ``qm start``."""
-        extra: dict[str, str] = {}
-        if name is not None:
-            extra["name"] = name
-        for i, value in enumerate(hostpci):
-            extra[f"hostpci{i}"] = value
-        if template:
-            extra["template"] = "1"
-        if onboot is not None:
-            extra["onboot"] = "1" if onboot else "0"
-        if startup is not None:
-            extra["startup"] = startup
-        if args is not None:
-            extra["args"] = args
-        if lock is not None:
-            extra["lock"] = lock
-        extra.update(keys)
+        extra = _main_keys(
+            {"name": name}, "hostpci", hostpci, template, onboot,
+            {"startup": startup, "args": args, "lock": lock}, keys,
+        )  # fmt: skip
         self._add_guest("qemu", vmid, config, extra, node)
         if running or paused:
             self._start_checked(vmid, paused=paused)
@@ -274,20 +262,10 @@ class FakeNode:
         **keys: str,
     ) -> None:
         """An LXC guest; ``dev`` entries become dev0.. (e.g. "/dev/dri/renderD128,gid=104")."""
-        extra: dict[str, str] = {}
-        if hostname is not None:
-            extra["hostname"] = hostname
-        for i, value in enumerate(dev):
-            extra[f"dev{i}"] = value
-        if template:
-            extra["template"] = "1"
-        if onboot is not None:
-            extra["onboot"] = "1" if onboot else "0"
-        if startup is not None:
-            extra["startup"] = startup
-        if lock is not None:
-            extra["lock"] = lock
-        extra.update(keys)
+        extra = _main_keys(
+            {"hostname": hostname}, "dev", dev, template, onboot,
+            {"startup": startup, "lock": lock}, keys,
+        )  # fmt: skip
         self._add_guest("lxc", vmid, config, extra, node)
         if running:
             self._start_checked(vmid)
@@ -462,6 +440,27 @@ class FakeNode:
 
     def reboot(self, *, onboot: bool = False) -> list[str]:
         return reboot(self, onboot=onboot)
+
+
+def _main_keys(
+    first: dict[str, str | None],
+    prefix: str,
+    listed: Sequence[str],
+    template: bool,
+    onboot: bool | None,
+    rest: dict[str, str | None],
+    keys: dict[str, str],
+) -> dict[str, str]:
+    """The main-section keys the builder's keyword arguments stand for, in config order."""
+    extra = {k: v for k, v in first.items() if v is not None}
+    extra.update({f"{prefix}{i}": value for i, value in enumerate(listed)})
+    if template:
+        extra["template"] = "1"
+    if onboot is not None:
+        extra["onboot"] = "1" if onboot else "0"
+    extra.update({k: v for k, v in rest.items() if v is not None})
+    extra.update(keys)
+    return extra
 
 
 def reboot(node: FakeNode, *, onboot: bool = False) -> list[str]:
