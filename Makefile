@@ -20,33 +20,39 @@ test: $(VPY) lint
 	$(VPY) -m pytest -q tests
 
 lint: $(VPY)
-	$(VPY) -m ruff check pvegpuhook tests
-	$(VPY) -m ruff format --check pvegpuhook tests
+	$(VPY) -m ruff check pvegpuhook tests tools
+	$(VPY) -m ruff format --check pvegpuhook tests tools
 
+# demo, bench and soak live in tools/: they drive the product over the test simulator (tests/sim)
 demo:
-	$(PYTHON) -m tests.demo
+	$(PYTHON) -m tools.demo
 
 bench:
-	$(PYTHON) -m tests.bench
+	$(PYTHON) -m tools.bench
 
-# the soak (tests/soak.py): >= 2,000 random jobs through the simulator, invariants after each;
+# the soak (tools/soak.py): >= 2,000 random jobs through the simulator, invariants after each;
 # bounded by --max-seconds (default 1500); prints the seed to replay a counterexample
 .PHONY: soak
 soak: $(VPY)
-	$(VPY) -m tests.soak --jobs 2000
+	$(VPY) -m tools.soak --jobs 2000
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache *.egg-info
 
-# ---- committed generated files: tests/test_manpage.py and tests/test_completion.py fail when
-# they are stale. Written through a temporary file, so a failing generator leaves the old one.
+# ---- committed generated files: tests/unit/test_manpage.py and tests/unit/test_completion.py
+# fail when they are stale. Written through a temporary file, so a failing generator leaves the
+# old one.
 .PHONY: man completion
 
-# pve-gpu-hook(8) from the argparse parser (pvegpuhook/manpage.py); pve-gpu-hook.yaml(5) is
-# written by hand
+# by tools/manpage.py: pve-gpu-hook(8) from the argparse parser; the KEYS section of
+# pve-gpu-hook.yaml(5) and the template etc/config.yaml from the settings schema
 man:
-	$(PYTHON) -m pvegpuhook.manpage > man/pve-gpu-hook.8.tmp
+	$(PYTHON) -m tools.manpage page8 > man/pve-gpu-hook.8.tmp
 	mv man/pve-gpu-hook.8.tmp man/pve-gpu-hook.8
+	$(PYTHON) -m tools.manpage yaml5 > man/pve-gpu-hook.yaml.5.tmp
+	mv man/pve-gpu-hook.yaml.5.tmp man/pve-gpu-hook.yaml.5
+	$(PYTHON) -m tools.manpage config > etc/config.yaml.tmp
+	mv etc/config.yaml.tmp etc/config.yaml
 
 # the bash completion script, by the venv's argcomplete (the one the tests compare with)
 completion: $(VPY)
@@ -88,4 +94,4 @@ deb:
 
 # the packaging tests alone (they run `make deb` themselves; clean Debian roots need root)
 package-test: $(VPY)
-	$(VPY) -m pytest -q tests/test_package.py
+	$(VPY) -m pytest -q tests/packaging

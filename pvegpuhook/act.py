@@ -15,7 +15,7 @@ import time
 
 from pvegpuhook import paths, runtime
 from pvegpuhook.crashpoints import crash_point
-from pvegpuhook.inventory import QEMU
+from pvegpuhook.model import GuestKind
 
 TYPE_CHECKING = False  # typing costs ~7 ms of import on the hook path
 if TYPE_CHECKING:
@@ -67,14 +67,14 @@ def run(argv: list[str], timeout: float) -> tuple[int, str]:
     return code, text
 
 
-def tool(kind: str) -> str:
-    return paths.host(paths.QM if kind == QEMU else paths.PCT)
+def tool(kind: GuestKind) -> str:
+    return paths.host(paths.QM if kind == GuestKind.QEMU else paths.PCT)
 
 
-def _holds_nothing(kind: str, vmid: int) -> bool:
+def _holds_nothing(kind: GuestKind, vmid: int) -> bool:
     if runtime.running(kind, vmid):
         return False
-    return kind != QEMU or vmid not in runtime.reservations()
+    return kind != GuestKind.QEMU or vmid not in runtime.reservations()
 
 
 def wait_until(predicate: Callable[[], bool], deadline: float) -> bool:
@@ -86,7 +86,7 @@ def wait_until(predicate: Callable[[], bool], deadline: float) -> bool:
         time.sleep(POLL)
 
 
-def shutdown(kind: str, vmid: int, timeout: int) -> Outcome:
+def shutdown(kind: GuestKind, vmid: int, timeout: int) -> Outcome:
     """Graceful shutdown, confirmed: the guest is gone and its PCI reservations are released."""
     began = time.monotonic()
     argv = [tool(kind), "shutdown", str(vmid), "--timeout", str(timeout)]
@@ -97,7 +97,7 @@ def shutdown(kind: str, vmid: int, timeout: int) -> Outcome:
     return Outcome(ok, time.monotonic() - began, detail)
 
 
-def hard_stop(kind: str, vmid: int) -> Outcome:
+def hard_stop(kind: GuestKind, vmid: int) -> Outcome:
     began = time.monotonic()
     code, text = run([tool(kind), "stop", str(vmid)], GRACE * 2)
     deadline = began + GRACE * 2 if code == 0 else time.monotonic() + SETTLE
@@ -105,7 +105,7 @@ def hard_stop(kind: str, vmid: int) -> Outcome:
     return Outcome(ok, time.monotonic() - began, "" if ok else (text or f"exit code {code}"))
 
 
-def start(kind: str, vmid: int, timeout: int) -> Outcome:
+def start(kind: GuestKind, vmid: int, timeout: int) -> Outcome:
     """Start and confirm the guest runs; HA-managed guests confirm only once HA has started them."""
     began = time.monotonic()
     code, text = run([tool(kind), "start", str(vmid)], timeout + GRACE)

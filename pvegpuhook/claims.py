@@ -1,56 +1,15 @@
-"""What a guest's config claims of the node's PCI devices.
+"""What a guest's config claims of the node's PCI devices (see :mod:`pvegpuhook.model`).
 
-A VM's ``hostpciN`` line is one *need*: a list of alternatives (more than one only for a
-``mapping=`` with several ``map`` lines for this node: PVE takes the first free one), each a tuple
-of claims. A claim names an address, the units it occupies and how:
-
-- ``exclusive``: full passthrough (vfio-pci); conflicts with any other use of the unit.
-- ``mdev``: a mediated device of the parent; only a full passthrough of the parent excludes it.
-- ``shared``: a CT using the GPU through the host driver; shared with CTs and mdevs.
+A VM's ``hostpciN`` line (or raw ``args`` vfio-pci device) is one :class:`~pvegpuhook.model.Need`;
+a CT's device nodes and cgroup rules are ``shared`` claims. Readers return the problems they find
+with what they read (``file:line: ...``), never into a list shared between callers.
 """
 
 from __future__ import annotations
 
 from pvegpuhook import pci
+from pvegpuhook.model import Claim, ClaimKind, Need
 from pvegpuhook.pveconf import GuestConfig, PciMapping, is_number, split_options
-
-EXCLUSIVE = "exclusive"
-MDEV = "mdev"
-SHARED = "shared"
-
-
-class Claim:
-    __slots__ = ("address", "units", "kind", "source")
-
-    def __init__(self, address: str, units: frozenset[str], kind: str, source: str) -> None:
-        self.address = address
-        self.units = units
-        self.kind = kind
-        self.source = source
-
-    def conflicts_with(self, other: Claim) -> bool:
-        if EXCLUSIVE not in (self.kind, other.kind):
-            return False
-        return not self.units.isdisjoint(other.units)
-
-    def __repr__(self) -> str:
-        return f"Claim({self.address}, {sorted(self.units)}, {self.kind}, {self.source})"
-
-
-class Need:
-    """One passthrough line of a VM: satisfied when any one alternative is free."""
-
-    __slots__ = ("source", "alternatives", "mapping")
-
-    def __init__(
-        self, source: str, alternatives: list[tuple[Claim, ...]], mapping: str | None = None
-    ) -> None:
-        self.source = source
-        self.alternatives = alternatives
-        self.mapping = mapping
-
-    def claims(self) -> list[Claim]:
-        return [c for alt in self.alternatives for c in alt]
 
 
 class ClaimReader:
@@ -62,30 +21,33 @@ class ClaimReader:
         self.sysfs = sysfs
         self.node = node
         self.mappings = mappings
-        self.warnings: list[str] = []
+        self.mapping_warnings: list[str] = []  # problems of pci.cfg itself, once it is read
 
     def _mappings(self) -> dict[str, PciMapping]:
         if self.mappings is None:
             from pvegpuhook.pveconf import load_pci_mapping
 
-            self.mappings, warnings = load_pci_mapping()
-            self.warnings.extend(warnings)
+            self.mappings, self.mapping_warnings = load_pci_mapping()
         return self.mappings
 
-    def _claims(self, ids: list[str], kind: str, source: str, where: str) -> tuple[Claim, ...]:
+    def _claims(
+        self, ids: list[str], kind: ClaimKind, source: str, where: str, warnings: list[str]
+    ) -> tuple[Claim, ...]:
         claims = []
         for raw in ids:
             address = pci.normalize(raw)
             if address is None:
-                self.warnings.append(f"{where}: {source}: {raw!r} is not a PCI address, ignored")
+                warnings.append(f"{where}: {source}: {raw!r} is not a PCI address, ignored")
                 continue
             claims.append(Claim(address, self.sysfs.units(address), kind, source))
         return tuple(claims)
 
-    def vm_needs(self, config: GuestConfig, with_pending: bool) -> list[Need]:
-        """Every passthrough need of a VM (``hostpci0..15`` and raw ``args`` vfio-pci devices)."""
+    def vm_needs(self, config: GuestConfig, with_pending: bool) -> tuple[list[Need], list[str]]:
+        """Every passthrough need of a VM (``hostpci0..15`` and raw ``args`` vfio-pci devices),
+        and the problems of its config lines that name them."""
         values = config.values(with_pending)
         needs: list[Need] = []
+        warnings: list[str] = []
         for index in range(16):
             key = f"hostpci{index}"
             value = values.get(key)
@@ -93,38 +55,38 @@ class ClaimReader:
                 continue
             where = f"{config.path}:{config.line_of(key, with_pending) or '?'}"
             first, options = split_options(value)
-            kind = MDEV if options.get("mdev") else EXCLUSIVE
+            kind = ClaimKind.MDEV if options.get("mdev") else ClaimKind.EXCLUSIVE
             if "mapping" in options:
                 name = options["mapping"]
                 mapping = self._mappings().get(name)
                 if mapping is None:
-                    self.warnings.append(f"{where}: {key}: PCI mapping {name!r} does not exist")
+                    warnings.append(f"{where}: {key}: PCI mapping {name!r} does not exist")
                     needs.append(Need(key, [], mapping=name))
                     continue
                 alternatives = [
-                    self._claims(entry.paths, kind, key, where)
+                    self._claims(entry.paths, kind, key, where, warnings)
                     for entry in mapping.for_node(self.node)
                 ]
                 if not alternatives:
-                    self.warnings.append(
+                    warnings.append(
                         f"{where}: {key}: PCI mapping {name!r} has no entry for node {self.node}"
                     )
                 needs.append(Need(key, [a for a in alternatives if a], mapping=name))
                 continue
             host = options.get("host", first)
             if not host:
-                self.warnings.append(f"{where}: {key}: no host= or mapping=, ignored")
+                warnings.append(f"{where}: {key}: no host= or mapping=, ignored")
                 continue
-            claims = self._claims(host.split(";"), kind, key, where)
+            claims = self._claims(host.split(";"), kind, key, where, warnings)
             if claims:
                 needs.append(Need(key, [claims]))
         args = values.get("args")
         if args and "vfio-pci" in args:
             where = f"{config.path}:{config.line_of('args', with_pending) or '?'}"
             ids = vfio_hosts(split_args(args))
-            claims = self._claims(ids, EXCLUSIVE, "args", where)
+            claims = self._claims(ids, ClaimKind.EXCLUSIVE, "args", where, warnings)
             needs.extend(Need("args", [(c,)]) for c in claims)
-        return needs
+        return needs, warnings
 
     def ct_claims(self, config: GuestConfig, with_pending: bool = False) -> list[Claim]:
         """GPUs a CT uses through the host driver (devN, bind mounts, cgroup rules)."""
@@ -144,7 +106,7 @@ class ClaimReader:
                 continue
             source = f"{key} (line {line})"
             for function in functions:
-                claims.append(Claim(function, self.sysfs.units(function), SHARED, source))
+                claims.append(Claim(function, self.sysfs.units(function), ClaimKind.SHARED, source))
         return claims
 
     def _cgroup_rule(self, value: str) -> list[str]:

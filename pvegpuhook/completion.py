@@ -41,8 +41,8 @@ def _recorded() -> list[int]:
     from pvegpuhook.state import StateStore
 
     try:
-        # without the lock, load() only reads (a corrupt file is not moved aside)
-        return [record.vmid for record in StateStore().load()]
+        # not held, records() only reads (a corrupt file is not moved aside)
+        return [record.vmid for record in StateStore().records()]
     except (GpuHookError, OSError, ValueError):
         return []  # e.g. /var/lib/pve-gpu-hook is root-only and this is a user's shell
 

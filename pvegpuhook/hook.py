@@ -2,8 +2,9 @@
 
 A phase → handler table. vzdump empties the environment (no PATH) and turns our stdout/stderr
 into task-log lines; a non-zero exit fails the job or the guest's backup depending on the phase
-(DESIGN §3.1), so phases where failing would do harm never fail. Phases with nothing to do import
-almost nothing: this runs for every guest of every backup job.
+(docs/pve-facts.md §1), so phases where failing would do harm never fail. Phases with nothing to
+do import almost nothing: this runs for every guest of every backup job. The work itself is in
+:mod:`pvegpuhook.phases`, imported only when there is some.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
-from pvegpuhook.log import Log
+from pvegpuhook.log import CALLED, Log
+from pvegpuhook.vmid import parse_vmid
 
 JOB_PHASES = ("job-init", "job-start", "job-end", "job-abort")
 GUEST_PHASES = (
@@ -26,28 +28,19 @@ GUEST_PHASES = (
 # failing here would abort the whole job before any lock (job-init) or keep vzdump from starting
 # the guest again (pre-restart, post-restart)
 NEVER_FAIL = ("job-init", "pre-restart", "post-restart")
-MAX_VMID = 999999999
 
 
 class Call:
     """One invocation of the hook, as vzdump made it."""
 
-    __slots__ = ("argv", "phase", "mode", "vmid", "vmtype", "log")
+    __slots__ = ("argv", "phase", "mode", "vmid", "log")
 
     def __init__(self, argv: list[str], phase: str, mode: str | None, vmid: int | None) -> None:
         self.argv = argv
         self.phase = phase
         self.mode = mode
         self.vmid = vmid
-        self.vmtype = os.environ.get("VMTYPE")
         self.log = Log(phase, vmid)
-
-
-def parse_vmid(text: str) -> int | None:
-    if not text.isdigit() or not text.isascii() or len(text) > 9 or text.startswith("0"):
-        return None
-    vmid = int(text)
-    return vmid if 100 <= vmid <= MAX_VMID else None
 
 
 def nothing(call: Call) -> int:
@@ -66,24 +59,23 @@ def job_start(call: Call) -> int:
         except ConfigError as error:
             call.log.say(f"{error}; this job will stop no guest to free a GPU")
         return 0
-    from pvegpuhook import handlers
+    from pvegpuhook import phases
 
-    return handlers.job_start(call.log)
+    return phases.report_leftovers(call.log)
 
 
 def backup_start(call: Call) -> int:
-    assert call.vmid is not None
-    if call.vmtype == "lxc":
-        return 0  # vzdump never starts a stopped CT, so a CT backup needs no device
+    assert call.vmid is not None and call.mode is not None
     from pvegpuhook import paths
     from pvegpuhook.pveconf import read_text
 
+    # a CT has no qemu-server config: vzdump never starts a stopped CT, so it needs no device
     text = read_text(paths.qemu_conf(call.vmid))
     if text is None or ("hostpci" not in text and "vfio" not in text):
         return 0  # no passthrough at all: the common case, decided without parsing
-    from pvegpuhook import handlers
+    from pvegpuhook import phases
 
-    return handlers.backup_start(call.log, call.vmid, text)
+    return phases.free_for_backup(call.log, call.vmid, call.mode, text)
 
 
 def log_end(call: Call) -> int:
@@ -91,10 +83,10 @@ def log_end(call: Call) -> int:
 
     if not os.path.exists(paths.host(paths.STATE_FILE)):
         return 0
-    from pvegpuhook import handlers
+    from pvegpuhook import phases
 
     assert call.vmid is not None
-    return handlers.log_end(call.log, call.vmid)
+    return phases.restart_after_backup(call.log, call.vmid)
 
 
 def job_end(call: Call) -> int:
@@ -102,9 +94,9 @@ def job_end(call: Call) -> int:
 
     if not os.path.exists(paths.host(paths.STATE_FILE)):
         return 0
-    from pvegpuhook import handlers
+    from pvegpuhook import phases
 
-    return handlers.job_end(call.log)
+    return phases.restart_leftovers(call.log)
 
 
 HANDLERS = {
@@ -145,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         Log(phase).error(call)
         return 0 if phase in NEVER_FAIL else 2
     if call.phase != "job-init":  # before vzdump's node lock: a queued job must leave no trace
-        call.log.file(f"called: {' '.join(argv)}")
+        call.log.file(f"{CALLED}{' '.join(argv)}")
         report_corrupt_state(call)
     handler = HANDLERS.get(call.phase, nothing)  # unknown phases: a newer vzdump; tolerate
     try:
@@ -165,15 +157,12 @@ def report_corrupt_state(call: Call) -> None:
     """A corrupt state file kept aside is an emergency until the admin deals with it."""
     from pvegpuhook import paths
 
-    try:
-        names = os.listdir(paths.host(paths.STATE_DIR))
-    except OSError:
-        return
-    kept = sorted(n for n in names if ".corrupt-" in n)
+    kept = [os.path.basename(p) for p in paths.corrupt_state_files()]
     if kept:
         message = (
             f"a corrupt state file was kept aside ({', '.join(kept)} in "
-            f"/{paths.STATE_DIR}): guests it named may still be off; see 'pve-gpu-hook status'"
+            f"{paths.shown(paths.STATE_DIR)}): guests it named may still be off; "
+            "see 'pve-gpu-hook status'"
         )
         if call.phase in LOUD_PHASES:
             call.log.say(message)
@@ -199,12 +188,25 @@ def run_chain(call: Call) -> int:
     """Run the hook that was active before ours (``register --chain``), same argv and env."""
     from pvegpuhook import paths
 
-    chain_file = paths.host(paths.CHAIN_FILE)
-    if not os.path.exists(chain_file):
+    if not os.path.exists(paths.host(paths.CHAIN_FILE)):
         return 0
-    from pvegpuhook import handlers
+    from pvegpuhook import registration
+    from pvegpuhook.errors import StateError
 
-    return handlers.run_chain(call.log, call.argv)
+    try:
+        script = registration.chain()
+    except StateError as error:
+        call.log.error(f"chained hook not run: {error}")
+        return 1
+    if script is None:
+        return 0
+    problem, path = registration.resolve_chain(script)
+    if problem is not None:
+        call.log.error(f"chained hook {script} {problem}: not run")
+        return 1
+    from pvegpuhook import act
+
+    return act.run_chained(path, call.argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The model of the node, read lazily: guests, their claims, and the running guests holding units.
+"""Reads the node into the model (:mod:`pvegpuhook.model`): guests, claims, and the holders.
 
 Reading is proportional to what a decision needs: the guest being backed up plus the guests that
 run now, never every config of the node.
@@ -9,73 +9,24 @@ from __future__ import annotations
 import os
 
 from pvegpuhook import paths, pci, runtime
-from pvegpuhook.claims import EXCLUSIVE, Claim, ClaimReader, Need, vfio_hosts
-from pvegpuhook.pveconf import (
-    GuestConfig,
-    ha_managed,
-    is_number,
-    node_name,
-    parse_guest_config,
-    read_text,
-    startup_order,
-)
-
-QEMU = "qemu"
-LXC = "lxc"
-RESERVED = "reserved"  # the source of a claim found in PVE's PCI reservation file
+from pvegpuhook.claims import ClaimReader, vfio_hosts
+from pvegpuhook.model import RESERVED, Claim, ClaimKind, Guest, GuestKind, Holder, Need
+from pvegpuhook.pveconf import ha_managed, is_number, node_name, parse_guest_config, read_text
 
 
-class Guest:
-    __slots__ = ("vmid", "kind", "config")
-
-    def __init__(self, vmid: int, kind: str, config: GuestConfig) -> None:
-        self.vmid = vmid
-        self.kind = kind
-        self.config = config
-
-    @property
-    def name(self) -> str | None:
-        return self.config.values().get("name" if self.kind == QEMU else "hostname")
-
-    @property
-    def template(self) -> bool:
-        return self.config.values().get("template", "0") in ("1", "yes", "on", "true")
-
-    @property
-    def onboot(self) -> bool:
-        return self.config.values().get("onboot", "0") in ("1", "yes", "on", "true")
-
-    @property
-    def startup_order(self) -> int | None:
-        return startup_order(self.config.values().get("startup"))
-
-    @property
-    def lock(self) -> str | None:
-        return self.config.values().get("lock")
-
-    @property
-    def label(self) -> str:
-        return describe(self.kind, self.vmid, self.name)
+def config_path(kind: GuestKind, vmid: int) -> str:
+    return paths.qemu_conf(vmid) if kind == GuestKind.QEMU else paths.lxc_conf(vmid)
 
 
-def describe(kind: str, vmid: int, name: str | None = None) -> str:
-    word = "VM" if kind == QEMU else "CT"
-    return f"{word} {vmid} ({name})" if name else f"{word} {vmid}"
-
-
-def config_path(kind: str, vmid: int) -> str:
-    return paths.qemu_conf(vmid) if kind == QEMU else paths.lxc_conf(vmid)
-
-
-def guest_kind(vmid: int) -> str | None:
+def guest_kind(vmid: int) -> GuestKind | None:
     if os.path.exists(paths.qemu_conf(vmid)):
-        return QEMU
+        return GuestKind.QEMU
     if os.path.exists(paths.lxc_conf(vmid)):
-        return LXC
+        return GuestKind.LXC
     return None
 
 
-def load_guest(vmid: int, kind: str | None = None) -> Guest | None:
+def load_guest(vmid: int, kind: GuestKind | None = None) -> Guest | None:
     kind = kind or guest_kind(vmid)
     if kind is None:
         return None
@@ -86,11 +37,11 @@ def load_guest(vmid: int, kind: str | None = None) -> Guest | None:
     return Guest(vmid, kind, parse_guest_config(text, path))
 
 
-def guest_configs(node: str | None = None) -> dict[int, tuple[str, str]]:
+def guest_configs(node: str | None = None) -> dict[int, tuple[GuestKind, str]]:
     """Every guest configured on this node (or on ``node`` of the cluster): vmid → (kind, path)."""
     base = "etc/pve" if node is None else f"etc/pve/nodes/{node}"
-    found: dict[int, tuple[str, str]] = {}
-    for kind, folder in ((QEMU, f"{base}/qemu-server"), (LXC, f"{base}/lxc")):
+    found: dict[int, tuple[GuestKind, str]] = {}
+    for kind, folder in ((GuestKind.QEMU, f"{base}/qemu-server"), (GuestKind.LXC, f"{base}/lxc")):
         try:
             names = os.listdir(paths.host(folder))
         except OSError:
@@ -102,7 +53,7 @@ def guest_configs(node: str | None = None) -> dict[int, tuple[str, str]]:
     return dict(sorted(found.items()))
 
 
-def local_vmids() -> dict[int, str]:
+def local_vmids() -> dict[int, GuestKind]:
     """Every guest configured on this node: vmid → kind."""
     return {vmid: kind for vmid, (kind, _) in guest_configs().items()}
 
@@ -118,20 +69,6 @@ def all_guests(node: str | None = None) -> list[Guest]:
     return guests
 
 
-class Holder:
-    """A running guest and the claims it holds now."""
-
-    __slots__ = ("guest", "claims")
-
-    def __init__(self, guest: Guest, claims: list[Claim]) -> None:
-        self.guest = guest
-        self.claims = claims
-
-    @property
-    def vmid(self) -> int:
-        return self.guest.vmid
-
-
 class Inventory:
     def __init__(self) -> None:
         self.sysfs = pci.Sysfs()
@@ -140,25 +77,28 @@ class Inventory:
         self._ha: set[int] | None = None
 
     @property
-    def warnings(self) -> list[str]:
-        return self.reader.warnings
+    def mapping_warnings(self) -> list[str]:
+        """Problems of ``pci.cfg`` itself (empty until a mapping was looked up)."""
+        return self.reader.mapping_warnings
 
     def ha_managed(self) -> set[int]:
         if self._ha is None:
             self._ha = ha_managed()
         return self._ha
 
-    def needs(self, guest: Guest, *, for_start: bool) -> list[Need]:
-        """A VM's passthrough needs; ``for_start``: as its next start sees them (pending too)."""
-        if guest.kind != QEMU:
-            return []
-        self.warnings.extend(w for w in guest.config.warnings if w not in self.warnings)
-        return self.reader.vm_needs(guest.config, with_pending=for_start)
+    def needs(self, guest: Guest, *, for_start: bool) -> tuple[list[Need], list[str]]:
+        """A VM's passthrough needs (``for_start``: as its next start sees them, pending
+        applied), and the problems of its config; a CT needs nothing for its backup."""
+        if guest.kind != GuestKind.QEMU:
+            return [], []
+        needs, warnings = self.reader.vm_needs(guest.config, with_pending=for_start)
+        return needs, [*guest.config.warnings, *warnings]
 
     def claims_of_stopped(self, guest: Guest) -> list[Claim]:
         """What a guest would hold if started now (every alternative of a mapping)."""
-        if guest.kind == QEMU:
-            return [c for need in self.needs(guest, for_start=True) for c in need.claims()]
+        if guest.kind == GuestKind.QEMU:
+            needs, _ = self.needs(guest, for_start=True)
+            return [c for need in needs for c in need.claims()]
         return self.reader.ct_claims(guest.config, with_pending=True)
 
     def holders(self, exclude: set[int] | None = None) -> list[Holder]:
@@ -181,7 +121,7 @@ class Inventory:
             text = read_text(paths.lxc_conf(vmid))
             if text is None or not ("dev" in text or "lxc." in text):
                 continue
-            guest = Guest(vmid, LXC, parse_guest_config(text, paths.lxc_conf(vmid)))
+            guest = Guest(vmid, GuestKind.LXC, parse_guest_config(text, paths.lxc_conf(vmid)))
             claims = self.reader.ct_claims(guest.config)
             if claims:
                 result.append(Holder(guest, claims))
@@ -192,7 +132,7 @@ class Inventory:
             return None  # a QEMU without a vfio-pci device holds no PCI device, mdevs included
         path = paths.qemu_conf(vmid)
         text = read_text(path) or ""
-        guest = Guest(vmid, QEMU, parse_guest_config(text, path))
+        guest = Guest(vmid, GuestKind.QEMU, parse_guest_config(text, path))
         claims: list[Claim] = []
         # PVE's reservation file first: only those functions count for its own check (raw
         # "args" devices and the rest of an IOMMU group are not reserved, yet held)
@@ -201,11 +141,12 @@ class Inventory:
         ]:
             address = pci.normalize(raw)
             if address is not None and all(c.address != address for c in claims):
-                claims.append(Claim(address, self.sysfs.units(address), EXCLUSIVE, source))
+                claims.append(
+                    Claim(address, self.sysfs.units(address), ClaimKind.EXCLUSIVE, source)
+                )
         if "hostpci" in text or "vfio" in text:
-            known = len(self.reader.warnings)
-            needs = self.reader.vm_needs(guest.config, with_pending=False)
-            del self.reader.warnings[known:]  # a holder's config problems are not this decision's
+            # a holder's config problems are not this decision's: its warnings are not reported
+            needs, _ = self.reader.vm_needs(guest.config, with_pending=False)
             for need in needs:
                 # a mapping with several alternatives: only the running process says which
                 if len(need.alternatives) == 1:

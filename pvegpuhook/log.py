@@ -1,5 +1,5 @@
 """What the hook says: one concise line per action on stdout (the vzdump task log and the backup
-notification), and every detail in ``/var/log/pve-gpu-hook.log``.
+notification), and every detail in ``/var/log/pve-gpu-hook.log``, which ``status`` reads back.
 
 Text from guest configs or commands may carry control characters; they are escaped before they
 reach the terminal or the log.
@@ -14,6 +14,10 @@ import time
 from pvegpuhook import paths
 
 PREFIX = "pve-gpu-hook: "
+# the log file's line format (``TIME PHASE VMID|- MESSAGE``) is written by Log.file and read back
+# by LogLine.parse, both below
+ERROR_PREFIX = "ERROR: "
+CALLED = "called: "  # the line each phase writes first
 
 
 def clean(text: str) -> str:
@@ -59,7 +63,7 @@ class Log:
             sys.stdout.flush()
             sys.stderr.write(PREFIX + line + "\n")
             sys.stderr.flush()
-        self.file("ERROR: " + line)
+        self.file(ERROR_PREFIX + line)
 
     def file(self, message: str) -> None:
         """A line for the log file only; logging must never break a backup."""
@@ -85,3 +89,86 @@ class Log:
             pass
         finally:
             os.close(fd)
+
+
+# ---- reading the log back (``status``) ---------------------------------------------------------
+
+TAIL = 4 * 1024 * 1024  # the last job is near the end; a rotated-late log may be big
+JOB_END_PHASES = ("job-end", "job-abort")
+
+
+class LogLine:
+    """One line of the log file as :meth:`Log.file` wrote it: ``TIME PHASE VMID|- MESSAGE``."""
+
+    __slots__ = ("time", "phase", "vmid", "message")
+
+    def __init__(self, time_: str, phase: str, vmid: int | None, message: str) -> None:
+        self.time, self.phase, self.vmid, self.message = time_, phase, vmid, message
+
+    @classmethod
+    def parse(cls, line: str) -> LogLine | None:
+        parts = line.split(" ", 3)
+        if len(parts) < 3:
+            return None
+        vmid = int(parts[2]) if parts[2].isascii() and parts[2].isdigit() else None
+        return cls(parts[0], parts[1], vmid, parts[3] if len(parts) > 3 else "")
+
+
+def read_tail(path: str | None = None, limit: int = TAIL) -> list[LogLine]:
+    """The parsed lines of the log's last ``limit`` bytes (none when it cannot be read)."""
+    path = path or paths.host(paths.LOG_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        with os.fdopen(fd, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - limit))
+            raw = f.read()
+    except OSError:  # a directory, an I/O error: nothing to read
+        return []
+    lines = raw.decode("utf-8", "replace").split("\n")
+    if size > limit:
+        lines = lines[1:]  # a partial first line
+    return [parsed for line in lines if line and (parsed := LogLine.parse(line))]
+
+
+def last_job(lines: list[LogLine]) -> dict[str, object] | None:
+    """The last job of the log: from its ``job-start`` to its ``job-end``/``job-abort`` lines.
+
+    Lines of other phases after the job ended (the next job's job-init, a ``recover``) are not
+    part of it. Actions are the lines other than each phase's ``called:`` line.
+    """
+    job: dict[str, object] | None = None
+    actions: list[dict[str, object]] = []
+    for line in lines:
+        phase, message = line.phase, line.message
+        if phase == "job-start" and (
+            job is None or job["end"] is not None or message.startswith(CALLED)
+        ):
+            actions = []
+            job = {"start": line.time, "end": None, "end_phase": None, "actions": actions}
+        if job is None:
+            continue
+        if job["end"] is not None and phase not in JOB_END_PHASES:
+            continue
+        if phase in JOB_END_PHASES:
+            job["end"], job["end_phase"] = line.time, phase
+        if message.startswith(CALLED):
+            continue
+        actions.append({"time": line.time, "phase": phase, "vmid": line.vmid, "message": message})
+    if job is None:
+        return None
+    errors = sum(1 for a in actions if str(a["message"]).startswith(ERROR_PREFIX))
+    if errors:
+        result = "error"
+    elif job["end"] is None:
+        result = "unfinished"
+    elif job["end_phase"] == "job-abort":
+        result = "aborted"
+    else:
+        result = "ok"
+    job["result"] = result
+    job["errors"] = errors
+    return job

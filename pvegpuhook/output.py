@@ -5,7 +5,8 @@ Every read command builds two things and hands them to :func:`emit`:
 * ``data`` — plain JSON-able values (dict/list/str/int/float/bool/None). This is the stable,
   documented machine shape of the command (each command's docstring describes its own), printed by
   ``json`` (one line, keys sorted), ``json-pretty`` (indent 4, keys sorted) and ``yaml``
-  (block style, keys sorted).
+  (block style, keys sorted). Every shape carries ``"format": 1`` (:data:`FORMAT_VERSION`),
+  raised when a key changes meaning or goes away, so that scripts can check what they read.
 * ``tables`` and ``notes`` — the human view, printed by ``text`` (the default): each table (its
   title, a header row, one row per item), then the notes, one per line, after a blank line. Notes
   are printed verbatim (the caller writes ``warning: ...`` when it is one).
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from pvegpuhook.log import clean
 
 FORMATS = ("text", "json", "json-pretty", "yaml")
+FORMAT_VERSION = 1
 EMPTY = "-"  # keeps piped columns aligned and countable when a value is missing
 SEP = "  "
 
@@ -93,6 +95,8 @@ def emit(
 ) -> None:
     """Print ``data`` (json/yaml) or ``tables`` then ``notes`` (text) as ``args`` asks."""
     fmt = getattr(args, "output_format", "text") or "text"
+    if isinstance(data, dict):
+        data = {"format": FORMAT_VERSION, **data}
     if fmt == "json":
         _write(json.dumps(data, sort_keys=True) + "\n")
     elif fmt == "json-pretty":
@@ -175,7 +179,7 @@ def _yaml_safe(data: object) -> object:
     if isinstance(data, str):
         if any(0xD800 <= ord(char) <= 0xDFFF for char in data):
             return clean(data)
-        return data
+        return str(data)  # an enum's value (a str subclass PyYAML's safe dumper does not know)
     if isinstance(data, dict):
         return {_yaml_safe(key): _yaml_safe(value) for key, value in data.items()}
     if isinstance(data, (list, tuple)):

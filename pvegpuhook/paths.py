@@ -29,6 +29,8 @@ def lxc_conf(vmid: int) -> str:
 STATE_DIR = "var/lib/pve-gpu-hook"
 STATE_FILE = STATE_DIR + "/state.json"  # absent when no guest waits: phases check it cheaply
 CHAIN_FILE = STATE_DIR + "/chain"  # the admin's previous hook, set by 'register --chain'
+REGISTRATION_FILE = STATE_DIR + "/registration.json"  # what 'register' appended to vzdump.conf
+CORRUPT_MARK = ".corrupt-"  # in the name of a damaged state file kept aside
 LOCK_FILE = "run/lock/pve-gpu-hook.lock"
 LOG_FILE = "var/log/pve-gpu-hook.log"
 OVERRIDE_FILE = "etc/pve-gpu-hook/config.yaml"
@@ -38,3 +40,18 @@ HA_RESOURCES = "etc/pve/ha/resources.cfg"
 RESERVATIONS = "run/qemu-server/pci-id-reservations"
 QM = "usr/sbin/qm"
 PCT = "usr/sbin/pct"
+
+
+def shown(relative: str) -> str:
+    """A host path as the admin knows it (``/etc/vzdump.conf``), whatever the test root."""
+    return "/" + relative.lstrip("/")
+
+
+def corrupt_state_files() -> list[str]:
+    """Damaged state files kept aside, oldest first (cheap: every hook phase asks)."""
+    directory = host(STATE_DIR)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(os.path.join(directory, n) for n in names if CORRUPT_MARK in n)

@@ -198,3 +198,19 @@ class Sysfs:
             if item and item not in seen:
                 seen.append(item)
         return seen
+
+
+def unit_order(unit: str) -> tuple[str, int, str]:
+    """Sort key of a unit (``group:9`` before ``group:14``)."""
+    kind, _, value = unit.partition(":")
+    return (kind, int(value) if value.isdigit() else -1, value)
+
+
+def unit_text(unit: str) -> str:
+    """A unit as an admin reads it: ``IOMMU group 14``, ``SR-IOV function ...``, ``device ...``."""
+    kind, _, value = unit.partition(":")
+    if kind == "group":
+        return f"IOMMU group {value}"
+    if kind == "fn":
+        return f"SR-IOV function {value}"
+    return f"device {value}"

@@ -1,14 +1,15 @@
-"""Pure decisions: which holders must stop so a VM can start, and how to put guests back.
+"""Pure decisions: what a guest's backup needs freed, who stops for it, how guests come back.
 
-No I/O here: inputs in, decisions out. The hook, ``recover`` and ``dry-run`` share these
-functions, so what ``dry-run`` predicts is what the hook does.
+No I/O here: model types in (:mod:`pvegpuhook.model`), decisions out. The hook and ``dry-run``
+call the same :func:`decide_backup` for each guest of a job, and the hook and ``recover`` the
+same :func:`plan_restart`, so what ``dry-run`` predicts is what the hook decides.
 """
 
 from __future__ import annotations
 
-from pvegpuhook.claims import Claim, Need
-from pvegpuhook.inventory import RESERVED, Guest, Holder
-from pvegpuhook.state import Record
+from enum import StrEnum
+
+from pvegpuhook.model import RESERVED, Claim, Guest, GuestKind, Holder, Need
 
 UNORDERED = 1 << 62  # PVE starts guests without a startup order after those with one
 
@@ -127,31 +128,111 @@ def plan_free(
     return plan
 
 
-START = "start"  # stopped, its units are free: start it
-DROP = "drop"  # already running again: forget the record
-BLOCKED = "blocked"  # another running guest holds its units now
-MISSING = "missing"  # its config is gone: keep the record for the admin
-WAIT = "wait"  # an interrupted shutdown may still be under way: decide later
+# ---- one guest of a backup job ------------------------------------------------------------------
 
 
-class RestoreStep:
-    __slots__ = ("record", "action", "reason")
+class Verdict(StrEnum):
+    NOTHING = "nothing"  # nothing to free: the backup goes on as it would without the hook
+    FREE = "free"  # shut these holders down first
+    REFUSE = "refuse"  # the backup fails: a holder must not stop, or vzdump refuses the guest
 
-    def __init__(self, record: Record, action: str, reason: str = "") -> None:
-        self.record = record
+
+class BackupDecision:
+    """What happens at one guest's backup: its effective mode, the verdict and why."""
+
+    __slots__ = ("guest", "mode", "verdict", "reason", "stops", "refusal", "template")
+
+    def __init__(self, guest: Guest, mode: str, verdict: Verdict, reason: str = "") -> None:
+        self.guest = guest
+        self.mode = mode
+        self.verdict = verdict
+        self.reason = reason
+        self.stops: list[Stop] = []
+        self.refusal: Refusal | None = None
+        self.template = False  # backed up without its devices
+
+
+def decide_backup(
+    guest: Guest,
+    *,
+    job_mode: str,
+    running: bool,
+    needs: list[Need],
+    holders: list[Holder],
+    protect: frozenset[int],
+    ha_started: bool = False,
+) -> BackupDecision:
+    """The decision for ``guest`` in a job of mode ``job_mode``, on the node as given.
+
+    ``needs``: its passthrough needs as its next start sees them; ``holders``: the running
+    guests with what they hold; ``ha_started``: an HA resource in state ``started``.
+    """
+    mode = job_mode if running else "stop"  # vzdump backs up a guest that is off in stop mode
+    if job_mode == "stop" and ha_started:
+        return BackupDecision(
+            guest, mode, Verdict.REFUSE, "vzdump refuses stop mode for an HA-managed guest"
+        )
+    if guest.kind != GuestKind.QEMU:
+        return BackupDecision(guest, mode, Verdict.NOTHING, "vzdump never starts a stopped CT")
+    if running:
+        return BackupDecision(
+            guest, mode, Verdict.NOTHING, "running: it gives its devices up and takes them back"
+        )
+    if not needs:
+        return BackupDecision(guest, mode, Verdict.NOTHING, "no passthrough device")
+    if guest.template:
+        decision = BackupDecision(
+            guest, mode, Verdict.NOTHING, "template: backed up without its devices"
+        )
+        decision.template = True
+        return decision
+    plan = plan_free(guest, needs, holders, protect)
+    if plan.refusal is not None:
+        refusal = plan.refusal
+        decision = BackupDecision(
+            guest,
+            mode,
+            Verdict.REFUSE,
+            f"cannot free {refusal.address}: {refusal.holder.guest.label} {refusal.reason}",
+        )
+        decision.refusal = refusal
+        return decision
+    if not plan.stops:
+        return BackupDecision(guest, mode, Verdict.NOTHING, "every device it needs is free")
+    decision = BackupDecision(guest, mode, Verdict.FREE)
+    decision.stops = plan.stops
+    return decision
+
+
+# ---- starting recorded guests again -------------------------------------------------------------
+
+
+class RestartAction(StrEnum):
+    START = "start"  # stopped, its units are free: start it
+    DROP = "drop"  # already running again: forget the record
+    BLOCKED = "blocked"  # another running guest holds its units now
+    MISSING = "missing"  # its config is gone: keep the record for the admin
+    WAIT = "wait"  # an interrupted shutdown may still be under way: decide later
+
+
+class RestartStep:
+    __slots__ = ("vmid", "action", "reason")
+
+    def __init__(self, vmid: int, action: RestartAction, reason: str = "") -> None:
+        self.vmid = vmid
         self.action = action
         self.reason = reason
 
 
-def restore_order(
-    record: Record, orders: dict[int, int | None], ranks: dict[int, int]
+def restart_order(
+    vmid: int, orders: dict[int, int | None], ranks: dict[int, int]
 ) -> tuple[int, int, int]:
-    order = orders.get(record.vmid)
-    return (ranks.get(record.vmid, 0), UNORDERED if order is None else order, record.vmid)
+    order = orders.get(vmid)
+    return (ranks.get(vmid, 0), UNORDERED if order is None else order, vmid)
 
 
-def plan_restore(
-    records: list[Record],
+def plan_restart(
+    vmids: list[int],
     *,
     running: set[int],
     orders: dict[int, int | None],
@@ -159,8 +240,9 @@ def plan_restore(
     blocked: dict[int, str],
     settling: set[int] | frozenset[int] = frozenset(),
     ranks: dict[int, int] | None = None,
-) -> list[RestoreStep]:
-    """Put recorded guests back, in ``startup`` order and then VMID order (as PVE boots them).
+) -> list[RestartStep]:
+    """Start the guests the hook stopped, in ``startup`` order and then VMID order (as PVE
+    boots them).
 
     ``ranks`` go first: guests with a PCI mapping take the first free alternative when they
     start, so they start after the guests with fixed devices, in the order of the alternative
@@ -170,46 +252,72 @@ def plan_restore(
     """
     ranks = ranks or {}
     steps = []
-    for record in sorted(records, key=lambda r: restore_order(r, orders, ranks)):
-        if record.vmid in running and record.vmid in settling:
-            steps.append(
-                RestoreStep(record, WAIT, "its interrupted shutdown may still be under way")
-            )
-        elif record.vmid in running:
-            steps.append(RestoreStep(record, DROP, "already running"))
-        elif record.vmid in missing:
-            steps.append(RestoreStep(record, MISSING, "its config no longer exists"))
-        elif record.vmid in blocked:
-            steps.append(RestoreStep(record, BLOCKED, blocked[record.vmid]))
+    for vmid in sorted(vmids, key=lambda v: restart_order(v, orders, ranks)):
+        if vmid in running and vmid in settling:
+            why = "its interrupted shutdown may still be under way"
+            steps.append(RestartStep(vmid, RestartAction.WAIT, why))
+        elif vmid in running:
+            steps.append(RestartStep(vmid, RestartAction.DROP, "already running"))
+        elif vmid in missing:
+            steps.append(RestartStep(vmid, RestartAction.MISSING, "its config no longer exists"))
+        elif vmid in blocked:
+            steps.append(RestartStep(vmid, RestartAction.BLOCKED, blocked[vmid]))
         else:
-            steps.append(RestoreStep(record, START))
+            steps.append(RestartStep(vmid, RestartAction.START))
     return steps
+
+
+# ---- a whole job ---------------------------------------------------------------------------------
+
+
+class Forecast(StrEnum):
+    OK = "ok"
+    FAIL = "fail"
+    SKIP = "skip"
 
 
 class GuestForecast:
     """What the hook (and vzdump) will do for one guest of a job."""
 
-    __slots__ = ("guest", "mode", "addresses", "stops", "restored", "outcome", "reason")
+    __slots__ = ("decision", "addresses", "restarted", "outcome")
 
-    def __init__(self, guest: Guest, mode: str) -> None:
-        self.guest = guest
-        self.mode = mode
-        self.addresses: list[str] = []
-        self.stops: list[Stop] = []
-        self.restored: list[int] = []  # holders started again at this guest's log-end
-        self.outcome = "ok"  # ok | fail | skip
-        self.reason = ""
+    def __init__(self, decision: BackupDecision, addresses: list[str]) -> None:
+        self.decision = decision
+        self.addresses = addresses
+        self.restarted: list[int] = []  # holders started again at this guest's log-end
+        if decision.verdict == Verdict.REFUSE:
+            self.outcome = Forecast.FAIL
+        elif decision.template:
+            self.outcome = Forecast.SKIP
+        else:
+            self.outcome = Forecast.OK
+
+    @property
+    def guest(self) -> Guest:
+        return self.decision.guest
+
+    @property
+    def mode(self) -> str:
+        return self.decision.mode
+
+    @property
+    def stops(self) -> list[Stop]:
+        return self.decision.stops
+
+    @property
+    def reason(self) -> str:
+        return self.decision.reason if self.outcome != Forecast.OK else ""
 
 
 class JobForecast:
     def __init__(self) -> None:
         self.guests: list[GuestForecast] = []
-        self.restored_at_end: list[int] = []
+        self.restarted_at_end: list[int] = []
         self.down_for: dict[int, int] = {}  # holder vmid → number of guest backups it is down
 
     @property
     def ok(self) -> bool:
-        return all(g.outcome != "fail" for g in self.guests)
+        return all(g.outcome != Forecast.FAIL for g in self.guests)
 
 
 def forecast_job(
@@ -218,7 +326,7 @@ def forecast_job(
     *,
     mode: str,
     protect: frozenset[int],
-    restore: str,
+    restart: str,
     ha: set[int],
 ) -> JobForecast:
     """Walk a vzdump job guest by guest, as the hook will: who stops for whom, when they return.
@@ -231,34 +339,27 @@ def forecast_job(
     running.update(g.vmid for g, is_running, _ in order if is_running)
     stopped_for: dict[int, int] = {}  # holder → the guest it was stopped for
     for guest, _, needs in order:
-        is_running = guest.vmid in running
-        step = GuestForecast(guest, mode if is_running else "stop")
-        step.addresses = [c.address for need in needs for c in need.claims()]
+        decision = decide_backup(
+            guest,
+            job_mode=mode,
+            running=guest.vmid in running,
+            needs=needs,
+            holders=[h for h in holders if h.vmid in running],
+            protect=protect,
+            ha_started=guest.vmid in ha,
+        )
+        step = GuestForecast(decision, [c.address for need in needs for c in need.claims()])
         forecast.guests.append(step)
-        if step.mode == "stop" and guest.vmid in ha:
-            step.outcome, step.reason = "fail", "vzdump refuses stop mode for an HA-managed guest"
-        elif guest.kind != "qemu" or is_running or not needs:
-            step.outcome = "ok"
-        elif guest.template:
-            step.outcome, step.reason = "skip", "template: backed up without its devices"
-        else:
-            current = [h for h in holders if h.vmid in running]
-            plan = plan_free(guest, needs, current, protect)
-            if plan.refusal is not None:
-                r = plan.refusal
-                step.outcome = "fail"
-                step.reason = f"cannot free {r.address}: {r.holder.guest.label} {r.reason}"
-            for stop in plan.stops if plan.refusal is None else []:
-                step.stops.append(stop)
-                running.discard(stop.holder.vmid)
-                stopped_for[stop.holder.vmid] = guest.vmid
+        for stop in decision.stops:
+            running.discard(stop.holder.vmid)
+            stopped_for[stop.holder.vmid] = guest.vmid
         for vmid in stopped_for:
             forecast.down_for[vmid] = forecast.down_for.get(vmid, 0) + 1
-        if restore == "after-guest":
+        if restart == "after-guest":
             back = sorted(v for v, w in stopped_for.items() if w == guest.vmid)
-            step.restored = back
+            step.restarted = back
             for vmid in back:
                 del stopped_for[vmid]
                 running.add(vmid)
-    forecast.restored_at_end = sorted(stopped_for)
+    forecast.restarted_at_end = sorted(stopped_for)
     return forecast

@@ -1,5 +1,10 @@
 """The optional override file ``/etc/pve-gpu-hook/config.yaml``, validated with file:line errors.
 
+:data:`OPTIONS` is the one schema of the file: it drives the validation here, the commented
+template the package installs (``etc/config.yaml``) and the KEYS section of
+``pve-gpu-hook.yaml(5)``; ``tools/manpage.py`` writes both from it and the tests check that the
+committed files are current.
+
 PyYAML is imported only when the file holds more than comments: the package installs a fully
 commented template, and the hook should not pay for a parser it does not need.
 """
@@ -8,29 +13,114 @@ from __future__ import annotations
 
 from pvegpuhook import paths
 from pvegpuhook.errors import ConfigError
+from pvegpuhook.vmid import is_vmid
 
-RESTORE_MODES = ("after-guest", "after-job")
+RESTART_POLICIES = ("after-guest", "after-job")
+SECONDS = "a whole number of seconds (1-86400)"
 
-# key: (type description, default)
-SCHEMA: dict[str, tuple[str, object]] = {
-    "shutdown_timeout": ("a whole number of seconds (1-86400)", 180),
-    "force_stop": ("true or false", False),
-    "start_timeout": ("a whole number of seconds (1-86400)", 120),
-    "protect": ("a list of VMIDs", []),
-    "restore": ("after-guest or after-job", "after-guest"),
-}
+
+class Option:
+    """One key of the override file: its type, default, and how the template and the man page
+    describe it (``doc`` uses two marks: ````literal```` and ``*word*``)."""
+
+    __slots__ = ("name", "expected", "default", "comment", "doc", "example")
+
+    def __init__(
+        self, name: str, expected: str, default: object, comment: str, doc: str, example: str = ""
+    ) -> None:
+        self.name = name
+        self.expected = expected  # the type, as error messages say it
+        self.default = default
+        self.comment = comment  # one line above the key in the template
+        self.doc = doc
+        self.example = example  # a further commented line in the template
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "shutdown_timeout",
+        SECONDS,
+        180,
+        "Seconds to wait for a guest that holds the GPU to shut down gracefully "
+        "(qm/pct shutdown --timeout).",
+        "How long to wait for a guest that holds a needed GPU to shut down gracefully "
+        "(``qm shutdown --timeout``, ``pct shutdown --timeout``). When it is still running "
+        "after that, the backup that needs the GPU fails, unless ``force_stop`` is set. It is "
+        "also how long the hook waits, at the end of a guest's backup, for the paused QEMU "
+        "vzdump started to be gone before it starts the holders again.",
+    ),
+    Option(
+        "force_stop",
+        "true or false",
+        False,
+        "After that wait, hard-stop the holder (qm/pct stop) instead of failing the backup "
+        "that needs it.",
+        "When a holder did not shut down within ``shutdown_timeout``, hard-stop it "
+        "(``qm stop``, ``pct stop``) instead of failing the backup that needs its GPU. A hard "
+        "stop is like pulling the power cord of the guest: leave this off unless the guest is "
+        "known to cope.",
+    ),
+    Option(
+        "start_timeout",
+        SECONDS,
+        120,
+        "Seconds to wait until a guest the hook starts again is confirmed running.",
+        "How long to wait until a guest the hook starts again is confirmed running. A guest "
+        "that does not come back in time keeps its record in the state file; ``job-end`` then "
+        "fails, so the backup notification says so, and ``pve-gpu-hook status`` and "
+        "``pve-gpu-hook recover`` show it.",
+    ),
+    Option(
+        "protect",
+        "a list of VMIDs",
+        [],
+        "VMIDs never stopped to free a GPU; the backups that need their GPU fail with a clear "
+        "message.",
+        "Guests that are never stopped to free a GPU, for example a VM whose GPU workload must "
+        "not be interrupted. A backup that needs the GPU a protected guest holds fails with one "
+        "clear line naming it, instead of the guest being shut down. ``protect:`` with no value "
+        "means no guest. Each VMID is a whole number from 100 to 999999999.",
+        example="for example: protect: [104, 110]",
+    ),
+    Option(
+        "restart",
+        " or ".join(RESTART_POLICIES),
+        "after-guest",
+        "When stopped holders start again: after-guest (the backup that needed the GPU is "
+        "done) or after-job.",
+        "When the guests the hook stopped are started again. ``after-guest``: as soon as the "
+        "backup that needed their GPU is done (at its ``log-end`` phase), so they are down for "
+        "as short a time as possible; the next backup that needs the same GPU stops them again. "
+        "``after-job``: at the end of the whole backup job (``job-end`` or ``job-abort``), so a "
+        "holder is stopped once per job however many backups need its GPU. In both cases every "
+        "guest still recorded is started at the end of the job. Before version 0.2 this key "
+        "was called ``restore``; that name is still read (``pve-gpu-hook status`` notes it).",
+    ),
+)
+SCHEMA: dict[str, Option] = {option.name: option for option in OPTIONS}
+# old names still read from upgraded hosts: old → new
+RENAMED = {"restore": "restart"}
 
 
 class Settings:
-    __slots__ = ("shutdown_timeout", "force_stop", "start_timeout", "protect", "restore", "source")
+    __slots__ = (
+        "shutdown_timeout",
+        "force_stop",
+        "start_timeout",
+        "protect",
+        "restart",
+        "source",
+        "notes",
+    )
 
     def __init__(self) -> None:
         self.shutdown_timeout = 180
         self.force_stop = False
         self.start_timeout = 120
         self.protect: frozenset[int] = frozenset()
-        self.restore = "after-guest"
+        self.restart = "after-guest"
         self.source: str | None = None  # the file the values came from, None for defaults
+        self.notes: list[str] = []  # e.g. an old key name that was read
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -38,7 +128,7 @@ class Settings:
             "force_stop": self.force_stop,
             "start_timeout": self.start_timeout,
             "protect": sorted(self.protect),
-            "restore": self.restore,
+            "restart": self.restart,
         }
 
 
@@ -58,8 +148,12 @@ def load_settings(path: str | None = None) -> Settings:
             text = f.read()
     except FileNotFoundError:
         return Settings()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(path, None, f"cannot read: {error}") from None
+    except IsADirectoryError:
+        raise ConfigError(path, None, "cannot read: it is a directory") from None
+    except OSError as error:
+        raise ConfigError(path, None, f"cannot read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(path, None, f"cannot read: not UTF-8 text ({error.reason})") from None
     settings = Settings()
     settings.source = path
     if _only_comments(text):
@@ -79,6 +173,8 @@ def parse_settings(text: str, path: str, settings: Settings | None = None) -> Se
         if line is not None and line > len(text.splitlines()) and error.context_mark is not None:
             line = error.context_mark.line + 1  # "end of file": point at what was left open
         problem = error.problem or error.context or "invalid YAML"
+        if "\t" in problem or "tab" in problem.lower():
+            problem = "indent with spaces, not tabs"
         raise ConfigError(path, line, f"invalid YAML: {problem}") from None
     except yaml.YAMLError as error:  # e.g. a control character: no mark, but a position
         position = getattr(error, "position", None)
@@ -103,13 +199,20 @@ def parse_settings(text: str, path: str, settings: Settings | None = None) -> Se
     seen: set[str] = set()
     for key_node, value_node in document.value:
         line = key_node.start_mark.line + 1
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-        if not isinstance(key, str) or key not in SCHEMA:
+        given = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        key = RENAMED.get(given, given) if isinstance(given, str) else None
+        if key not in SCHEMA:
             known = ", ".join(SCHEMA)
-            raise ConfigError(path, line, f"unknown key {key!r} (known keys: {known})")
+            raise ConfigError(path, line, f"unknown key {given!r} (known keys: {known})")
+        assert isinstance(key, str) and isinstance(given, str)
         if key in seen:
             raise ConfigError(path, line, f"{key}: given twice")
         seen.add(key)
+        if given != key:
+            settings.notes.append(
+                f"{path}:{line}: '{given}:' is the old name of '{key}:'; it is still read, "
+                f"rename it when convenient"
+            )
         if key == "protect" and isinstance(value_node, yaml.SequenceNode):
             settings.protect = frozenset(
                 _vmid(construct(item, key), path, item.start_mark.line + 1)
@@ -121,13 +224,14 @@ def parse_settings(text: str, path: str, settings: Settings | None = None) -> Se
 
 
 def _vmid(item: object, path: str, line: int) -> int:
-    if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 999999999:
+    if not is_vmid(item):
         raise ConfigError(path, line, f"protect: {item!r} is not a VMID (100-999999999)")
+    assert isinstance(item, int)
     return item
 
 
 def _apply(settings: Settings, key: str, value: object, path: str, line: int) -> None:
-    expected = SCHEMA[key][0]
+    expected = SCHEMA[key].expected
 
     def wrong() -> ConfigError:
         return ConfigError(path, line, f"{key}: expected {expected}, got {value!r}")
@@ -144,7 +248,7 @@ def _apply(settings: Settings, key: str, value: object, path: str, line: int) ->
         if value is not None:  # "protect:" with nothing after it means none
             raise wrong()
         settings.protect = frozenset()
-    elif key == "restore":
-        if value not in RESTORE_MODES:
+    elif key == "restart":
+        if value not in RESTART_POLICIES:
             raise wrong()
-        settings.restore = str(value)
+        settings.restart = str(value)

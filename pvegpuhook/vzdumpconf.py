@@ -1,35 +1,21 @@
-"""``/etc/vzdump.conf`` (our ``script:`` block) and ``/etc/pve/jobs.cfg`` (jobs that bypass it).
+"""Pure text functions for ``/etc/vzdump.conf`` (our ``script:`` block) and ``/etc/pve/jobs.cfg``.
 
-``/etc/vzdump.conf`` is pve-manager's conffile, so we change as little as possible: ``register``
-appends one marked block at the end (the last ``script:`` wins in PVE's parser) and never touches
-a line of the admin's; ``unregister`` takes exactly that suffix off again, so the file is byte for
-byte what it was. What was appended is recorded in our state dir (``registration.json``) so the
-suffix can be recognised even after the admin reformatted nothing but added lines elsewhere.
-
-The text functions (:func:`parse`, :func:`active_script`, :func:`add_block`, :func:`remove_block`,
-:func:`parse_jobs`) are pure; the file functions below them do the I/O. Files are handled as text
-decoded with ``surrogateescape``, so bytes that are not UTF-8 survive a round trip unchanged.
+They read and write text as PVE's parsers read it; :mod:`pvegpuhook.registration` does the file
+I/O. Files are handled as text decoded with ``surrogateescape``, so bytes that are not UTF-8
+survive a round trip unchanged.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import stat
-from dataclasses import dataclass
 
-from pvegpuhook import paths
-from pvegpuhook.errors import GpuHookError, StateError
-from pvegpuhook.state import write_atomic
+from pvegpuhook.errors import GpuHookError
 
 HOOK_PATH = "/usr/share/pve-gpu-hook/vzdump-hook"
 BEGIN_MARK = "# pve-gpu-hook: begin (added by 'pve-gpu-hook register'; removed by 'unregister')"
 BEGIN_PREFIX = "# pve-gpu-hook: begin"  # recognised even if the admin shortened the comment
 END_MARK = "# pve-gpu-hook: end"
 SCRIPT_LINE = f"script: {HOOK_PATH}"
-JOBS_CFG = "etc/pve/jobs.cfg"
-REGISTRATION_NAME = "registration.json"
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"  # undecodable bytes round-trip unchanged
 
@@ -41,21 +27,36 @@ _SECTION = re.compile(r"(\S+):\s*(\S+)", re.ASCII)
 _PROPERTY = re.compile(r"(\S+)(?:\s+(.*))?", re.ASCII | re.DOTALL)
 
 
-def display(relative: str) -> str:
-    """The host path as the admin knows it (``/etc/vzdump.conf``), whatever the test root."""
-    return "/" + relative.lstrip("/")
-
-
 # ---- pure text functions -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Setting:
+class _Value:
+    """Compared and shown by its fields (what a dataclass gives, without its import cost on the
+    hook path, which reads the chain through :mod:`pvegpuhook.registration`)."""
+
+    __slots__ = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Setting(_Value):
     """One ``key: value`` line as PVE reads it; ``line`` is 1-based."""
 
-    line: int
-    key: str
-    value: str
+    __slots__ = ("line", "key", "value")
+
+    def __init__(self, line: int, key: str, value: str) -> None:
+        self.line, self.key, self.value = line, key, value
 
 
 def lines_of(text: str) -> list[str]:
@@ -101,13 +102,14 @@ def block_text(eol: str = "\n") -> str:
     return eol.join((BEGIN_MARK, SCRIPT_LINE, END_MARK)) + eol
 
 
-@dataclass(frozen=True)
-class Added:
+class Added(_Value):
     """What ``register`` appended: the exact suffix, and whether it starts with a newline that
     the file lacked (a file without a final newline)."""
 
-    suffix: str
-    newline_added: bool
+    __slots__ = ("suffix", "newline_added")
+
+    def __init__(self, suffix: str, newline_added: bool) -> None:
+        self.suffix, self.newline_added = suffix, newline_added
 
     def to_dict(self) -> dict[str, object]:
         return {"suffix": self.suffix, "newline_added": self.newline_added}
@@ -181,13 +183,13 @@ def remove_block(text: str, added: Added | None) -> tuple[str, list[str]]:
     return result, leftovers
 
 
-@dataclass(frozen=True)
-class Job:
+class Job(_Value):
     """A backup job of ``/etc/pve/jobs.cfg`` that sets its own hook script."""
 
-    id: str
-    script: str
-    enabled: bool
+    __slots__ = ("id", "script", "enabled")
+
+    def __init__(self, id: str, script: str, enabled: bool) -> None:
+        self.id, self.script, self.enabled = id, script, enabled
 
 
 def parse_jobs(text: str) -> list[Job]:
@@ -221,154 +223,3 @@ def parse_jobs(text: str) -> list[Job]:
                 props[match.group(1)] = (match.group(2) or "").strip(_WS)
     finish()
     return jobs
-
-
-# ---- files ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConfFile:
-    """``/etc/vzdump.conf`` as read: its text and what a rewrite must keep (mode, owner)."""
-
-    path: str
-    text: str
-    raw: bytes
-    mode: int
-    uid: int
-    gid: int
-
-
-def conf_path() -> str:
-    return paths.host(paths.VZDUMP_CONF)
-
-
-def read_conf(*, missing_ok: bool = False, follow: bool = False) -> ConfFile | None:
-    """Read vzdump.conf; a symlink is refused unless ``follow`` (reading only, as vzdump does).
-    None when absent and ``missing_ok``."""
-    path = conf_path()
-    shown = display(paths.VZDUMP_CONF)
-    try:
-        info = os.stat(path) if follow else os.lstat(path)
-    except FileNotFoundError:
-        if missing_ok:
-            return None
-        raise GpuHookError(
-            f"{shown} does not exist: not a Proxmox VE host? nothing registered"
-        ) from None
-    except OSError as error:
-        raise GpuHookError(f"cannot read {shown}: {error.strerror}") from None
-    if stat.S_ISLNK(info.st_mode):
-        # the target may be anything (another package's file, a file on pmxcfs): not ours to edit
-        raise GpuHookError(
-            f"{shown} is a symlink (to {os.readlink(path)}): refusing to edit through it; "
-            f"add 'script: {HOOK_PATH}' to the real file by hand"
-        )
-    if not stat.S_ISREG(info.st_mode):
-        raise GpuHookError(f"{shown} is not a regular file: refusing to edit it")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read()
-    except OSError as error:
-        raise GpuHookError(f"cannot read {shown}: {error.strerror}") from None
-    return ConfFile(
-        path, raw.decode(ENCODING, ERRORS), raw, info.st_mode & 0o7777, info.st_uid, info.st_gid
-    )
-
-
-def write_conf(conf: ConfFile, text: str) -> None:
-    """Replace vzdump.conf atomically with ``text``, keeping its mode and owner.
-
-    Refused when the file changed since it was read (an editor or a package upgrade): we must not
-    overwrite someone else's change with our older copy.
-    """
-    shown = display(paths.VZDUMP_CONF)
-    current = read_conf(missing_ok=True)
-    if current is None or current.raw != conf.raw:
-        raise GpuHookError(f"{shown} changed while pve-gpu-hook was editing it; run it again")
-    try:
-        write_atomic(
-            conf.path, text.encode(ENCODING, ERRORS), mode=conf.mode, owner=(conf.uid, conf.gid)
-        )
-    except OSError as error:
-        raise GpuHookError(f"cannot write {shown}: {error.strerror}") from None
-
-
-def registration_path() -> str:
-    return paths.host(paths.STATE_DIR, REGISTRATION_NAME)
-
-
-def load_registration() -> Added | None:
-    """What ``register`` appended, or None (never registered, or the record is unreadable)."""
-    try:
-        fd = os.open(registration_path(), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return Added.from_dict(data)
-
-
-def save_registration(added: Added | None) -> None:
-    """Record (or with None forget) what was appended. The caller holds the StateStore lock."""
-    from pvegpuhook.state import check_private_dir
-
-    path = registration_path()
-    if added is None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        return
-    check_private_dir(os.path.dirname(path))
-    data = {"format": 1, "file": display(paths.VZDUMP_CONF), **added.to_dict()}
-    try:
-        write_atomic(path, (json.dumps(data) + "\n").encode("utf-8"))
-    except OSError as error:
-        raise StateError(f"cannot write {path}: {error.strerror}") from None
-
-
-def read_jobs() -> tuple[list[Job], str | None]:
-    """Backup jobs that set their own script, and a problem reading jobs.cfg (or None)."""
-    path = paths.host(JOBS_CFG)
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode(ENCODING, ERRORS)
-    except FileNotFoundError:
-        return [], None
-    except OSError as error:
-        return [], f"cannot read {display(JOBS_CFG)}: {error.strerror}"
-    return parse_jobs(text), None
-
-
-def jobs_warning(jobs: list[Job]) -> str | None:
-    """One line naming the jobs that bypass the hook, or None."""
-    if not jobs:
-        return None
-    named = ", ".join(
-        f"{job.id} (script {job.script}{'' if job.enabled else ', disabled'})" for job in jobs
-    )
-    return (
-        f"backup job(s) in {display(JOBS_CFG)} set their own hook script, which replaces the one "
-        f"of {display(paths.VZDUMP_CONF)}: pve-gpu-hook does not run for {named}; remove their "
-        "script option (Datacenter > Backup > Edit > Advanced); a hook they need can be set in "
-        f"{display(paths.VZDUMP_CONF)} and kept with 'pve-gpu-hook register --chain'"
-    )
-
-
-def executable(host_path: str) -> bool:
-    """A regular file with an execute bit, looked up under the root."""
-    try:
-        info = os.stat(paths.host(host_path))
-    except OSError:
-        return False
-    return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
-
-
-def chain_problem(script: str) -> str | None:
-    """Why ``script`` must not be chained, or None (see handlers.chain_problem)."""
-    from pvegpuhook.handlers import chain_problem as problem_of
-
-    if script == HOOK_PATH:
-        return "is pve-gpu-hook itself"
-    return problem_of(script)

@@ -2,11 +2,11 @@
 
 Runs no command and writes nothing. JSON shape (``--output-format json``)::
 
-    {"mode": "stop", "restore": "after-guest", "ok": true,
+    {"format": 1, "mode": "stop", "restart": "after-guest", "ok": true,
      "guests": [{"vmid": 102, "type": "qemu", "name": "gpu2", "mode": "stop",
                  "devices": ["0000:01:00.0"], "stops": [{"vmid": 104, "address": "0000:01:00.0"}],
-                 "restored_after": [104], "outcome": "ok", "reason": ""}],
-     "restored_at_job_end": [], "down_for_backups": {"104": 3}, "warnings": []}
+                 "restarted_after": [104], "outcome": "ok", "reason": ""}],
+     "restarted_at_job_end": [], "down_for_backups": {"104": 3}, "warnings": []}
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import argparse
 from pvegpuhook import completion, runtime
 from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, ConfigError, GpuHookError
-from pvegpuhook.inventory import Inventory, all_guests, describe
+from pvegpuhook.inventory import Inventory, all_guests
+from pvegpuhook.model import guest_label
 from pvegpuhook.output import Table, add_output_options, emit
 from pvegpuhook.plan import JobForecast, forecast_job
 from pvegpuhook.settings import load_settings
+from pvegpuhook.vmid import parse_vmid
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -53,8 +55,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _excluded(text: str) -> set[int]:
-    from pvegpuhook.hook import parse_vmid
-
     result = set()
     for part in text.replace(" ", "").split(","):
         if not part:
@@ -82,28 +82,32 @@ def run(args: argparse.Namespace) -> int:
     wanted = [v for v in wanted if v not in _excluded(args.exclude)]
     inventory = Inventory()
     order = []
+    warnings: list[str] = []
     for vmid in wanted:
         guest = guests[vmid]
         is_running = runtime.running(guest.kind, vmid)
-        order.append((guest, is_running, inventory.needs(guest, for_start=not is_running)))
+        needs, problems = inventory.needs(guest, for_start=not is_running)
+        warnings.extend(w for w in problems if w not in warnings)
+        order.append((guest, is_running, needs))
+    warnings.extend(w for w in inventory.mapping_warnings if w not in warnings)
     forecast = forecast_job(
         order,
         inventory.holders(),
         mode=args.mode,
         protect=settings.protect,
-        restore=settings.restore,
+        restart=settings.restart,
         ha=inventory.ha_managed(),
     )
-    notes.extend(f"warning: {w}" for w in inventory.warnings)
-    data = _as_data(forecast, args.mode, settings.restore, notes)
+    notes.extend(f"warning: {w}" for w in warnings)
+    data = _as_data(forecast, args.mode, settings.restart, notes)
     emit(args, data, _tables(forecast), notes + _summary(forecast))
     return EXIT_OK if forecast.ok else EXIT_ATTENTION
 
 
-def _as_data(forecast: JobForecast, mode: str, restore: str, notes: list[str]) -> dict[str, object]:
+def _as_data(forecast: JobForecast, mode: str, restart: str, notes: list[str]) -> dict[str, object]:
     return {
         "mode": mode,
-        "restore": restore,
+        "restart": restart,
         "ok": forecast.ok,
         "guests": [
             {
@@ -113,13 +117,13 @@ def _as_data(forecast: JobForecast, mode: str, restore: str, notes: list[str]) -
                 "mode": g.mode,
                 "devices": g.addresses,
                 "stops": [{"vmid": s.holder.vmid, "address": s.address} for s in g.stops],
-                "restored_after": g.restored,
+                "restarted_after": g.restarted,
                 "outcome": g.outcome,
                 "reason": g.reason,
             }
             for g in forecast.guests
         ],
-        "restored_at_job_end": forecast.restored_at_end,
+        "restarted_at_job_end": forecast.restarted_at_end,
         "down_for_backups": {str(k): v for k, v in sorted(forecast.down_for.items())},
         "warnings": notes,
     }
@@ -129,7 +133,7 @@ def _tables(forecast: JobForecast) -> list[Table]:
     rows = []
     for g in forecast.guests:
         stops = ", ".join(s.holder.guest.label for s in g.stops)
-        back = ("after this backup" if g.restored else "at job end") if g.stops else ""
+        back = ("after this backup" if g.restarted else "at job end") if g.stops else ""
         outcome = g.outcome if not g.reason else f"{g.outcome}: {g.reason}"
         rows.append(
             {
@@ -156,9 +160,9 @@ def _summary(forecast: JobForecast) -> list[str]:
     lines = []
     labels = {s.holder.vmid: s.holder.guest.label for g in forecast.guests for s in g.stops}
     for vmid, count in sorted(forecast.down_for.items()):
-        label = labels.get(vmid, describe("qemu", vmid))
+        label = labels.get(vmid, guest_label("qemu", vmid))
         lines.append(f"{label} is down during {count} guest backup(s)")
-    if forecast.restored_at_end:
-        names = ", ".join(labels.get(v, str(v)) for v in forecast.restored_at_end)
+    if forecast.restarted_at_end:
+        names = ", ".join(labels.get(v, str(v)) for v in forecast.restarted_at_end)
         lines.append(f"started again at job end: {names}")
     return lines

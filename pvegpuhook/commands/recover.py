@@ -5,22 +5,12 @@ from __future__ import annotations
 import argparse
 
 from pvegpuhook import completion, runtime
-from pvegpuhook.commands import vmid_arg
+from pvegpuhook.commands import seconds_arg, vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, GpuHookError
 from pvegpuhook.log import Log, clean
-from pvegpuhook.restore import record_label, restore
+from pvegpuhook.restart import restart
 from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
-
-
-def seconds_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 3600:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r} (0-3600)")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -67,9 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise GpuHookError("--forget needs the VMIDs whose records to drop", EXIT_USAGE)
     if args.dry_run:
         return _report(store, settings, wanted, dry_run=True, force=args.force)
-    store.acquire(args.wait, "recover")
-    try:
-        known = {r.vmid for r in store.load()}
+    with store.hold(args.wait, "recover"):
+        known = {r.vmid for r in store.records()}
         unknown = sorted(wanted - known)
         if unknown:
             raise GpuHookError(
@@ -77,14 +66,12 @@ def run(args: argparse.Namespace) -> int:
                 EXIT_USAGE,
             )
         if args.forget:
-            store.save([r for r in store.load() if r.vmid not in wanted])
+            store.drop(*wanted)
             for vmid in sorted(wanted):
                 Log("recover", vmid, echo=False).file("record dropped by the admin (--forget)")
                 print(f"record of {vmid} dropped; nothing was started")
             return EXIT_OK
         return _report(store, settings, wanted, dry_run=False, force=args.force)
-    finally:
-        store.release()
 
 
 def _report(
@@ -95,11 +82,11 @@ def _report(
     # that needs it; that job's log-end or job-end starts it
     busy = [
         r
-        for r in store.load()
+        for r in store.records()
         if (not wanted or r.vmid in wanted) and r.job and runtime.process_alive(r.job)
     ]
     skip = set() if force else {r.vmid for r in busy}
-    report = restore(
+    report = restart(
         store,
         settings,
         log,
@@ -112,9 +99,9 @@ def _report(
             report.kept.append((record, why))
     rows = []
     verb = "would start" if dry_run else "started"
-    rows += [(r.vmid, record_label(r), verb) for r in report.started]
-    rows += [(r.vmid, record_label(r), "already running, record dropped") for r in report.dropped]
-    rows += [(r.vmid, record_label(r), f"kept: {why}") for r, why in report.kept]
+    rows += [(r.vmid, r.label, verb) for r in report.started]
+    rows += [(r.vmid, r.label, "already running, record dropped") for r in report.dropped]
+    rows += [(r.vmid, r.label, f"kept: {why}") for r, why in report.kept]
     if not rows:
         print("nothing to recover: no guest stopped by pve-gpu-hook is waiting")
         return EXIT_OK

@@ -11,7 +11,7 @@ changes applied, as ``qm config`` shows it and as vzdump's paused start of a sto
 
 JSON shape of ``scan`` (keys sorted by ``emit``)::
 
-    {"node": "pve1",
+    {"format": 1, "node": "pve1",
      "devices": [{"address": "0000:01:00",            # the device, every function together
                   "functions": ["0000:01:00.0", ...],  # its functions in sysfs (or as claimed)
                   "present": true,                     # false: a config names it, sysfs lacks
@@ -59,19 +59,19 @@ Exit status 0 (warnings are shown, not signalled); 2 for an unknown VMID or VMID
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
-from pvegpuhook import completion, paths, pci, runtime
-from pvegpuhook.claims import EXCLUSIVE, Claim, ClaimReader, Need
+from pvegpuhook import completion, pci
 from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_OK, EXIT_USAGE, GpuHookError
-from pvegpuhook.inventory import LXC, QEMU, Guest, Holder, Inventory, all_guests, describe
+from pvegpuhook.findings import Finding, findings, join_and
+from pvegpuhook.inventory import Inventory
+from pvegpuhook.model import Claim, ClaimKind, Guest, GuestKind, Need, guest_label
+from pvegpuhook.nodeview import NodeView, cluster_views, local_view
 from pvegpuhook.output import Table, add_output_options, emit
-from pvegpuhook.pveconf import PciMapping, load_pci_mapping
+from pvegpuhook.pciids import PciNames, hex_id, model_name, pci_ids_path
 
 Json = dict[str, Any]  # a JSON object of the documented shapes
-PCI_IDS_FILES = ("usr/share/misc/pci.ids", "usr/share/hwdata/pci.ids")
 DISPLAY_CLASS = "0x03"
 
 
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         data, tables, notes = cluster_report(inventory)
     else:
         view = local_view(inventory)
-        node = node_report(view)
+        node = node_report(view, findings(view))
         data = node
         tables = [device_table(view, node)]
         notes = _legend(node) + [f"warning: {w}" for w in node["warnings"]]
@@ -121,217 +121,11 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---- reading a node ---------------------------------------------------------------------------
-
-
-class ConfigOnlySysfs(pci.Sysfs):
-    """Another node's hardware, which this host cannot see: every address is its own device."""
-
-    def all_functions(self) -> list[str]:
-        return []
-
-    def functions(self, address: str) -> list[str]:
-        return []
-
-    def exists(self, address: str) -> bool:
-        return False
-
-    def group_members(self, group: str) -> list[str]:
-        return []
-
-    def driver(self, function: str) -> str | None:
-        return None
-
-    def attribute(self, function: str, name: str) -> str | None:
-        return None
-
-    def node_functions(self, node: str) -> list[str]:
-        return []
-
-    def char_functions(self, major: int, minor: int | None) -> list[str]:
-        return []
-
-
-class Entry:
-    """One claim of one guest, with the need it belongs to (None for a CT)."""
-
-    __slots__ = ("guest", "claim", "need")
-
-    def __init__(self, guest: Guest, claim: Claim, need: Need | None) -> None:
-        self.guest = guest
-        self.claim = claim
-        self.need = need
-
-    @property
-    def mapping(self) -> str | None:
-        return self.need.mapping if self.need is not None else None
-
-    @property
-    def firm(self) -> bool:
-        """False for one alternative of a mapping with several: PVE may take another one."""
-        return self.need is None or len(self.need.alternatives) <= 1
-
-
-class NodeView:
-    """Everything ``scan`` knows about one node: guests, their claims, holders, warnings."""
-
-    def __init__(self, node: str, sysfs: pci.Sysfs, *, local: bool) -> None:
-        self.node = node
-        self.sysfs = sysfs
-        self.local = local
-        self.guests: dict[int, Guest] = {}
-        self.needs: dict[int, list[Need]] = {}
-        self.entries: list[Entry] = []
-        self.running: set[int] | None = set() if local else None  # None: unknown
-        self.holders: list[Holder] = []
-        self.mappings: dict[str, PciMapping] = {}
-        # (message, vmids it concerns): ``scan VMID`` shows the ones naming its guest
-        self.warnings: list[tuple[str, frozenset[int]]] = []
-        self._said: set[str] = set()
-        self.notes: list[str] = []
-        self.mapped_groups: dict[str, str] = {}  # device → iommugroup of a map line (other nodes)
-
-    def warn(self, message: str, *vmids: int) -> None:
-        if message not in self._said:
-            self._said.add(message)
-            self.warnings.append((message, frozenset(vmids)))
-
-    def is_running(self, vmid: int) -> bool | None:
-        return None if self.running is None else vmid in self.running
-
-    def entries_of(self, vmid: int) -> list[Entry]:
-        return [e for e in self.entries if e.guest.vmid == vmid]
-
-
-def local_view(inventory: Inventory) -> NodeView:
-    view = NodeView(inventory.node, inventory.sysfs, local=True)
-    mappings, mapping_warnings = load_pci_mapping()
-    inventory.reader.mappings = mappings
-    view.mappings = mappings
-    for warning in mapping_warnings:
-        view.warn(warning)
-    guests = all_guests()
-    _read_claims(view, inventory.reader, guests)
-    assert view.running is not None
-    view.running.update(v for v in runtime.vm_candidates() if runtime.qemu_cmdline(v) is not None)
-    view.running.update(runtime.running_cts())
-    view.holders = inventory.holders()
-    _check_mappings(view)
-    return view
-
-
-def remote_view(node: str, mappings: dict[str, PciMapping]) -> NodeView:
-    view = NodeView(node, ConfigOnlySysfs(), local=False)
-    view.mappings = mappings
-    for mapping in mappings.values():
-        for line in mapping.for_node(node):
-            for raw in line.paths:
-                address = pci.normalize(raw)
-                if address is not None and line.iommugroup:
-                    view.mapped_groups.setdefault(pci.device_of(address), line.iommugroup)
-    reader = ClaimReader(view.sysfs, node, mappings)
-    guests = all_guests(node)
-    _read_claims(view, reader, guests)
-    for guest in guests:
-        if guest.kind == LXC and _uses_gpu_nodes(guest):
-            view.notes.append(
-                f"{guest.label} uses GPU device nodes; which GPU is unknown without {node}'s sysfs"
-            )
-    return view
-
-
-def _uses_gpu_nodes(guest: Guest) -> bool:
-    """Whether a CT config names GPU device nodes or their cgroup majors at all."""
-    majors = (f"{pci.NVIDIA_MAJOR}:", f"{pci.DRM_MAJOR}:")
-    for key, value, _ in guest.config.raw_entries(with_pending=True):
-        if (key.startswith("dev") and key[3:].isdigit()) or key == "lxc.mount.entry":
-            if "/dev/dri" in value or "/dev/nvidia" in value:
-                return True
-        elif key.endswith("devices.allow"):
-            words = value.split()
-            if len(words) > 1 and words[1].startswith(majors):
-                return True
-    return False
-
-
-def _read_claims(view: NodeView, reader: ClaimReader, guests: list[Guest]) -> None:
-    """Each guest's claims as its next start sees them, warnings tagged with its VMID."""
-    for guest in guests:
-        view.guests[guest.vmid] = guest
-        for warning in guest.config.warnings:
-            view.warn(warning, guest.vmid)
-        before = len(reader.warnings)
-        if guest.kind == QEMU:
-            needs = reader.vm_needs(guest.config, with_pending=True)
-            if not view.local:
-                needs = [_mapping_groups(need, view) for need in needs]
-            view.needs[guest.vmid] = needs
-            for need in needs:
-                view.entries.extend(Entry(guest, claim, need) for claim in need.claims())
-            if guest.config.has_pending("hostpci"):
-                view.warn(_pending_message(guest), guest.vmid)
-        else:
-            claims = reader.ct_claims(guest.config, with_pending=True)
-            view.entries.extend(Entry(guest, claim, None) for claim in claims)
-        for warning in reader.warnings[before:]:
-            view.warn(warning, guest.vmid)
-        del reader.warnings[before:]
-
-
-def _mapping_groups(need: Need, view: NodeView) -> Need:
-    """On a node without sysfs, the PCI mapping's ``iommugroup`` for a device is its unit.
-
-    Used for every claim of a device that a map line of that node names (a mapped claim, but also
-    a raw ``hostpci`` of the same device, so that the two are seen to conflict); else the device.
-    """
-    alternatives = []
-    for alternative in need.alternatives:
-        claims = []
-        for claim in alternative:
-            group = view.mapped_groups.get(pci.device_of(claim.address))
-            units = frozenset({f"group:{group}"}) if group else claim.units
-            claims.append(Claim(claim.address, units, claim.kind, claim.source))
-        alternatives.append(tuple(claims))
-    return Need(need.source, alternatives, mapping=need.mapping)
-
-
-def _pending_message(guest: Guest) -> str:
-    changed = sorted({k for k, _, _ in guest.config.pending if k.startswith("hostpci")})
-    deleted = sorted(k for k in guest.config.pending_delete if k.startswith("hostpci"))
-    parts = [f"{k}: {v}" for k, v, _ in guest.config.pending if k in changed]
-    parts += [f"delete {k}" for k in deleted]
-    return (
-        f"{guest.label} has a hostpci change waiting in [PENDING] ({'; '.join(parts)}): "
-        "it applies at the next start, also vzdump's start of the stopped VM for a backup; "
-        "scan shows it applied"
-    )
-
-
-def _check_mappings(view: NodeView) -> None:
-    """Map lines for this node that point at hardware this node does not have."""
-    users: dict[str, set[int]] = {}
-    for entry in view.entries:
-        if entry.mapping:
-            users.setdefault(entry.mapping, set()).add(entry.guest.vmid)
-    for name, mapping in sorted(view.mappings.items()):
-        for line in mapping.for_node(view.node):
-            for raw in line.paths:
-                address = pci.normalize(raw)
-                if address is not None and view.sysfs.exists(address):
-                    continue
-                where = f"{paths.host(paths.PCI_MAPPING)}:{line.line}"
-                what = repr(raw) if address is None else address
-                view.warn(
-                    f"{where}: PCI mapping {name!r} points at {what} for node {view.node}, "
-                    "which this node does not have",
-                    *sorted(users.get(name, ())),
-                )
-
-
 # ---- the node report --------------------------------------------------------------------------
 
 
-def node_report(view: NodeView) -> Json:
+def node_report(view: NodeView, found: list[Finding]) -> Json:
+    """The JSON shape of one node (documented above) with the warnings ``found`` on it."""
     sysfs = view.sysfs
     devices: dict[str, Json] = {}
     addresses: dict[str, set[str]] = {}  # functions named by claims, for devices sysfs lacks
@@ -376,7 +170,7 @@ def node_report(view: NodeView) -> Json:
             if holder.vmid not in held:
                 held.append(holder.vmid)
 
-    names = PciNames(_pci_ids_path()) if view.local else None
+    names = PciNames(pci_ids_path()) if view.local else None
     result = []
     for key in sorted(devices):
         row = devices.pop(key)
@@ -394,8 +188,8 @@ def node_report(view: NodeView) -> Json:
             group = view.mapped_groups.get(key)
         if not functions:
             functions = sorted(a for a in addresses[key] if "." in a)
-        vendor = _hex_id(sysfs.attribute(first, "vendor")) if first else None
-        device_id = _hex_id(sysfs.attribute(first, "device")) if first else None
+        vendor = hex_id(sysfs.attribute(first, "vendor")) if first else None
+        device_id = hex_id(sysfs.attribute(first, "device")) if first else None
         vendor_name, device_name = names.lookup(vendor, device_id) if names else (None, None)
         claims = row["claims"]
         claims.sort(key=lambda c: (c["vmid"], c["source"]))
@@ -416,115 +210,10 @@ def node_report(view: NodeView) -> Json:
             }
         )
         result.append(row)
-    _check_claims(view)
-    data: Json = {
-        "node": view.node,
-        "devices": result,
-        "warnings": [message for message, _ in view.warnings],
-    }
-    return data
-
-
-def _hex_id(text: str | None) -> str | None:
-    if not text:
-        return None
-    text = text.strip().lower().removeprefix("0x")
-    return text if text and all(c in "0123456789abcdef" for c in text) else None
-
-
-def _check_claims(view: NodeView) -> None:
-    """Missing devices, siblings in one IOMMU group, conflicting ``onboot`` guests."""
-    sysfs = view.sysfs
-    by_unit: dict[str, list[Entry]] = {}
-    missing: dict[tuple[int, str], list[Entry]] = {}
-    for entry in view.entries:
-        for unit in entry.claim.units:
-            by_unit.setdefault(unit, []).append(entry)
-        if view.local and not entry.mapping and not sysfs.exists(entry.claim.address):
-            missing.setdefault((entry.guest.vmid, entry.claim.source), []).append(entry)
-    for (vmid, source), entries in missing.items():
-        view.warn(
-            f"{entries[0].guest.label} {source}: "
-            f"{', '.join(e.claim.address for e in entries)} not on this node "
-            "(no such device in sysfs)",
-            vmid,
-        )
-    for unit in sorted(by_unit, key=_unit_order):
-        entries = by_unit[unit]
-        where = _unit_text(unit)
-        # Siblings: a full passthrough binds the whole group, so other devices in it go too.
-        by_device: dict[str, list[Entry]] = {}
-        for entry in entries:
-            by_device.setdefault(pci.device_of(entry.claim.address), []).append(entry)
-        pairs: set[tuple[int, int]] = set()
-        for device, mine_list in by_device.items() if len(by_device) > 1 else ():
-            for mine in mine_list:
-                if mine.claim.kind != EXCLUSIVE:
-                    continue
-                for other_device, others in by_device.items():
-                    if other_device == device:
-                        continue
-                    for other in others:
-                        pair = (mine.guest.vmid, other.guest.vmid)
-                        if pair[0] == pair[1] or pair in pairs or pair[::-1] in pairs:
-                            continue
-                        pairs.add(pair)
-                        view.warn(
-                            f"{mine.guest.label} passes {mine.claim.address} and "
-                            f"{other.guest.label} uses {other.claim.address}, both in {where}: "
-                            "PVE binds the whole group to vfio-pci, so they cannot run at the "
-                            "same time",
-                            mine.guest.vmid,
-                            other.guest.vmid,
-                        )
-        # onboot: only one of them can get the unit at boot; firm claims only (a mapping
-        # with several alternatives can give each its own device).
-        boot = [e for e in entries if e.guest.onboot and not e.guest.template and e.firm]
-        guests = sorted({e.guest.vmid for e in boot})
-        if len(guests) > 1 and any(e.claim.kind == EXCLUSIVE for e in boot):
-            conflicting = [
-                vmid
-                for vmid in guests
-                if any(
-                    a.claim.conflicts_with(b.claim)
-                    for a in boot
-                    if a.guest.vmid == vmid
-                    for b in boot
-                    if b.guest.vmid != vmid
-                )
-            ]
-            if len(conflicting) > 1:
-                labels = [view.guests[v].label for v in conflicting]
-                view.warn(
-                    f"{_and(labels)} {'both' if len(labels) == 2 else 'all'} have onboot: 1 "
-                    f"and conflict on {where}: only one of them can start at boot",
-                    *conflicting,
-                )
-
-
-def _unit_order(unit: str) -> tuple[str, int, str]:
-    kind, _, value = unit.partition(":")
-    return (kind, int(value) if value.isdigit() else -1, value)
-
-
-def _unit_text(unit: str) -> str:
-    kind, _, value = unit.partition(":")
-    if kind == "group":
-        return f"IOMMU group {value}"
-    if kind == "fn":
-        return f"SR-IOV function {value}"
-    return f"device {value}"
-
-
-def _and(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return {"node": view.node, "devices": result, "warnings": [f.message for f in found]}
 
 
 # ---- text views -------------------------------------------------------------------------------
-
-
-def _guest_word(kind: str, vmid: int) -> str:
-    return f"{'VM' if kind == QEMU else 'CT'} {vmid}"
 
 
 def claimed_by(claims: list[Json]) -> str:
@@ -535,13 +224,13 @@ def claimed_by(claims: list[Json]) -> str:
         if claim["vmid"] in seen:
             continue
         seen.add(claim["vmid"])
-        text = _guest_word(claim["type"], claim["vmid"])
+        text = guest_label(claim["type"], claim["vmid"])
         if claim["running"]:
             text += "*"
         extras = []
         if claim["template"]:
             extras.append("template")
-        if claim["kind"] != EXCLUSIVE:
+        if claim["kind"] != ClaimKind.EXCLUSIVE:
             extras.append(claim["kind"])
         if claim["mapping"]:
             extras.append(f"mapping {claim['mapping']}")
@@ -552,36 +241,12 @@ def claimed_by(claims: list[Json]) -> str:
 
 
 def model_text(row: Json) -> str | None:
-    vendor_name, device_name = row.get("vendor_name"), row.get("device_name")
-    if isinstance(device_name, str) and device_name:
-        # "GA102 [GeForce RTX 3090]" → "NVIDIA GeForce RTX 3090": the name people use
-        short = device_name
-        if "[" in device_name and device_name.endswith("]"):
-            short = device_name[device_name.rindex("[") + 1 : -1]
-        brand = _brand(str(vendor_name)) if vendor_name else ""
-        return f"{brand} {short}".strip() if brand and brand not in short else short
-    if row.get("vendor") and row.get("device"):
-        ids = f"{row['vendor']}:{row['device']}"
-        return f"{_brand(str(vendor_name))} {ids}" if vendor_name else ids
-    if row.get("present") is False:
+    name = model_name(
+        row.get("vendor"), row.get("device"), row.get("vendor_name"), row.get("device_name")
+    )
+    if name is None and row.get("present") is False:
         return "not in sysfs"
-    return None
-
-
-_VENDOR_SUFFIXES = {
-    "corporation", "corp.", "inc.", "inc", "co.", "ltd.", "ltd", "limited", "gmbh", "ag",
-    "technology", "technologies", "electronics", "systems", "semiconductor", "microsystems",
-}  # fmt: skip
-
-
-def _brand(vendor_name: str) -> str:
-    """The vendor as people say it: ``[AMD/ATI]``, ``NVIDIA Corporation`` → ``NVIDIA``."""
-    if "[" in vendor_name and vendor_name.endswith("]"):
-        return vendor_name[vendor_name.rindex("[") + 1 : -1]
-    words = vendor_name.split(",")[0].split()
-    while len(words) > 1 and words[-1].lower() in _VENDOR_SUFFIXES:
-        words.pop()
-    return " ".join(words)
+    return name
 
 
 def device_table(view: NodeView, data: Json) -> Table:
@@ -595,7 +260,7 @@ def device_table(view: NodeView, data: Json) -> Table:
         held = []
         for vmid in row["held_by"]:
             guest = guests.get(vmid)
-            held.append(guest.label if guest else f"VM {vmid}")
+            held.append(guest.label if guest else guest_label(GuestKind.QEMU, vmid))
         if view.running is None:
             held_text: object = "unknown"
         else:
@@ -640,22 +305,12 @@ def _legend(node: Json) -> list[str]:
 
 
 def cluster_report(inventory: Inventory) -> tuple[Json, list[Table], list[str]]:
-    try:
-        nodes = sorted(os.listdir(paths.host("etc/pve/nodes")))
-    except OSError:
-        nodes = []
-    local = inventory.node
-    views: list[NodeView] = []
-    for node in [local] + [n for n in nodes if n != local]:
-        if node == local:
-            views.append(local_view(inventory))
-        elif os.path.isdir(paths.host("etc/pve/nodes", node)):
-            views.append(remote_view(node, views[0].mappings))
+    views = cluster_views(inventory)
     reports = []
     tables = []
     notes: list[str] = []
     for view in views:
-        report = node_report(view)
+        report = node_report(view, findings(view))
         report["sysfs"] = view.local
         reports.append(report)
         tables.append(device_table(view, report))
@@ -670,7 +325,7 @@ def cluster_report(inventory: Inventory) -> tuple[Json, list[Table], list[str]]:
         )
     if any(c["running"] for r in reports for d in r["devices"] for c in d["claims"]):
         notes.insert(0, "* = running")
-    return {"node": local, "nodes": reports}, tables, notes
+    return {"node": inventory.node, "nodes": reports}, tables, notes
 
 
 # ---- scan VMID --------------------------------------------------------------------------------
@@ -680,106 +335,47 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
     from pvegpuhook.plan import plan_free
     from pvegpuhook.settings import load_settings
 
-    node_report(view)  # fills the warnings
-    mine = view.entries_of(guest.vmid)
     needs = view.needs.get(guest.vmid, [])
-    sysfs = view.sysfs
+    # a CT's claims read like needs of one alternative each
+    shown = needs or [Need(e.claim.source, [(e.claim,)]) for e in view.entries_of(guest.vmid)]
     need_data = []
-    need_rows = []
-    if guest.kind == QEMU:
-        for need in needs:
-            alternatives = []
-            for index, alternative in enumerate(need.alternatives or [()]):
-                alt = []
-                for claim in alternative:
-                    item = {
-                        "address": claim.address,
-                        "kind": claim.kind,
-                        "units": sorted(claim.units, key=_unit_order),
-                        "present": sysfs.exists(claim.address),
-                    }
-                    alt.append(item)
-                    need_rows.append(
-                        {
-                            "source": need.source,
-                            "mapping": need.mapping,
-                            "alt": index + 1 if len(need.alternatives) > 1 else None,
-                            "address": claim.address,
-                            "kind": claim.kind,
-                            "units": ", ".join(_unit_text(u) for u in item["units"]),
-                            "present": item["present"],
-                        }
-                    )
-                if alternative:
-                    alternatives.append(alt)
-            if not need.alternatives:
-                need_rows.append(
-                    {"source": need.source, "mapping": need.mapping, "address": "(unresolved)"}
-                )
-            need_data.append(
-                {"source": need.source, "mapping": need.mapping, "alternatives": alternatives}
-            )
-    else:
-        for entry in mine:
-            need_data.append(
-                {
-                    "source": entry.claim.source,
-                    "mapping": None,
-                    "alternatives": [
-                        [
-                            {
-                                "address": entry.claim.address,
-                                "kind": entry.claim.kind,
-                                "units": sorted(entry.claim.units, key=_unit_order),
-                                "present": sysfs.exists(entry.claim.address),
-                            }
-                        ]
-                    ],
-                }
-            )
+    need_rows: list[dict[str, object]] = []
+    for need in shown:
+        alternatives = []
+        for index, alternative in enumerate(need.alternatives):
+            items = [_claim_item(view, claim) for claim in alternative]
+            alternatives.append(items)
+            for item in items:
+                units = ", ".join(pci.unit_text(u) for u in item["units"])
+                alt = index + 1 if len(need.alternatives) > 1 else None
+                need_rows.append({**item, "source": need.source, "mapping": need.mapping})
+                need_rows[-1].update(alt=alt, units=units)
+        if not need.alternatives:
             need_rows.append(
-                {
-                    "source": entry.claim.source,
-                    "address": entry.claim.address,
-                    "kind": entry.claim.kind,
-                    "units": ", ".join(_unit_text(u) for u in sorted(entry.claim.units)),
-                    "present": sysfs.exists(entry.claim.address),
-                }
+                {"source": need.source, "mapping": need.mapping, "address": "(unresolved)"}
             )
-
-    # one row per claim of another guest, with every claim of this guest it conflicts with
-    conflicts: list[Json] = []
-    listed: set[tuple[int, str, str]] = set()
-    for theirs in view.entries:
-        if theirs.guest.vmid == guest.vmid:
-            continue
-        hits = [m for m in mine if m.claim.conflicts_with(theirs.claim)]
-        if not hits:
-            continue
-        key = (theirs.guest.vmid, theirs.claim.source, theirs.claim.address)
-        if key in listed:
-            continue  # the same address in several alternatives of a mapping
-        listed.add(key)
-        shared = set().union(*(theirs.claim.units & m.claim.units for m in hits))
-        conflicts.append(
-            {
-                "vmid": theirs.guest.vmid,
-                "type": theirs.guest.kind,
-                "name": theirs.guest.name,
-                "running": view.is_running(theirs.guest.vmid),
-                "source": theirs.claim.source,
-                "address": theirs.claim.address,
-                "kind": theirs.claim.kind,
-                "with": sorted({m.claim.address for m in hits}),
-                "units": sorted(shared, key=_unit_order),
-            }
+        need_data.append(
+            {"source": need.source, "mapping": need.mapping, "alternatives": alternatives}
         )
-    conflicts.sort(key=lambda c: (c["vmid"], c["source"], c["address"]))
+    conflicts = [
+        {
+            "vmid": c.theirs.guest.vmid,
+            "type": c.theirs.guest.kind,
+            "name": c.theirs.guest.name,
+            "running": view.is_running(c.theirs.guest.vmid),
+            "source": c.theirs.claim.source,
+            "address": c.theirs.claim.address,
+            "kind": c.theirs.claim.kind,
+            "with": c.mine,
+            "units": sorted(c.units, key=pci.unit_order),
+        }
+        for c in view.conflicts_of(guest.vmid)
+    ]
 
     would_stop: list[Json] = []
     refusal = None
     notes: list[str] = []
-    if guest.kind == QEMU and needs and not guest.template:  # templates start without PCI
+    if guest.kind == GuestKind.QEMU and needs and not guest.template:  # templates start without PCI
         settings = load_settings()
         plan = plan_free(guest, needs, view.holders, settings.protect)
         for stop in plan.stops:
@@ -799,7 +395,7 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
                 f"{plan.refusal.reason}; its stop-mode backup would fail"
             )
     running = view.is_running(guest.vmid)
-    if guest.kind == LXC:
+    if guest.kind == GuestKind.LXC:
         notes.append(
             f"{guest.label} shares its GPUs through the host driver; "
             "vzdump never starts a stopped CT"
@@ -811,7 +407,7 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
             f"{guest.label} is running: it holds its devices; the hook has nothing to free for it"
         )
     elif would_stop:
-        names = _and([_label(s) for s in would_stop])
+        names = join_and([_label(s) for s in would_stop])
         notes.append(
             f"to start {guest.label} now (also vzdump's stop-mode backup), {names} would be shut "
             "down and started again afterwards"
@@ -819,7 +415,7 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
     elif needs and refusal is None:
         notes.append(f"every device {guest.label} needs is free now")
 
-    warnings = [message for message, vmids in view.warnings if guest.vmid in vmids]
+    warnings = [f.message for f in findings(view) if guest.vmid in f.vmids]
     data = {
         "node": view.node,
         "guest": {
@@ -883,13 +479,13 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
             ],
             [
                 {
-                    "guest": describe(c["type"], c["vmid"], c["name"]),
+                    "guest": guest_label(c["type"], c["vmid"], c["name"]),
                     "state": "running" if c["running"] else "stopped",
                     "source": c["source"],
                     "address": c["address"],
                     "kind": c["kind"],
                     "with": ", ".join(c["with"]),
-                    "units": ", ".join(_unit_text(u) for u in c["units"]),
+                    "units": ", ".join(pci.unit_text(u) for u in c["units"]),
                 }
                 for c in conflicts
             ],
@@ -908,58 +504,14 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
     return data, tables, notes
 
 
+def _claim_item(view: NodeView, claim: Claim) -> Json:
+    return {
+        "address": claim.address,
+        "kind": claim.kind,
+        "units": sorted(claim.units, key=pci.unit_order),
+        "present": view.sysfs.exists(claim.address),
+    }
+
+
 def _label(item: Json) -> str:
-    return describe(item["type"], item["vmid"], item.get("name"))
-
-
-# ---- pci.ids ----------------------------------------------------------------------------------
-
-
-def _pci_ids_path() -> str | None:
-    for relative in PCI_IDS_FILES:
-        path = paths.host(relative)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-class PciNames:
-    """Vendor and device names from the system's ``pci.ids`` (read once, only when needed)."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._vendors: dict[str, str] | None = None
-        self._devices: dict[tuple[str, str], str] = {}
-
-    def _load(self) -> None:
-        self._vendors = {}
-        if self.path is None:
-            return
-        vendor = None
-        try:
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if not line.strip() or line.startswith("#"):
-                        continue
-                    if line.startswith("C "):
-                        break  # device classes follow: no more vendors
-                    if line.startswith("\t\t"):
-                        continue  # subsystems
-                    if line.startswith("\t"):
-                        ident, _, name = line.strip().partition(" ")
-                        if vendor is not None:
-                            self._devices[(vendor, ident.lower())] = name.strip()
-                        continue
-                    ident, _, name = line.strip().partition(" ")
-                    vendor = ident.lower()
-                    self._vendors[vendor] = name.strip()
-        except OSError:
-            return
-
-    def lookup(self, vendor: str | None, device: str | None) -> tuple[str | None, str | None]:
-        if vendor is None:
-            return None, None
-        if self._vendors is None:
-            self._load()
-        assert self._vendors is not None
-        return self._vendors.get(vendor), self._devices.get((vendor, device or ""))
+    return guest_label(item["type"], item["vmid"], item.get("name"))

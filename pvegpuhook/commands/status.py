@@ -8,7 +8,8 @@ again, corrupt state, a chained hook failing its checks, or ERROR lines in the l
 
 JSON/YAML shape (``--output-format json``; keys are stable)::
 
-    {"registered": true,                 # vzdump.conf's active script is our hook
+    {"format": 1,                        # this shape's version (every command's JSON has it)
+     "registered": true,                 # vzdump.conf's active script is our hook
      "script": "/usr/share/pve-gpu-hook/vzdump-hook",   # the active script: value, or null
      "script_line": 23,                  # its line in /etc/vzdump.conf, or null
      "vzdump_conf": "/etc/vzdump.conf", "vzdump_conf_exists": true,
@@ -19,9 +20,9 @@ JSON/YAML shape (``--output-format json``; keys are stable)::
      "override": {"path": "/etc/pve-gpu-hook/config.yaml", "exists": true, "valid": true,
                   "error": null,         # "file:line: message" when invalid
                   "values": {"shutdown_timeout": 180, "force_stop": false,
-                             "start_timeout": 120, "protect": [], "restore": "after-guest"}},
+                             "start_timeout": 120, "protect": [], "restart": "after-guest"}},
                                          # values: the ones in force; null when invalid
-     "waiting": [{"vmid": 104, "kind": "qemu", "name": "gpu-desktop", "status": "stopped",
+     "waiting": [{"vmid": 104, "type": "qemu", "name": "gpu-desktop", "status": "stopped",
                   "since": "2024-05-01T21:03:10+02:00", "for_vmid": 102, "note": null}],
      "corrupt_state": ["/var/lib/pve-gpu-hook/state.json.corrupt-20240501T210500"],
      "last_job": {"start": "2024-05-01T21:00:00+02:00", "end": "2024-05-01T21:20:03+02:00",
@@ -31,7 +32,8 @@ JSON/YAML shape (``--output-format json``; keys are stable)::
                   "actions": [{"time": "...", "phase": "backup-start", "vmid": 102,
                                "message": "VM 104 (gpu-desktop) shut down in 12 s: ..."}]},
                                             # last_job: null when the log has no job
-     "attention": ["..."]}                  # why the exit status is 1; empty when 0
+     "attention": ["..."],                  # why the exit status is 1; empty when 0
+     "notes": ["..."]}                      # e.g. an old key name in the override file
 """
 
 from __future__ import annotations
@@ -39,16 +41,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from pvegpuhook import paths, vzdumpconf
+from pvegpuhook import log, paths, registration
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, ConfigError, GpuHookError
-from pvegpuhook.log import timestamp
 from pvegpuhook.output import Table, add_output_options, emit
 from pvegpuhook.settings import load_settings
 from pvegpuhook.state import StateStore
-
-LOG_TAIL = 4 * 1024 * 1024  # the last job is near the end; a rotated-late log may be big
-JOB_END_PHASES = ("job-end", "job-abort")
-ERROR_PREFIX = "ERROR: "
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -66,95 +63,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-# ---- the log ---------------------------------------------------------------------------------
-
-
-def read_log_tail(path: str, limit: int = LOG_TAIL) -> list[str]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return []
-    with os.fdopen(fd, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - limit))
-        raw = f.read()
-    lines = raw.decode("utf-8", "replace").split("\n")
-    if size > limit:
-        lines = lines[1:]  # a partial first line
-    return [line for line in lines if line]
-
-
-def last_job(lines: list[str]) -> dict[str, object] | None:
-    """The last job of the log: from its ``job-start`` to its ``job-end``/``job-abort`` lines.
-
-    Log lines are ``TIMESTAMP PHASE VMID|- MESSAGE``. Lines of other phases after the job ended
-    (the next job's job-init, a ``recover``) are not part of it. Actions are the non-``called:``
-    lines.
-    """
-    job: dict[str, object] | None = None
-    actions: list[dict[str, object]] = []
-    for line in lines:
-        parts = line.split(" ", 3)
-        if len(parts) < 3:
-            continue
-        stamp, phase, vmid_text = parts[0], parts[1], parts[2]
-        message = parts[3] if len(parts) > 3 else ""
-        if phase == "job-start" and (
-            job is None or job["end"] is not None or message.startswith("called:")
-        ):
-            actions = []
-            job = {"start": stamp, "end": None, "end_phase": None, "actions": actions}
-        if job is None:
-            continue
-        if job["end"] is not None and phase not in JOB_END_PHASES:
-            continue
-        if phase in JOB_END_PHASES:
-            job["end"], job["end_phase"] = stamp, phase
-        if message.startswith("called:"):
-            continue
-        vmid = int(vmid_text) if vmid_text.isdigit() else None
-        actions.append({"time": stamp, "phase": phase, "vmid": vmid, "message": message})
-    if job is None:
-        return None
-    errors = sum(1 for a in actions if str(a["message"]).startswith(ERROR_PREFIX))
-    if errors:
-        result = "error"
-    elif job["end"] is None:
-        result = "unfinished"
-    elif job["end_phase"] == "job-abort":
-        result = "aborted"
-    else:
-        result = "ok"
-    job["result"] = result
-    job["errors"] = errors
-    return job
-
-
 # ---- gathering -------------------------------------------------------------------------------
 
 
 def gather() -> dict[str, object]:
     """Everything status reports, as the JSON shape documented above."""
     attention: list[str] = []
-    shown = vzdumpconf.display(paths.VZDUMP_CONF)
+    shown = paths.shown(paths.VZDUMP_CONF)
     registered = False
     script = script_line = None
     conf_exists = False
     try:
-        conf = vzdumpconf.read_conf(missing_ok=True, follow=True)  # vzdump follows it
+        conf = registration.read_conf(missing_ok=True, follow=True)  # vzdump follows it
     except GpuHookError as error:
         conf = None
         conf_exists = True
         attention.append(str(error))
     if conf is not None:
         conf_exists = True
-        active = vzdumpconf.active_script(conf.text)
+        active = registration.active_script(conf)
         if active is not None:
-            script, script_line = active.value, active.line
-            registered = active.value == vzdumpconf.HOOK_PATH
+            script, script_line = active
+            registered = script == registration.HOOK_PATH
     on_pve = conf_exists or os.path.isdir(paths.host("etc/pve"))
     store = StateStore()
-    chain_path = store.chain()
+    try:
+        chain_path = registration.chain()
+    except GpuHookError as error:
+        chain_path = None
+        attention.append(str(error))
     if not registered and on_pve:
         if script is not None:
             attention.append(
@@ -170,16 +107,16 @@ def gather() -> dict[str, object]:
                 f"not registered: {shown} does not exist on this Proxmox VE host; restore it "
                 "(it belongs to pve-manager) and run 'pve-gpu-hook register'"
             )
-    hook_executable = vzdumpconf.executable(vzdumpconf.HOOK_PATH)
+    hook_executable = registration.executable(registration.HOOK_PATH)
     if registered and not hook_executable:
         attention.append(
-            f"{vzdumpconf.HOOK_PATH} is missing or not executable: vzdump will fail every job; "
+            f"{registration.HOOK_PATH} is missing or not executable: vzdump will fail every job; "
             "reinstall pve-gpu-hook or run 'pve-gpu-hook unregister'"
         )
 
     chain: dict[str, object] | None = None
     if chain_path is not None:
-        problem = vzdumpconf.chain_problem(chain_path)
+        problem = registration.chain_problem(chain_path)
         chain = {"path": chain_path, "ok": problem is None, "problem": problem}
         if problem is not None and registered:
             attention.append(
@@ -187,23 +124,26 @@ def gather() -> dict[str, object]:
                 "fails the phase; fix it or run 'pve-gpu-hook unregister'"
             )
 
-    jobs, jobs_problem = vzdumpconf.read_jobs()
+    jobs, jobs_problem = registration.read_jobs()
     if jobs_problem:
         attention.append(jobs_problem)
-    jobs_message = vzdumpconf.jobs_warning(jobs)
+    jobs_message = registration.jobs_warning(jobs)
     if jobs_message:
         attention.append(jobs_message)
 
     override_path = paths.host(paths.OVERRIDE_FILE)
     override: dict[str, object] = {
-        "path": vzdumpconf.display(paths.OVERRIDE_FILE),
+        "path": paths.shown(paths.OVERRIDE_FILE),
         "exists": os.path.exists(override_path),
         "valid": True,
         "error": None,
         "values": None,
     }
+    notes: list[str] = []
     try:
-        override["values"] = load_settings().as_dict()
+        settings = load_settings()
+        override["values"] = settings.as_dict()
+        notes.extend(settings.notes)
     except ConfigError as error:
         override["valid"] = False
         override["error"] = str(error)
@@ -214,7 +154,7 @@ def gather() -> dict[str, object]:
     waiting: list[dict[str, object]] = []
     corrupt = list(store.corrupt_files())
     try:
-        records = store.load()  # without the lock: load() then only reads
+        records = store.records()  # not held: only reads
     except GpuHookError as error:
         records = []
         attention.append(str(error))
@@ -228,10 +168,10 @@ def gather() -> dict[str, object]:
         waiting.append(
             {
                 "vmid": record.vmid,
-                "kind": record.kind,
+                "type": str(record.kind),
                 "name": record.name,
-                "status": record.status,
-                "since": timestamp(record.since) if record.since is not None else None,
+                "status": str(record.status),
+                "since": log.timestamp(record.since) if record.since is not None else None,
                 "for_vmid": record.for_vmid,
                 "note": record.note,
             }
@@ -248,11 +188,11 @@ def gather() -> dict[str, object]:
             "check them for guests to start, then delete them"
         )
 
-    job = last_job(read_log_tail(paths.host(paths.LOG_FILE)))
+    job = log.last_job(log.read_tail())
     if job is not None and job["errors"]:
         attention.append(
             f"the last backup job (started {job['start']}) logged {job['errors']} error(s); "
-            f"see {vzdumpconf.display(paths.LOG_FILE)}"
+            f"see {paths.shown(paths.LOG_FILE)}"
         )
 
     return {
@@ -261,7 +201,7 @@ def gather() -> dict[str, object]:
         "script_line": script_line,
         "vzdump_conf": shown,
         "vzdump_conf_exists": conf_exists,
-        "hook_path": vzdumpconf.HOOK_PATH,
+        "hook_path": registration.HOOK_PATH,
         "hook_executable": hook_executable,
         "chain": chain,
         "bypassing_jobs": [job_.id for job_ in jobs],
@@ -270,6 +210,7 @@ def gather() -> dict[str, object]:
         "corrupt_state": corrupt,
         "last_job": job,
         "attention": attention,
+        "notes": notes,
     }
 
 
@@ -337,7 +278,7 @@ def tables(data: dict[str, object]) -> list[Table]:
     if isinstance(waiting, list) and waiting:
         columns = [
             ("vmid", "VMID"),
-            ("kind", "TYPE"),
+            ("type", "TYPE"),
             ("name", "NAME"),
             ("status", "STATUS"),
             ("since", "SINCE"),
@@ -359,5 +300,7 @@ def run(args: argparse.Namespace) -> int:
     attention = data["attention"]
     assert isinstance(attention, list)
     notes = [f"warning: {item}" for item in attention] or ["all fine: nothing needs attention"]
-    emit(args, data, tables(data), notes)
+    given = data["notes"]
+    assert isinstance(given, list)
+    emit(args, data, tables(data), [*given, *notes])
     return EXIT_ATTENTION if attention else EXIT_OK

@@ -1,7 +1,8 @@
 """A vzdump driver: runs a backup job over a FakeNode the way PVE::VZDump does, calling the hook.
 
 The phase order, environment, failure handling and task log follow PVE::VZDump (exec_backup,
-exec_backup_task, run_hook_script) and its QemuServer/LXC plugins; DESIGN.md §3.1-3.2 sums them up.
+exec_backup_task, run_hook_script) and its QemuServer/LXC plugins; docs/pve-facts.md §1-2 sums
+them up.
 Guest power actions run in-process (as vzdump's own code would), so they do not show in calls.log.
 """
 

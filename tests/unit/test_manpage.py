@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from pvegpuhook import __version__, manpage
+from pvegpuhook import __version__
 from pvegpuhook.cli import build_parser
 from pvegpuhook.settings import SCHEMA, parse_settings
+from tests.fronts import REPO
+from tools import manpage
 
-REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "man" / "pve-gpu-hook.8"
 YAML_PAGE = REPO / "man" / "pve-gpu-hook.yaml.5"
 PAGES = (PAGE, YAML_PAGE)
@@ -61,13 +62,32 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 # ---- pve-gpu-hook(8) is current -----------------------------------------------------------------
 
 
-def test_page_is_current() -> None:
-    expected, committed = manpage.render(), read(PAGE)
+def assert_current(path: Path, expected: str) -> None:
+    committed = path.read_text(encoding="utf-8")
     if committed != expected:
         diff = difflib.unified_diff(
             committed.splitlines(), expected.splitlines(), "committed", "generated", lineterm=""
         )
-        pytest.fail(STALE + "\n" + "\n".join(list(diff)[:40]), pytrace=False)
+        stale = f"{path.relative_to(REPO)} is not what tools/manpage.py makes: run `make man`"
+        pytest.fail(stale + "\n" + "\n".join(list(diff)[:40]), pytrace=False)
+
+
+def test_page_is_current() -> None:
+    assert_current(PAGE, manpage.render())
+
+
+def test_yaml_page_keys_and_config_template_are_current() -> None:
+    """One schema (settings.OPTIONS) drives the validation, the man page's KEYS and the template."""
+    assert_current(YAML_PAGE, manpage.render_yaml_page(read(YAML_PAGE)))
+    assert_current(REPO / "etc/config.yaml", manpage.render_config())
+
+
+def test_config_template_is_all_defaults() -> None:
+    """Uncommenting every key of the installed template changes no setting."""
+    text = (REPO / "etc/config.yaml").read_text()
+    keys = [line[1:] for line in text.splitlines() if re.match(r"#[a-z_]+: ", line)]
+    assert [key.split(":")[0] for key in keys] == list(SCHEMA)
+    assert parse_settings("\n".join(keys), "x").as_dict() == parse_settings("", "x").as_dict()
 
 
 def test_generator_output_does_not_depend_on_the_environment(tmp_path: Path) -> None:
@@ -82,7 +102,7 @@ def test_generator_output_does_not_depend_on_the_environment(tmp_path: Path) -> 
         "PVE_GPU_HOOK_ROOT": str(tmp_path),
     }
     result = subprocess.run(
-        [sys.executable, "-m", "pvegpuhook.manpage"],
+        [sys.executable, "-m", "tools.manpage"],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -234,9 +254,9 @@ def key_blocks() -> dict[str, str]:
 def test_yaml_page_documents_every_key_with_type_and_default() -> None:
     blocks = key_blocks()
     assert set(blocks) == set(SCHEMA), "KEYS of pve-gpu-hook.yaml(5) differ from settings.SCHEMA"
-    for key, (kind, default) in SCHEMA.items():
+    for key, option in SCHEMA.items():
         first = blocks[key].splitlines()[0]
-        assert first == f"Type: {kind}; default: {yaml_value(default)}.", key
+        assert first == f"Type: {option.expected}; default: {yaml_value(option.default)}.", key
 
 
 def test_yaml_page_example_is_a_valid_override_file() -> None:
@@ -245,7 +265,7 @@ def test_yaml_page_example_is_a_valid_override_file() -> None:
     settings = parse_settings(block, "example")
     assert settings.shutdown_timeout == 300
     assert settings.protect == frozenset({110})
-    assert settings.restore == "after-job"
+    assert settings.restart == "after-job"
 
 
 def test_yaml_page_explains_validation() -> None:

@@ -173,7 +173,7 @@ def main() -> int:
 def spawns() -> None:
     """Processes the hook starts per phase, counted by the simulator's fake qm/pct on the seed's
     node (VMs 102-105 share one GPU, 104 runs), stop mode."""
-    from tests.e2e import hook, seed_node
+    from tests.fronts import hook, seed_node
 
     with tempfile.TemporaryDirectory(prefix="pve-gpu-hook-bench-") as tmp:
         node = seed_node(Path(tmp))

@@ -1,4 +1,10 @@
-"""Shared pieces of the end-to-end tests: the seed's node and ways to run the two fronts."""
+"""How the tests and tools run the two fronts (hook, CLI) on a fake node, and the seed's node.
+
+Two ways to run the admin command, both here: :func:`cli`, a process as typed in a root shell,
+and :func:`run_main`, ``pvegpuhook.cli.main`` in this process (fast; the root is whatever
+``PVE_GPU_HOOK_ROOT`` says, see the ``at_root`` fixture). The hook runs as a process
+(:func:`hook`), the way vzdump starts it, or through ``tests.sim.vzdump.run_job``.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.sim.node import FakeNode
 from tests.sim.vzdump import JobOutcome
+
+if TYPE_CHECKING:
+    import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = "shutdown_timeout: 3\nstart_timeout: 5\n"  # time limits come from the override file
@@ -33,6 +43,16 @@ def hook(node: FakeNode, *args: str, vmtype: str | None = "qemu") -> subprocess.
     if vmtype and len(args) > 1:
         env["VMTYPE"] = vmtype
     return _run(["pvegpuhook.hook", *args], env)
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``pve-gpu-hook ARGV`` in this process: (exit status, stdout, stderr)."""
+    from pvegpuhook import cli as front
+
+    capsys.readouterr()
+    code = front.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def cli(node: FakeNode, *args: str) -> subprocess.CompletedProcess:

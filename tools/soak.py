@@ -1,6 +1,6 @@
 """Soak: seeded random nodes and vzdump jobs through the simulator; invariants after every job.
 
-``python3 -m tests.soak [--jobs N] [--seed S] [--max-seconds T] [--workers W]`` generates
+``python3 -m tools.soak [--jobs N] [--seed S] [--max-seconds T] [--workers W]`` generates
 *scenarios*: a fake node (1-40 guests, 1-4 GPUs in distinct IOMMU groups, mappings, mdev VMs, CTs
 with GPU device nodes, templates, HA, faults, an override file) and 1-4 jobs run on it one after
 the other, so that leftovers of one job meet the next. Scenario ``K`` of seed ``S`` is generated
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.e2e import cli, records
+from tests.fronts import cli, records
 from tests.sim.node import FakeNode
 from tests.sim.pve import PveError
 from tests.sim.vzdump import INPROCESS, JobOutcome, run_job
@@ -347,10 +347,10 @@ def make_scenario(seed: int, number: int) -> Scenario:
     protect = (
         frozenset(rng.sample(candidates, 1)) if candidates and rng.random() < 0.15 else frozenset()
     )
-    restore = rng.choice(["after-guest", "after-job"])
+    restart = rng.choice(["after-guest", "after-job"])
     override = (
         f"shutdown_timeout: {SHUTDOWN_TIMEOUT}\nstart_timeout: {START_TIMEOUT}\n"
-        f"force_stop: {'true' if force_stop else 'false'}\nrestore: {restore}\n"
+        f"force_stop: {'true' if force_stop else 'false'}\nrestart: {restart}\n"
         + (f"protect: [{', '.join(map(str, sorted(protect)))}]\n" if protect else "")
     )
     return Scenario(
@@ -637,7 +637,7 @@ def describe_job(
 
 
 def reproduce(seed: int, number: int) -> str:
-    return f"python3 -m tests.soak --seed {seed} --scenario {number} --verbose"
+    return f"python3 -m tools.soak --seed {seed} --scenario {number} --verbose"
 
 
 def _safe_run(task: tuple[int, int, Path]) -> Result:
@@ -727,7 +727,7 @@ def run_soak(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python3 -m tests.soak", description=__doc__.split("\n")[0]
+        prog="python3 -m tools.soak", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="how many jobs at least")
     parser.add_argument("--seed", type=int, default=None, help="default: from the clock, printed")

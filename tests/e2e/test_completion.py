@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pvegpuhook.state import STOPPED, Record, StateStore
+from pvegpuhook.model import GuestKind
+from pvegpuhook.state import Record, RecordStatus, StateStore
+from tests.fronts import REPO
 
 argcomplete = pytest.importorskip(
     "argcomplete", reason="argcomplete is not installed (pip install argcomplete; make test has it)"
@@ -26,7 +28,6 @@ argcomplete = pytest.importorskip(
 if shutil.which("bash") is None:
     pytest.skip("bash is not installed", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "completion" / "pve-gpu-hook"
 IFS = "\n"
 # argcomplete's protocol, as __python_argcomplete_run_inner in the generated script runs it
@@ -114,18 +115,19 @@ def test_no_guests_no_vmids(tmp_path: Path) -> None:
 
 def save_records(root: Path, vmids: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(root))
-    store = StateStore()
-    store.acquire(5, "test")
-    try:
-        records = [
-            Record(
-                vmid, "qemu", f"vm{vmid}", 102, ["0000:01:00.0"], since=time.time(), status=STOPPED
+    with StateStore().hold(5, "test") as store:
+        for vmid in vmids:
+            store.add(
+                Record(
+                    vmid,
+                    GuestKind.QEMU,
+                    f"vm{vmid}",
+                    102,
+                    ["0000:01:00.0"],
+                    since=time.time(),
+                    status=RecordStatus.STOPPED,
+                )
             )
-            for vmid in vmids
-        ]
-        store.save(records)
-    finally:
-        store.release()
     monkeypatch.delenv("PVE_GPU_HOOK_ROOT")
 
 

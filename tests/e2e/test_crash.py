@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 
 from pvegpuhook.act import GRACE
-from tests.e2e import REPO, cli, commands, records, seed_node
+from tests.fronts import REPO, cli, commands, records, seed_node
 from tests.sim.node import FakeNode, reboot
 from tests.sim.vzdump import DEFAULT_HOOK, HookCall, JobOutcome, run_hook_process, run_job
 
 SHUTDOWN_TIMEOUT = 2
 SHORT = f"shutdown_timeout: {SHUTDOWN_TIMEOUT}\nstart_timeout: 5\n"
-AFTER_JOB = SHORT + "restore: after-job\n"
+AFTER_JOB = SHORT + "restart: after-job\n"
 SETTLE = SHUTDOWN_TIMEOUT + GRACE  # how long an interrupted shutdown may still be under way
 CRASH_AT = "PVE_GPU_HOOK_CRASH_AT"
 STATE_DIR = "var/lib/pve-gpu-hook"
@@ -421,7 +421,7 @@ def test_full_disk_at_backup_start_keeps_old_state_and_stops_nobody(tmp_path: Pa
     assert_settled(node, before)
 
 
-def test_full_disk_at_restore_still_starts_every_holder(tmp_path: Path) -> None:
+def test_full_disk_at_restart_still_starts_every_holder(tmp_path: Path) -> None:
     """The backup filled the disk (DUMPDIR is on the root file system by default)."""
     node = gpu_pair_node(tmp_path / "node")
     before = node.running_guests()
@@ -477,7 +477,7 @@ def damaged(leftover_root: Path, tmp_path: Path, kind: str) -> tuple[FakeNode, b
 
 
 CORRUPT = ("garbage", "empty", "truncated")
-# the guests the hook still knows about once it read the file: it restores exactly these
+# the guests the hook still knows about once it read the file: it starts exactly these
 INTACT = {"garbage": set(), "empty": set(), "truncated": {WIN11}, "older-format": {WIN11, PLEX}}
 
 
@@ -494,7 +494,7 @@ def test_damaged_state_file_in_a_job(leftover_root: Path, tmp_path: Path, kind: 
         assert str(state_path(node)) in status.stdout and "corrupt" in status.stdout
     job = run_job(node, [NEXT])
     assert job.ok, job.log
-    # intact records are restored; a guest named only by a damaged line cannot be: it stays off
+    # intact records are started again; a guest named only by a damaged line cannot be: it stays off
     assert node.running_guests() == INTACT[kind]
     assert records(node) == []
     if kind not in CORRUPT:

@@ -17,10 +17,11 @@ import pytest
 import yaml
 
 from pvegpuhook import cli
-from pvegpuhook.commands.status import last_job
-from pvegpuhook.state import STOPPED, Record, StateStore
-from pvegpuhook.vzdumpconf import HOOK_PATH
-from tests.e2e import REPO, seed_node
+from pvegpuhook.log import Log, LogLine, last_job, read_tail
+from pvegpuhook.model import GuestKind
+from pvegpuhook.registration import HOOK_PATH
+from pvegpuhook.state import Record, RecordStatus, StateStore
+from tests.fronts import REPO, run_main, seed_node
 from tests.sim.vzdump import run_job
 
 STOCK = "# vzdump default settings\n\n#tmpdir: DIR\n#script: FILENAME\n"
@@ -38,19 +39,20 @@ KEYS = {
     "waiting",
     "corrupt_state",
     "last_job",
+    "format",
+    "notes",
     "attention",
 }
 
 
 @pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def root(host_root: Path) -> Path:
     """A PVE host with the package installed and registered: status is all fine."""
-    monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(tmp_path))
-    (tmp_path / "etc/pve").mkdir(parents=True)
-    install(tmp_path, HOOK_PATH)
-    (tmp_path / "etc/vzdump.conf").write_text(STOCK)
+    (host_root / "etc/pve").mkdir(parents=True)
+    install(host_root, HOOK_PATH)
+    (host_root / "etc/vzdump.conf").write_text(STOCK)
     assert cli.main(["register"]) == 0
-    return tmp_path
+    return host_root
 
 
 def install(root: Path, path: str, mode: int = 0o755) -> Path:
@@ -62,33 +64,33 @@ def install(root: Path, path: str, mode: int = 0o755) -> Path:
 
 
 def status(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
-    capsys.readouterr()
-    code = cli.main(["status", "--output-format", "json", *args])
-    out, err = capsys.readouterr()
+    code, out, err = run_main(capsys, "status", "--output-format", "json", *args)
     assert err == ""
     data = json.loads(out)
     assert set(data) == KEYS
+    assert data["format"] == 1
     assert (code == 1) == bool(data["attention"])  # exit status and reasons agree
     return code, data
 
 
 def status_text(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    code = cli.main(["status", *args])
-    return code, capsys.readouterr().out
+    code, out, _ = run_main(capsys, "status", *args)
+    return code, out
 
 
 def add_record(vmid: int = 104, for_vmid: int = 102, since: float = 1714590190.0) -> None:
-    store = StateStore()
-    store.acquire(1, "test")
-    try:
-        records = store.load()
-        records.append(
-            Record(vmid, "qemu", "win11", for_vmid, ["0000:01:00.0"], since=since, status=STOPPED)
+    with StateStore().hold(1, "test") as store:
+        store.add(
+            Record(
+                vmid,
+                GuestKind.QEMU,
+                "win11",
+                for_vmid,
+                ["0000:01:00.0"],
+                since=since,
+                status=RecordStatus.STOPPED,
+            )
         )
-        store.save(records)
-    finally:
-        store.release()
 
 
 def write_log(root: Path, *lines: str) -> None:
@@ -139,7 +141,7 @@ def test_all_fine(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "force_stop": False,
             "start_timeout": 120,
             "protect": [],
-            "restore": "after-guest",
+            "restart": "after-guest",
         },
     }
 
@@ -253,7 +255,7 @@ def test_guests_waiting_to_be_started(root: Path, capsys) -> None:
     [waiting] = data["waiting"]
     assert waiting == {
         "vmid": 104,
-        "kind": "qemu",
+        "type": "qemu",
         "name": "win11",
         "status": "stopped",
         "since": waiting["since"],
@@ -320,20 +322,39 @@ def test_an_older_failed_job_does_not_alarm(root: Path, capsys) -> None:
 # ---- the log parser ------------------------------------------------------------------------------
 
 
+def parsed_job(lines: list[str]) -> dict[str, object] | None:
+    """last_job over log lines as the log file holds them (unparsable ones are dropped)."""
+    return last_job([parsed for line in lines if (parsed := LogLine.parse(line))])
+
+
 def test_last_job_parser_edge_cases() -> None:
-    assert last_job([]) is None
-    assert last_job(["garbage", f"{T0} recover 104 record dropped"]) is None
+    assert parsed_job([]) is None
+    assert parsed_job(["garbage", f"{T0} recover 104 record dropped"]) is None
     # still running (or vzdump was killed): no end
-    job = last_job(list(GOOD_JOB[:4]))
+    job = parsed_job(list(GOOD_JOB[:4]))
     assert job is not None and job["result"] == "unfinished" and job["end"] is None
     # job-end failed, then job-abort ran too: the end is job-abort's
-    job = last_job([*FAILED_JOB, f"{T2} job-abort - called: job-abort"])
+    job = parsed_job([*FAILED_JOB, f"{T2} job-abort - called: job-abort"])
     assert job is not None and job["end_phase"] == "job-abort" and job["result"] == "error"
-    job = last_job([*GOOD_JOB[:-1], f"{T2} job-abort - called: job-abort"])
+    job = parsed_job([*GOOD_JOB[:-1], f"{T2} job-abort - called: job-abort"])
     assert job is not None and job["result"] == "aborted"
     # the next queued job's job-init and a recover after the end are not part of the job
-    job = last_job([*GOOD_JOB, f"{T2} job-init - called: job-init", f"{T2} recover 104 started"])
+    job = parsed_job([*GOOD_JOB, f"{T2} job-init - called: job-init", f"{T2} recover 104 started"])
     assert job is not None and len(job["actions"]) == 2 and job["result"] == "ok"
+
+
+def test_log_line_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Log.file writes, LogLine.parse reads back: the format has one owner."""
+    monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(tmp_path))
+    Log("backup-start", 102, echo=False).file("VM 104 (win 11) shut down in 3 s")
+    Log("job-end", echo=False).file("done")
+    (first, second) = read_tail()
+    assert (first.phase, first.vmid, first.message) == (
+        "backup-start",
+        102,
+        "VM 104 (win 11) shut down in 3 s",
+    )
+    assert (second.phase, second.vmid, second.message) == ("job-end", None, "done")
 
 
 # ---- output forms ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Put recorded guests back: read → plan (pure) → act → record, shared by the hook and ``recover``.
+"""Start the recorded guests again: read → plan (pure) → act → record, for the hook and ``recover``.
 
-The caller holds the state lock. Each start is confirmed before its record is dropped; a guest that
-does not come back keeps its record, marked ``start-failed``, and is reported.
+The caller holds the state store. Each start is confirmed before its record is dropped; a guest
+that does not come back keeps its record, marked ``start-failed``, and is reported.
 """
 
 from __future__ import annotations
@@ -9,33 +9,18 @@ from __future__ import annotations
 import time
 
 from pvegpuhook import act, runtime
-from pvegpuhook.claims import Need
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import StateError
-from pvegpuhook.inventory import QEMU, Guest, Holder, Inventory, describe, load_guest
+from pvegpuhook.inventory import Inventory, load_guest
 from pvegpuhook.log import Log
-from pvegpuhook.plan import (
-    BLOCKED,
-    DROP,
-    MISSING,
-    START,
-    WAIT,
-    RestoreStep,
-    Stop,
-    plan_free,
-    plan_restore,
-    same_function,
-)
+from pvegpuhook.model import Guest, GuestKind, Holder, Need
+from pvegpuhook.plan import RestartAction, RestartStep, Stop, plan_free, plan_restart, same_function
 from pvegpuhook.settings import Settings
-from pvegpuhook.state import START_FAILED, STOPPING, Record, StateStore
+from pvegpuhook.state import Record, RecordStatus, StateStore
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-
-def record_label(record: Record) -> str:
-    return describe(record.kind, record.vmid, record.name)
 
 
 def duration(seconds: float) -> str:
@@ -50,7 +35,7 @@ def first_conflict(
     guest: Guest, needs: list[Need], inventory: Inventory, holders: list[Holder]
 ) -> Stop | None:
     """A running guest that would keep ``guest`` (with these needs, if a VM) from starting now."""
-    if guest.kind == QEMU:
+    if guest.kind == GuestKind.QEMU:
         # the same rule as for a backup, mappings included
         plan = plan_free(guest, needs, holders, frozenset())
         if plan.refusal is not None:
@@ -65,8 +50,8 @@ def first_conflict(
     return None
 
 
-def survey(records: list[Record], inventory: Inventory, settings: Settings) -> list[RestoreStep]:
-    """Read what the restore decision needs, then plan it."""
+def survey(records: list[Record], inventory: Inventory, settings: Settings) -> list[RestartStep]:
+    """Read what the restart decision needs, then plan it."""
     running = {r.vmid for r in records if runtime.running(r.kind, r.vmid)}
     orders: dict[int, int | None] = {}
     missing: set[int] = set()
@@ -76,7 +61,7 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
         r.vmid
         for r in records
         if r.vmid in running
-        and r.status == STOPPING
+        and r.status == RecordStatus.STOPPING
         and r.since is not None
         and time.time() - r.since < settle_after
     }
@@ -88,7 +73,7 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
             missing.add(record.vmid)
             continue
         orders[record.vmid] = guest.startup_order
-        needs = inventory.needs(guest, for_start=True)
+        needs, _ = inventory.needs(guest, for_start=True)
         ranks[record.vmid] = mapping_rank(record, needs)
         if record.vmid in running:
             continue
@@ -97,8 +82,8 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
         conflict = first_conflict(guest, needs, inventory, holders)
         if conflict is not None:
             blocked[record.vmid] = f"{conflict.address} is held by {conflict.holder.guest.label}"
-    return plan_restore(
-        records,
+    return plan_restart(
+        [r.vmid for r in records],
         running=running,
         orders=orders,
         missing=missing,
@@ -123,7 +108,7 @@ def mapping_rank(record: Record, needs: list[Need]) -> int:
     return rank
 
 
-class RestoreReport:
+class RestartReport:
     def __init__(self) -> None:
         self.started: list[Record] = []
         self.dropped: list[Record] = []
@@ -134,48 +119,42 @@ class RestoreReport:
         return not self.kept
 
 
-def restore(
+def restart(
     store: StateStore,
     settings: Settings,
     log: Log,
     select: Callable[[Record], bool],
     *,
     dry_run: bool = False,
-) -> RestoreReport:
+) -> RestartReport:
     """Start every selected recorded guest that is down and whose devices are free."""
-    report = RestoreReport()
-    records = store.load()
-    chosen = [r for r in records if select(r)]
+    report = RestartReport()
+    chosen = [r for r in store.records() if select(r)]
     if not chosen:
         return report
-    inventory = Inventory()
-    for step in survey(chosen, inventory, settings):
-        record = step.record
-        label = record_label(record)
-        if step.action == DROP:
+    by_vmid = {r.vmid: r for r in chosen}
+    for step in survey(chosen, Inventory(), settings):
+        record = by_vmid[step.vmid]
+        if step.action == RestartAction.DROP:
             report.dropped.append(record)
             if not dry_run:
-                log.file(f"{label} is running; record dropped")
+                log.file(f"{record.label} is running; record dropped")
                 _forget(store, record, log)
-        elif step.action in (BLOCKED, MISSING, WAIT):
+        elif step.action in (RestartAction.BLOCKED, RestartAction.MISSING, RestartAction.WAIT):
             report.kept.append((record, step.reason))
             if not dry_run:
-                log.say(f"{label} not started again: {step.reason}; record kept")
-        elif step.action == START and dry_run:
+                log.say(f"{record.label} not started again: {step.reason}; record kept")
+        elif dry_run:
             report.started.append(record)
-        elif step.action == START:
-            _start(store, settings, log, record, label, report)
+        else:
+            _start(store, settings, log, record, report)
     return report
 
 
 def _start(
-    store: StateStore,
-    settings: Settings,
-    log: Log,
-    record: Record,
-    label: str,
-    report: RestoreReport,
+    store: StateStore, settings: Settings, log: Log, record: Record, report: RestartReport
 ) -> None:
+    label = record.label
     for function, driver in sorted(record.drivers.items()):
         problem = act.rebind(function, driver)
         log.file(problem or f"{function} given back to {driver} for {label}")
@@ -192,21 +171,16 @@ def _start(
     why = f"did not start within {settings.start_timeout} s: {outcome.detail}"
     log.error(f"{label} {why}; record kept, run 'pve-gpu-hook recover'")
     report.kept.append((record, why))
-    records = store.load()
-    for kept in records:
-        if kept.vmid == record.vmid:
-            kept.status = START_FAILED
-            kept.note = outcome.detail[:500]
     try:
-        store.save(records)
+        store.mark(record.vmid, RecordStatus.START_FAILED, outcome.detail)
     except StateError as error:  # the record itself is still there, marked or not
         log.file(f"cannot mark the record of {label}: {error}")
 
 
 def _forget(store: StateStore, record: Record, log: Log) -> None:
     """Drop the record of a guest that runs again; if that cannot be written (a full disk),
-    keep going: the record of a running guest is dropped by the next restore."""
+    keep going: the record of a running guest is dropped by the next restart."""
     try:
-        store.save([r for r in store.load() if r.vmid != record.vmid])
+        store.drop(record.vmid)
     except StateError as error:
-        log.error(f"{record_label(record)} runs, but its record stays: {error}")
+        log.error(f"{record.label} runs, but its record stays: {error}")

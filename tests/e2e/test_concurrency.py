@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import REPO, commands, records, seed_node
+from tests.fronts import REPO, commands, records, seed_node
 from tests.sim.node import FakeNode
 
 DEADLINE = 30.0  # s: a process still running by then is deadlocked
@@ -295,8 +295,8 @@ def test_lock_wait_has_a_deadline_and_status_does_not_wait(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("phase", ["log-end", "job-end"])
-def test_restoring_phase_and_two_recovers_start_the_holder_once(tmp_path: Path, phase: str) -> None:
-    """Three restorers at once after a backup-start: the holder is started exactly once."""
+def test_restarting_phase_and_two_recovers_start_it_once(tmp_path: Path, phase: str) -> None:
+    """Three restarters at once after a backup-start: the holder is started exactly once."""
     node = seed_node(tmp_path)
     first = spawn(node, "hook backup-start", "backup-start", "stop", "102", vmtype="qemu")
     finish([first])

@@ -7,12 +7,14 @@ Every host path is read under ``PVE_GPU_HOOK_ROOT``; the fixtures build a small 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from pvegpuhook import pci, pveconf, runtime
-from pvegpuhook.claims import EXCLUSIVE, MDEV, SHARED, Claim, ClaimReader, Need, vfio_hosts
+from pvegpuhook.claims import ClaimReader, vfio_hosts
+from pvegpuhook.model import Claim, ClaimKind, Need
 from pvegpuhook.pveconf import (
     parse_guest_config,
     parse_ha_resources,
@@ -103,17 +105,15 @@ def shared_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def host(shared_tree: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def host(shared_tree: Path, at_root: Callable[[Path], Path]) -> Path:
     """The fake node, built once per module: tests using it must not write into it."""
-    monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(shared_tree))
-    return shared_tree
+    return at_root(shared_tree)
 
 
 @pytest.fixture
-def fresh_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def fresh_host(host_root: Path) -> Path:
     """A private copy of the fake node for tests that add files to it."""
-    monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(tmp_path))
-    return build_host(tmp_path)
+    return build_host(host_root)
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,7 +646,11 @@ def shape(needs: list[Need]) -> Shape:
 
 def vm_needs(text: str, *, with_pending: bool = False, node: str = "pve1") -> list[Need]:
     reader = ClaimReader(pci.Sysfs(), node)
-    return reader.vm_needs(parse_guest_config(text, VM_CONF), with_pending=with_pending)
+    needs, _ = reader.vm_needs(parse_guest_config(text, VM_CONF), with_pending=with_pending)
+    return needs
+
+
+EXCLUSIVE, MDEV, SHARED = ClaimKind.EXCLUSIVE, ClaimKind.MDEV, ClaimKind.SHARED
 
 
 G14 = ["group:14"]
@@ -740,11 +744,13 @@ def test_sibling_functions_share_the_group_unit(host: Path) -> None:
 )
 def test_vm_needs_bad_ids_warn(host: Path, text: str, warned: str) -> None:
     reader = ClaimReader(pci.Sysfs(), "pve1")
-    needs = reader.vm_needs(parse_guest_config(text, VM_CONF), with_pending=False)
+    needs, warnings = reader.vm_needs(parse_guest_config(text, VM_CONF), with_pending=False)
     assert all(n.claims() for n in needs)  # only valid ids become claims
-    assert len(reader.warnings) == 1
-    assert reader.warnings[0].startswith(f"{VM_CONF}:1: ")
-    assert warned in reader.warnings[0]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"{VM_CONF}:1: ")
+    assert warned in warnings[0]
+    # a second guest's reading starts with none: warnings are not shared between calls
+    assert reader.vm_needs(parse_guest_config("", VM_CONF), with_pending=False) == ([], [])
 
 
 def test_pending_hostpci_only_with_pending(host: Path) -> None:
@@ -814,30 +820,33 @@ def test_unusable_mapping_is_a_need_without_alternatives(
     mapped: Path, text: str, node: str, warned: str
 ) -> None:
     reader = ClaimReader(pci.Sysfs(), node)
-    needs = reader.vm_needs(parse_guest_config(text, VM_CONF), with_pending=False)
+    needs, warnings = reader.vm_needs(parse_guest_config(text, VM_CONF), with_pending=False)
     assert [(n.source, n.alternatives, n.mapping) for n in needs] == [
         ("hostpci0", [], text.split("=")[1])
     ]
-    assert any(w.startswith(f"{VM_CONF}:1: ") and warned in w for w in reader.warnings)
+    assert any(w.startswith(f"{VM_CONF}:1: ") and warned in w for w in warnings)
 
 
 def test_mapping_file_warnings_reach_the_reader(mapped: Path) -> None:
     reader = ClaimReader(pci.Sysfs(), "pve1")
-    reader.vm_needs(parse_guest_config("hostpci0: mapping=gpu", VM_CONF), with_pending=False)
-    assert sum("map line without node= or path=" in w for w in reader.warnings) == 2
+    assert reader.mapping_warnings == []  # not read yet
+    _, warnings = reader.vm_needs(parse_guest_config("hostpci0: mapping=gpu", VM_CONF), False)
+    assert not any("map line" in w for w in warnings)  # pci.cfg's own, not this guest's
+    assert sum("map line without node= or path=" in w for w in reader.mapping_warnings) == 2
 
 
 def test_mapping_file_missing(host: Path) -> None:
     reader = ClaimReader(pci.Sysfs(), "pve1")
-    needs = reader.vm_needs(parse_guest_config("hostpci0: mapping=gpu", VM_CONF), False)
+    needs, warnings = reader.vm_needs(parse_guest_config("hostpci0: mapping=gpu", VM_CONF), False)
     assert [(n.source, n.alternatives) for n in needs] == [("hostpci0", [])]
-    assert len(reader.warnings) == 1
+    assert len(warnings) == 1
+    assert reader.mapping_warnings == []
 
 
 def test_mappings_given_to_the_reader(host: Path) -> None:
     mappings, _ = parse_pci_mapping("gpu\n\tmap node=pve1,path=0000:02:00.0\n", "/x")
     reader = ClaimReader(pci.Sysfs(), "pve1", mappings)
-    needs = reader.vm_needs(parse_guest_config("hostpci0: mapping=gpu", VM_CONF), False)
+    needs, _ = reader.vm_needs(parse_guest_config("hostpci0: mapping=gpu", VM_CONF), False)
     assert shape(needs) == [("hostpci0", [[("0000:02:00.0", G15, EXCLUSIVE)]])]
 
 
@@ -994,14 +1003,8 @@ def add_vm(root: Path, vmid: int, pid: int, argv: list[str] | None = None) -> No
     add_process(root, pid, qemu_argv(vmid) if argv is None else argv)
 
 
-@pytest.fixture
-def rootdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(tmp_path))
-    return tmp_path
-
-
-def test_qemu_cmdline_of_a_running_vm(rootdir: Path) -> None:
-    add_vm(rootdir, 104, 4242)
+def test_qemu_cmdline_of_a_running_vm(host_root: Path) -> None:
+    add_vm(host_root, 104, 4242)
     assert runtime.qemu_cmdline(104) == qemu_argv(104)
     assert runtime.vm_running(104)
     assert runtime.running("qemu", 104)
@@ -1023,48 +1026,48 @@ def test_qemu_cmdline_of_a_running_vm(rootdir: Path) -> None:
         ("4242\n", []),  # a kernel thread or zombie: empty cmdline
     ],
 )
-def test_vm_not_running(rootdir: Path, pid_text: str, argv: list[str] | None) -> None:
-    write(rootdir, "run/qemu-server/104.pid", pid_text)
+def test_vm_not_running(host_root: Path, pid_text: str, argv: list[str] | None) -> None:
+    write(host_root, "run/qemu-server/104.pid", pid_text)
     if argv is not None:
-        write(rootdir, "proc/4242/cmdline", "\0".join(argv) + ("\0" if argv else ""))
+        write(host_root, "proc/4242/cmdline", "\0".join(argv) + ("\0" if argv else ""))
     assert runtime.qemu_cmdline(104) is None
     assert not runtime.vm_running(104)
 
 
-def test_vm_without_pid_file_is_not_running(rootdir: Path) -> None:
-    add_process(rootdir, 4242, qemu_argv(104))
+def test_vm_without_pid_file_is_not_running(host_root: Path) -> None:
+    add_process(host_root, 4242, qemu_argv(104))
     assert not runtime.vm_running(104)
 
 
-def test_qemu_system_binary_counts(rootdir: Path) -> None:
+def test_qemu_system_binary_counts(host_root: Path) -> None:
     argv = ["/usr/bin/qemu-system-x86_64", "-pidfile", "/run/qemu-server/104.pid"]
-    add_vm(rootdir, 104, 77, argv)
+    add_vm(host_root, 104, 77, argv)
     assert runtime.qemu_cmdline(104) == argv
 
 
-def test_ct_running(rootdir: Path) -> None:
-    (rootdir / "sys/fs/cgroup/lxc/200").mkdir(parents=True)
-    write(rootdir, "sys/fs/cgroup/lxc/300", "not a directory")
+def test_ct_running(host_root: Path) -> None:
+    (host_root / "sys/fs/cgroup/lxc/200").mkdir(parents=True)
+    write(host_root, "sys/fs/cgroup/lxc/300", "not a directory")
     assert runtime.ct_running(200)
     assert runtime.running("lxc", 200)
     assert not runtime.ct_running(201)
     assert not runtime.ct_running(300)
 
 
-def test_vm_candidates_and_running_cts(rootdir: Path) -> None:
+def test_vm_candidates_and_running_cts(host_root: Path) -> None:
     assert runtime.vm_candidates() == []
     assert runtime.running_cts() == []
     for name in ("104.pid", "102.pid", "foo.pid", "103.conf", "105.pid.tmp"):
-        write(rootdir, f"run/qemu-server/{name}", "1\n")
+        write(host_root, f"run/qemu-server/{name}", "1\n")
     for name in ("201", "200", "lxc.monitor", "lxc.pivot"):
-        (rootdir / "sys/fs/cgroup/lxc" / name).mkdir(parents=True)
-    write(rootdir, "sys/fs/cgroup/lxc/300", "file")
+        (host_root / "sys/fs/cgroup/lxc" / name).mkdir(parents=True)
+    write(host_root, "sys/fs/cgroup/lxc/300", "file")
     assert runtime.vm_candidates() == [102, 104]
     assert runtime.running_cts() == [200, 201]
 
 
-def test_reservations(rootdir: Path) -> None:
-    add_process(rootdir, 4242, qemu_argv(104))
+def test_reservations(host_root: Path) -> None:
+    add_process(host_root, 4242, qemu_argv(104))
     now = int(time.time())
     lines = [
         "0000:01:00.0 104 pid:4242",
@@ -1082,7 +1085,7 @@ def test_reservations(rootdir: Path) -> None:
         "0000:05:00.0 111 pid:4242 extra",
         "0000:05:00.0 113",
     ]
-    write(rootdir, "run/qemu-server/pci-id-reservations", "\n".join(lines) + "\n")
+    write(host_root, "run/qemu-server/pci-id-reservations", "\n".join(lines) + "\n")
     assert runtime.reservations() == {
         104: ["0000:01:00.0", "0000:01:00.1"],
         106: ["0000:04:00.0"],
@@ -1090,7 +1093,7 @@ def test_reservations(rootdir: Path) -> None:
     }
 
 
-def test_reservations_absent_or_empty(rootdir: Path) -> None:
+def test_reservations_absent_or_empty(host_root: Path) -> None:
     assert runtime.reservations() == {}
-    write(rootdir, "run/qemu-server/pci-id-reservations", "")
+    write(host_root, "run/qemu-server/pci-id-reservations", "")
     assert runtime.reservations() == {}

@@ -11,7 +11,7 @@
   ``act.py`` imports ``subprocess``.
 
 Everything runs against the real code: in-process with ``PVE_GPU_HOOK_ROOT`` set, or through the
-subprocess helpers of ``tests/e2e.py`` that call the hook the way vzdump does.
+subprocess helpers of ``tests/fronts.py`` that call the hook the way vzdump does.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from pvegpuhook import act, cli, handlers, hook, output, paths
+from pvegpuhook import act, cli, hook, output, paths, registration
 from pvegpuhook.state import StateStore
-from tests.e2e import FAST, REPO, commands, records, seed_node
-from tests.e2e import cli as run_cli
-from tests.e2e import hook as run_hook
+from tests.fronts import FAST, REPO, commands, records, seed_node
+from tests.fronts import cli as run_cli
+from tests.fronts import hook as run_hook
 from tests.sim.node import FakeNode
 
 NOBODY = 65534
@@ -89,15 +89,6 @@ def snapshot(path: Path) -> dict[str, tuple[object, int, int]]:
             info.st_uid,
         )
     return found
-
-
-@pytest.fixture
-def at_root(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], None]:
-    def use(root: Path) -> None:
-        monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(root))
-        monkeypatch.delenv("VMTYPE", raising=False)
-
-    return use
 
 
 # ---- private paths: symlinks and foreign owners -----------------------------------------------
@@ -398,7 +389,7 @@ def evil(tmp_path_factory: pytest.TempPathFactory) -> FakeNode:
 
 
 def test_escapes_never_reach_the_task_log_or_the_log_file(tmp_path: Path) -> None:
-    """A whole job's hook calls: stop both holders, restore them, end the job."""
+    """A whole job's hook calls: stop both holders, start them again, end the job."""
     node = evil_node(tmp_path)
     calls = [
         ("backup-start", "stop", "102"),
@@ -573,7 +564,7 @@ def test_chain_problem(
     root.mkdir()
     at_root(root)
     script = make_chain(root, case, tmp_path / "ran")
-    found = handlers.chain_problem(script)
+    found = registration.chain_problem(script)
     assert found == problem or (problem is not None and found is not None and problem in found)
 
 
@@ -619,7 +610,7 @@ def test_hook_refuses_and_never_runs_a_bad_chained_hook(
 
 @pytest.mark.parametrize("phase", hook.NEVER_FAIL)
 def test_refused_chain_never_fails_a_never_fail_phase(tmp_path: Path, phase: str) -> None:
-    """In pre-restart vzdump would not restart the guest it stopped (DESIGN §3.1)."""
+    """In pre-restart vzdump would not restart the guest it stopped (docs/pve-facts.md §1)."""
     node = FakeNode(tmp_path / "root")
     marker = tmp_path / "ran"
     write_chain(node.root, make_chain(node.root, "world-writable", marker))

@@ -38,17 +38,18 @@ import yaml
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from pvegpuhook import cli, hook, pci, pveconf, vzdumpconf
+from pvegpuhook import cli, hook, pci, pveconf, registration, vzdumpconf
+from pvegpuhook import vmid as vmids
 from pvegpuhook.claims import ClaimReader
 from pvegpuhook.errors import ConfigError, StateError
-from pvegpuhook.inventory import LXC, QEMU, Guest
-from pvegpuhook.settings import RESTORE_MODES, SCHEMA, parse_settings
-from pvegpuhook.state import START_FAILED, STOP_FAILED, STOPPED, STOPPING, Record, StateStore
-from tests.e2e import commands, records, seed_node
-from tests.e2e import hook as run_hook
+from pvegpuhook.model import Guest, GuestKind
+from pvegpuhook.settings import RENAMED, RESTART_POLICIES, SCHEMA, parse_settings
+from pvegpuhook.state import Record, RecordStatus, StateStore
+from tests.e2e.test_cli_register import vzdump_conf_text
+from tests.e2e.test_security import BAD_VMIDS
+from tests.fronts import commands, records, seed_node
+from tests.fronts import hook as run_hook
 from tests.sim.node import FakeNode
-from tests.test_cli_register import vzdump_conf_text
-from tests.test_security import BAD_VMIDS
 
 SCALE = float(os.environ.get("PVE_GPU_HOOK_FUZZ_SCALE", "1"))
 COUNTS: Counter[str] = Counter()
@@ -57,7 +58,8 @@ UNIT = re.compile(r"^(group:.+|dev:[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}|fn:.+)$")
 CONF = "/etc/pve/qemu-server/100.conf"
 PCI_CFG = "/etc/pve/mapping/pci.cfg"
 OVERRIDE = "/etc/pve-gpu-hook/config.yaml"
-STATUSES = (STOPPING, STOPPED, STOP_FAILED, START_FAILED)
+STATUSES = tuple(RecordStatus)
+QEMU, LXC = GuestKind.QEMU, GuestKind.LXC
 
 
 def fuzz(examples: int) -> settings:
@@ -567,7 +569,7 @@ def test_claim_reader_never_crashes(
     with rooted(fuzz_node.root):
         reader = ClaimReader(pci.Sysfs(), "pve1", check_mapping(mapping))
         parsed = pveconf.parse_guest_config(config, CONF)
-        needs = reader.vm_needs(parsed, with_pending=pending)
+        needs, warnings = reader.vm_needs(parsed, with_pending=pending)
         shared = reader.ct_claims(parsed, with_pending=pending)
     claims = [c for need in needs for c in need.claims()] + shared
     for claim in claims:
@@ -575,7 +577,7 @@ def test_claim_reader_never_crashes(
         assert claim.units and all(UNIT.match(u) for u in claim.units), claim
     for need in needs:
         assert re.fullmatch(r"hostpci(1[0-5]|[0-9])|args", need.source), need.source
-    for warning in reader.warnings:
+    for warning in [*warnings, *reader.mapping_warnings]:
         assert re.match(re.escape(CONF) + r":(\d+|\?): ", warning) or warning.startswith(PCI_CFG)
         assert warning.isprintable(), warning
 
@@ -719,7 +721,7 @@ def test_cli_register_unregister_any_bytes(empty_root: Path, raw: bytes) -> None
         if active is not None:
             assert code == 1
             assert conf.read_bytes() == raw
-            assert vzdumpconf.load_registration() is None and StateStore().chain() is None
+            assert registration.load_added() is None and registration.chain() is None
             return
         assert code == 0
         assert vzdumpconf.active_script(conf.read_bytes().decode("utf-8", "surrogateescape"))
@@ -879,7 +881,7 @@ def check_settings(text: str) -> object:
     assert type(result.start_timeout) is int and 1 <= result.start_timeout <= 86400
     assert type(result.force_stop) is bool
     assert all(type(v) is int and 100 <= v <= 999999999 for v in result.protect)
-    assert result.restore in RESTORE_MODES
+    assert result.restart in RESTART_POLICIES
     return result
 
 
@@ -899,8 +901,8 @@ def valid_setting(key: object, value: object) -> bool:
         return value is None or (
             isinstance(value, list) and all(type(v) is int and 100 <= v <= 999999999 for v in value)
         )
-    if key == "restore":
-        return isinstance(value, str) and value in RESTORE_MODES
+    if key in ("restart", *RENAMED):
+        return isinstance(value, str) and value in RESTART_POLICIES
     return False
 
 
@@ -919,7 +921,7 @@ setting_value = st.one_of(
     st.integers(90, 2 * 10**9),
     st.booleans(),
     st.none(),
-    st.sampled_from([*RESTORE_MODES, "sometimes", "", "180"]),
+    st.sampled_from([*RESTART_POLICIES, "sometimes", "", "180"]),
     st.lists(st.one_of(st.integers(90, 2 * 10**9), st.booleans(), st.text(max_size=3)), max_size=4),
     json_value,
 )
@@ -928,7 +930,9 @@ setting_value = st.one_of(
 @fuzz(400)
 @given(
     st.dictionaries(
-        st.one_of(st.sampled_from(list(SCHEMA)), st.text(max_size=10)), setting_value, max_size=6
+        st.one_of(st.sampled_from([*SCHEMA, *RENAMED]), st.text(max_size=10)),
+        setting_value,
+        max_size=6,
     ),
     st.booleans(),
 )
@@ -939,10 +943,11 @@ def test_override_dumped_documents_agree_with_the_schema(
     ran("override YAML: dumped mappings vs the schema")
     text = yaml.safe_dump(document, default_flow_style=flow, allow_unicode=True)
     result = check_settings(text)
-    if all(valid_setting(k, v) for k, v in document.items()):
+    named = [RENAMED.get(key, key) for key in document]
+    if all(valid_setting(k, v) for k, v in document.items()) and len(set(named)) == len(named):
         assert not isinstance(result, ConfigError), (text, result)
-        expected = {key: default for key, (_, default) in SCHEMA.items()}
-        expected.update(document)
+        expected = {key: option.default for key, option in SCHEMA.items()}
+        expected.update({RENAMED.get(k, k): v for k, v in document.items()})
         expected["protect"] = sorted(set(expected["protect"] or []))  # type: ignore[call-overload]
         assert result.as_dict() == expected  # type: ignore[attr-defined]
     else:
@@ -1040,7 +1045,7 @@ def test_state_load_any_bytes_without_the_lock(empty_root: Path, raw: bytes) -> 
     with rooted(empty_root):
         store = StateStore()
         try:
-            loaded = store.load()
+            loaded = store.records()
         except StateError as error:
             assert "newer than this pve-gpu-hook" in str(error)
             loaded = []
@@ -1057,13 +1062,13 @@ def test_state_load_any_bytes_under_the_lock(empty_root: Path, raw: bytes) -> No
     directory = fresh_state(empty_root, raw)
     with rooted(empty_root):
         store = StateStore()
-        store.acquire(5, "fuzz")
         try:
-            try:
-                loaded = store.load()
-            except StateError:
-                assert (directory / "state.json").read_bytes() == raw  # untouched
-                return
+            store.acquire(5, "fuzz")  # the file is read as the lock is taken
+        except StateError:
+            assert (directory / "state.json").read_bytes() == raw  # untouched
+            return
+        try:
+            loaded = store.records()
             check_records(loaded)
             aside = store.corrupt_files()
             if store.salvaged is None:
@@ -1071,7 +1076,7 @@ def test_state_load_any_bytes_under_the_lock(empty_root: Path, raw: bytes) -> No
             else:
                 assert [Path(a).read_bytes() for a in aside] == [raw]  # never discarded
                 again = StateStore()
-                assert [r.to_dict() for r in again.load()] == [r.to_dict() for r in loaded]
+                assert [r.to_dict() for r in again.records()] == [r.to_dict() for r in loaded]
                 assert again.salvaged is None
         finally:
             store.release()
@@ -1080,16 +1085,13 @@ def test_state_load_any_bytes_under_the_lock(empty_root: Path, raw: bytes) -> No
 @fuzz(150)
 @given(st.lists(valid_record, max_size=5))
 def test_state_save_then_load_round_trips(empty_root: Path, saved: list[Record]) -> None:
-    ran("state: save() then load() of valid records")
+    ran("state: add() then read back valid records")
     directory = fresh_state(empty_root)
-    with rooted(empty_root):
-        store = StateStore()
-        store.acquire(5, "fuzz")
-        try:
-            store.save(saved)
-            loaded = store.load()
-        finally:
-            store.release()
+    saved = list({r.vmid: r for r in saved}.values())  # one record per guest
+    with rooted(empty_root), StateStore().hold(5, "fuzz") as store:
+        for record in saved:
+            store.add(record)
+        loaded = StateStore().records()
     assert [r.to_dict() for r in loaded] == [r.to_dict() for r in saved]
     assert store.salvaged is None
     path = directory / "state.json"
@@ -1116,12 +1118,12 @@ vmid_text = st.one_of(
 @fuzz(1000)
 @given(vmid_text)
 def test_parse_vmid(text: str) -> None:
-    ran("hook.parse_vmid")
-    vmid = hook.parse_vmid(text)
+    ran("vmid.parse_vmid")
+    parsed = vmids.parse_vmid(text)
     canonical = re.fullmatch(r"[1-9][0-9]{2,8}", text, re.ASCII) is not None
-    assert (vmid is not None) == canonical, text
-    if vmid is not None:
-        assert str(vmid) == text and 100 <= vmid <= hook.MAX_VMID
+    assert (parsed is not None) == canonical, text
+    if parsed is not None:
+        assert str(parsed) == text and 100 <= parsed <= vmids.MAX_VMID
 
 
 phase = st.one_of(st.sampled_from([*hook.JOB_PHASES, *hook.GUEST_PHASES]), st.text(max_size=12))
@@ -1213,7 +1215,7 @@ def test_cli_main_any_argv(fuzz_node: FakeNode, argv: list[str]) -> None:
             return
     assert code in (0, 1, 2), (argv, code)
     assert "Traceback" not in err.getvalue()
-    assert commands(fuzz_node) == []  # no record to restore: no command is ever run
+    assert commands(fuzz_node) == []  # no record to start again: no command is ever run
 
 
 # ---- inputs found by fuzzing ----------------------------------------------------------------
@@ -1224,14 +1226,14 @@ def test_cli_main_any_argv(fuzz_node: FakeNode, argv: list[str]) -> None:
 def _nested_state(root: Path) -> list[Record]:
     fresh_state(root, b'{"format": 1, "records": [' + b"[" * 100000 + b"]}")
     with rooted(root):
-        return StateStore().load()
+        return StateStore().records()
 
 
 def _huge_since_state(root: Path) -> list[Record]:
     record = b'{"vmid": 104, "kind": "qemu", "since": 1' + b"0" * 400 + b"}"
     fresh_state(root, b'{"format": 1, "records": [\n' + record + b"\n]}\n")
     with rooted(root):
-        return StateStore().load()
+        return StateStore().records()
 
 
 def _ct_claims(line: str) -> Callable[[Path], object]:
@@ -1328,7 +1330,7 @@ def test_register_chains_a_script_whose_path_is_not_utf8(tmp_path: Path) -> None
         code = cli.main(["register", "--chain"])
         assert code in (0, 1)
         if code == 0:
-            assert StateStore().chain() == "/usr/local/bin/old-\udcff"  # what the hook runs
+            assert registration.chain() == "/usr/local/bin/old-\udcff"  # what the hook runs
             assert cli.main(["unregister"]) == 0
     assert conf.read_bytes() == raw
 

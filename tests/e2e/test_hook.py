@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import FAST, cli, commands, hook, hook_lines, records, seed_node
+from tests.fronts import FAST, cli, commands, hook, hook_lines, records, seed_node
 from tests.sim.node import FakeNode, reboot
 from tests.sim.vzdump import run_job
 
@@ -56,8 +56,8 @@ def test_without_the_hook_the_backup_fails_like_in_real_life(tmp_path: Path) -> 
     assert "already in use by VMID '104'" in (job.guests[102].error or "")
 
 
-def test_after_job_restore_keeps_holder_off_until_job_end(tmp_path: Path) -> None:
-    node = seed_node(tmp_path, FAST + "restore: after-job\n")
+def test_after_job_restart_keeps_holder_off_until_job_end(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, FAST + "restart: after-job\n")
     job = run_job(node, [102, 103, 105], mode="stop")
     assert job.ok, job.log
     assert len(commands(node, "shutdown")) == 1  # stopped once for the three backups
@@ -236,7 +236,7 @@ def test_full_passthrough_excludes_mdev_users(tmp_path: Path) -> None:
     assert commands(node, "shutdown")[0][:3] == ["qm", "shutdown", "130"]
 
 
-def test_container_holder_is_shut_down_and_restored(tmp_path: Path) -> None:
+def test_container_holder_is_shut_down_and_started_again(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     node.stop(104)
     node.bind_host_driver("0000:01:00.0", "nvidia")  # 104 left it on vfio-pci
@@ -385,7 +385,7 @@ def test_failed_restart_is_kept_reported_and_fails_job_end(tmp_path: Path) -> No
 
 
 def test_job_abort_puts_the_holder_back(tmp_path: Path) -> None:
-    node = seed_node(tmp_path, FAST + "restore: after-job\n")
+    node = seed_node(tmp_path, FAST + "restart: after-job\n")
     job = run_job(node, [102, 103], abort_during=102)
     assert job.aborted
     assert "job-abort" in job.phases()
@@ -423,7 +423,7 @@ def test_recover_reports_a_conflict_instead_of_stopping_anyone(tmp_path: Path) -
     assert [r["vmid"] for r in records(node)] == [104]
 
 
-def test_crash_then_next_job_reports_and_restores(tmp_path: Path) -> None:
+def test_crash_then_next_job_reports_and_restarts(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     run_job(node, [102], crash_after=("backup-start", 102))
     node.stop(102)
@@ -461,7 +461,7 @@ def test_garbage_in_configs_is_skipped_with_file_and_line(tmp_path: Path) -> Non
     assert node.running_guests() == {104}
 
 
-def test_invalid_yaml_stops_nobody_but_still_restores(tmp_path: Path) -> None:
+def test_invalid_yaml_stops_nobody_but_still_restarts(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     run_job(node, [102], crash_after=("backup-start", 102))  # a leftover: 104 is off
     node.stop(102)
@@ -476,11 +476,11 @@ def test_invalid_yaml_stops_nobody_but_still_restores(tmp_path: Path) -> None:
     assert_clean(node)  # the leftover record of the running 104 is dropped at job end
 
 
-def test_invalid_yaml_leftover_still_restored_at_job_end(tmp_path: Path) -> None:
+def test_invalid_yaml_leftover_still_restarted_at_job_end(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     run_job(node, [102], crash_after=("backup-start", 102))
     node.stop(102)
-    node.write_override("restore: sometimes\n")
+    node.write_override("restart: sometimes\n")
     job = run_job(node, [105])
     assert node.running_guests() == {104}
     assert job.guests[105].ok  # nothing held the GPU: an invalid file stops nobody anyway
@@ -578,7 +578,7 @@ def test_recover_leaves_the_running_jobs_guests_to_it(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "stopped by the backup job running now" in result.stdout
     assert 104 not in node.running_guests()
-    job.unlink()  # the job ended (or was killed) without restoring it
+    job.unlink()  # the job ended (or was killed) without starting it again
     assert cli(node, "recover").returncode == 0
     assert node.running_guests() == {104}
 

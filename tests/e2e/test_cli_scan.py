@@ -15,29 +15,22 @@ import yaml
 
 from pvegpuhook import output
 from pvegpuhook.cli import main
+from tests.fronts import REPO, run_main, seed_node
 from tests.sim.node import FakeNode
 
-REPO = Path(__file__).resolve().parents[1]
 PCI_IDS = "# tiny pci.ids\n10de  NVIDIA Corporation\n\t2204  GA102 [GeForce RTX 3090]\n"
 
 
 def seed(root: Path) -> FakeNode:
-    """The seed's home lab: VMs 102-105 share one RTX card (group 14), only 104 runs."""
-    node = FakeNode(root)
-    node.add_gpu("0000:01:00", group=14, functions=("0", "1"), nvidia_minor=0, drm=("renderD128",))
-    for vmid in (102, 103, 105):
-        node.add_vm(vmid, name=f"vm{vmid}", hostpci=["01:00,pcie=1,x-vga=1"])
-    node.add_vm(104, name="win11", hostpci=["0000:01:00.0,pcie=1"], running=True)
-    return node
+    """The seed's home lab without an override file (tests.fronts.seed_node)."""
+    return seed_node(root, override="")
 
 
 def scan(
     node: FakeNode, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str
 ) -> tuple[int, str, str]:
     monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(node.root))
-    code = main(["scan", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(capsys, "scan", *argv)
 
 
 def scan_json(node: FakeNode, monkeypatch, capsys, *argv: str) -> dict:
@@ -526,16 +519,17 @@ def test_plain_table(capsys) -> None:
 
 def test_machine_formats(capsys) -> None:
     data = {"b": [1, None], "a": "x\x1b", "c": {"z": True}}
+    versioned = {"format": 1, **data}  # every JSON/YAML object says its shape's version
     output.emit(_args("--output-format", "json"), data, [], ["ignored"])
     out = capsys.readouterr().out
-    assert out == '{"a": "x\\u001b", "b": [1, null], "c": {"z": true}}\n'
+    assert out == '{"a": "x\\u001b", "b": [1, null], "c": {"z": true}, "format": 1}\n'
     output.emit(_args("--output-format", "json-pretty"), data, [])
-    assert json.loads(capsys.readouterr().out) == data
+    assert json.loads(capsys.readouterr().out) == versioned
     output.emit(_args("--output-format", "yaml"), data, [])
     out = capsys.readouterr().out
-    assert yaml.safe_load(out) == data and "\x1b" not in out
+    assert yaml.safe_load(out) == versioned and "\x1b" not in out
     output.emit(_args("--output-format", "yaml"), {"s": "bad\udcff"}, [])
-    assert yaml.safe_load(capsys.readouterr().out) == {"s": "bad\\udcff"}
+    assert yaml.safe_load(capsys.readouterr().out) == {"format": 1, "s": "bad\\udcff"}
 
 
 def test_rich_on_a_terminal(monkeypatch, capsys) -> None:

@@ -10,21 +10,16 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pvegpuhook import files, registration
 from pvegpuhook import log as logmod
 from pvegpuhook.errors import EXIT_USAGE, ConfigError, LockTimeout, StateError
+from pvegpuhook.model import GuestKind
 from pvegpuhook.settings import Settings, load_settings, parse_settings
-from pvegpuhook.state import START_FAILED, STOPPED, STOPPING, Record, StateStore
-
-
-@pytest.fixture
-def rootdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(tmp_path))
-    return tmp_path
+from pvegpuhook.state import Record, RecordStatus, StateStore
 
 
 def mode(path: Path) -> int:
@@ -39,9 +34,9 @@ TEMPLATE = """\
 ---
 # shutdown_timeout: 180   # s to wait for a holder's graceful shutdown
 # force_stop: false       # after that, hard-stop it instead of failing the backup
-# start_timeout: 120      # s to wait for a restored guest to be confirmed running
+# start_timeout: 120      # s to wait for a restarted guest to be confirmed running
 #protect: []              # VMIDs never stopped to free a GPU
-    # restore: after-guest  # after-guest or after-job
+    # restart: after-guest  # after-guest or after-job
 ...
 """
 
@@ -50,7 +45,7 @@ DEFAULTS = {
     "force_stop": False,
     "start_timeout": 120,
     "protect": [],
-    "restore": "after-guest",
+    "restart": "after-guest",
 }
 
 
@@ -70,20 +65,20 @@ def config_error(text: str, path: str = "/etc/pve-gpu-hook/config.yaml") -> Conf
     return info.value
 
 
-def test_defaults_when_absent(rootdir: Path) -> None:
+def test_defaults_when_absent(host_root: Path) -> None:
     settings = load_settings()
     assert settings.as_dict() == DEFAULTS
     assert settings.source is None
-    assert load_settings(str(rootdir / "nope.yaml")).as_dict() == DEFAULTS
+    assert load_settings(str(host_root / "nope.yaml")).as_dict() == DEFAULTS
     assert Settings().as_dict() == DEFAULTS
 
 
 @pytest.mark.parametrize("text", [TEMPLATE, "", "\n\n", "---\n", "# only\n# comments\n"])
 def test_commented_file_gives_defaults_without_yaml(
-    rootdir: Path, monkeypatch: pytest.MonkeyPatch, text: str
+    host_root: Path, monkeypatch: pytest.MonkeyPatch, text: str
 ) -> None:
     monkeypatch.setitem(sys.modules, "yaml", None)  # any `import yaml` now fails
-    path = write_override(rootdir, text)
+    path = write_override(host_root, text)
     settings = load_settings()
     assert settings.as_dict() == DEFAULTS
     assert settings.source == str(path)
@@ -106,12 +101,13 @@ def test_yaml_comment_only_document_parses_to_defaults() -> None:
         ("protect:\n  - 105\n  - 104\n  - 104", "protect", [104, 105]),
         ("protect: []", "protect", []),
         ("protect:", "protect", []),
-        ("restore: after-job", "restore", "after-job"),
-        ("restore: after-guest", "restore", "after-guest"),
+        ("restart: after-job", "restart", "after-job"),
+        ("restart: after-guest", "restart", "after-guest"),
+        ("restore: after-job", "restart", "after-job"),  # the old name, still read
     ],
 )
-def test_each_key(rootdir: Path, text: str, key: str, value: object) -> None:
-    write_override(rootdir, f"# override\n{text}\n")
+def test_each_key(host_root: Path, text: str, key: str, value: object) -> None:
+    write_override(host_root, f"# override\n{text}\n")
     assert load_settings().as_dict() == {**DEFAULTS, key: value}
 
 
@@ -119,7 +115,7 @@ def test_all_keys_together(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(
         "---\nshutdown_timeout: 20  # short\nforce_stop: true\nstart_timeout: 10\n"
-        "protect: [101]\nrestore: after-job\n"
+        "protect: [101]\nrestart: after-job\n"
     )
     settings = load_settings(str(path))
     assert settings.as_dict() == {
@@ -127,14 +123,14 @@ def test_all_keys_together(tmp_path: Path) -> None:
         "force_stop": True,
         "start_timeout": 10,
         "protect": [101],
-        "restore": "after-job",
+        "restart": "after-job",
     }
     assert settings.protect == frozenset({101})
     assert settings.source == str(path)
 
 
-def test_unknown_key_names_file_line_and_key(rootdir: Path) -> None:
-    path = write_override(rootdir, "# colours\nshutdown_timeout: 10\ncolour: red\n")
+def test_unknown_key_names_file_line_and_key(host_root: Path) -> None:
+    path = write_override(host_root, "# colours\nshutdown_timeout: 10\ncolour: red\n")
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert str(info.value).startswith(f"{path}:3: ")
@@ -166,9 +162,10 @@ def test_unknown_key_names_file_line_and_key(rootdir: Path) -> None:
         ("protect: [99]", 2, "protect"),
         ("protect: [104, true]", 2, "protect"),
         ("protect: ['104']", 2, "protect"),
-        ("restore: sometimes", 2, "restore"),
-        ("restore: true", 2, "restore"),
-        ("restore: [after-job]", 2, "restore"),
+        ("restart: sometimes", 2, "restart"),
+        ("restart: true", 2, "restart"),
+        ("restart: [after-job]", 2, "restart"),
+        ("restore: sometimes", 2, "restart"),
     ],
 )
 def test_wrong_type_names_key_and_line(text: str, line: int, key: str) -> None:
@@ -179,15 +176,28 @@ def test_wrong_type_names_key_and_line(text: str, line: int, key: str) -> None:
 
 
 def test_wrong_type_line_of_a_later_key() -> None:
-    error = config_error("# c\nshutdown_timeout: 10\n\nforce_stop: true\nrestore: sometimes\n")
-    assert str(error).startswith("/etc/pve-gpu-hook/config.yaml:5: restore: ")
+    error = config_error("# c\nshutdown_timeout: 10\n\nforce_stop: true\nrestart: sometimes\n")
+    assert str(error).startswith("/etc/pve-gpu-hook/config.yaml:5: restart: ")
     assert "sometimes" in str(error)
 
 
 def test_duplicate_key() -> None:
-    error = config_error("restore: after-job\nshutdown_timeout: 5\nrestore: after-guest\n")
+    error = config_error("restart: after-job\nshutdown_timeout: 5\nrestart: after-guest\n")
     assert str(error).startswith("/etc/pve-gpu-hook/config.yaml:3: ")
-    assert "restore" in str(error)
+    assert "restart" in str(error)
+    # the old and the new name of one key: given twice
+    error = config_error("restore: after-job\nrestart: after-guest\n")
+    assert str(error) == "/etc/pve-gpu-hook/config.yaml:2: restart: given twice"
+
+
+def test_old_key_name_is_read_with_a_note() -> None:
+    settings = parse_settings("restore: after-job\n", "/etc/pve-gpu-hook/config.yaml")
+    assert settings.restart == "after-job"
+    assert settings.notes == [
+        "/etc/pve-gpu-hook/config.yaml:1: 'restore:' is the old name of 'restart:'; it is still "
+        "read, rename it when convenient"
+    ]
+    assert parse_settings("restart: after-job\n", "/x").notes == []
 
 
 @pytest.mark.parametrize(
@@ -195,7 +205,7 @@ def test_duplicate_key() -> None:
     [
         ("shutdown_timeout: 10\nforce_stop: false: true\n", 2),
         ("shutdown_timeout: 10\n\tforce_stop: true\n", 2),
-        ("shutdown_timeout: 10\nprotect: [104\nrestore: after-job\n", 3),
+        ("shutdown_timeout: 10\nprotect: [104\nrestart: after-job\n", 3),
         ("shutdown_timeout: *nothing\n", 1),
         ("shutdown_timeout: 1\n---\nforce_stop: true\n", 2),
     ],
@@ -213,8 +223,8 @@ def test_top_level_must_be_a_mapping(text: str, line: int) -> None:
     assert "mapping" in str(error)
 
 
-def test_unreadable_file_is_a_config_error(rootdir: Path) -> None:
-    path = write_override(rootdir, b"shutdown_timeout: \xff\xfe\n")
+def test_unreadable_file_is_a_config_error(host_root: Path) -> None:
+    path = write_override(host_root, b"shutdown_timeout: \xff\xfe\n")
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert str(info.value).startswith(str(path))
@@ -226,7 +236,7 @@ def test_unreadable_file_is_a_config_error(rootdir: Path) -> None:
     [
         "shutdown_timeout: !!int abc\n",
         "force_stop: !!bool maybe\n",
-        "restore: !!timestamp 2020-13-45\n",
+        "restart: !!timestamp 2020-13-45\n",
         "shutdown_timeout: !!python/name:os.system\n",
         "shutdown_timeout: !custom 3\n",
     ],
@@ -247,17 +257,19 @@ def test_bad_protect_item_names_its_own_line() -> None:
 RECORDS = [
     Record(
         104,
-        "qemu",
+        GuestKind.QEMU,
         "win11",
         102,
         ["0000:01:00.0", "0000:01:00.1"],
         since=1700000000.5,
-        status=STOPPED,
+        status=RecordStatus.STOPPED,
         job=4242,
         note="shut down for the backup of VM 102",
     ),
-    Record(200, "lxc", None, None, [], since=1700000001.0, status=START_FAILED),
-    Record(105, "qemu", 'n\u00e4me "quoted"\n', 103, ["0000:04:00.0"], since=1.0),
+    Record(
+        200, GuestKind.LXC, None, None, [], since=1700000001.0, status=RecordStatus.START_FAILED
+    ),
+    Record(105, GuestKind.QEMU, 'n\u00e4me "quoted"\n', 103, ["0000:04:00.0"], since=1.0),
 ]
 
 
@@ -265,33 +277,41 @@ def as_dicts(records: list[Record]) -> list[dict[str, object]]:
     return [r.to_dict() for r in records]
 
 
-@pytest.fixture
-def store(rootdir: Path) -> Iterator[StateStore]:
-    s = StateStore()
-    s.acquire(1.0, "test")
-    yield s
-    s.release()
+def save(records: list[Record]) -> StateStore:
+    """Make the state hold exactly ``records``, through the store's own operations."""
+    store = StateStore()
+    with store.hold(1.0, "test"):
+        store.drop(*(r.vmid for r in store.records()))
+        for record in records:
+            store.add(record)
+    return store
+
+
+def load(store: StateStore | None = None) -> list[Record]:
+    """The records as a holder of the lock reads them (a damaged file is then kept aside)."""
+    store = store or StateStore()
+    with store.hold(1.0, "test"):
+        return store.records()
 
 
 def state_dir(root: Path) -> Path:
     return root / "var/lib/pve-gpu-hook"
 
 
-def test_acquire_release_and_lock_owner(rootdir: Path) -> None:
+def test_acquire_release_and_lock_owner(host_root: Path) -> None:
     first = StateStore()
     first.acquire(1.0, "backup-start of VM 102")
-    lock = rootdir / "run/lock/pve-gpu-hook.lock"
+    lock = host_root / "run/lock/pve-gpu-hook.lock"
     assert lock.read_text() == f"pid {os.getpid()} backup-start of VM 102\n"
     assert mode(lock) == 0o600
     first.release()
     second = StateStore()
-    second.acquire(0.3, "job-end")
-    assert lock.read_text() == f"pid {os.getpid()} job-end\n"
-    second.release()
+    with second.hold(0.3, "job-end"):
+        assert lock.read_text() == f"pid {os.getpid()} job-end\n"
     second.release()  # releasing twice is harmless
 
 
-def test_second_acquire_times_out(rootdir: Path) -> None:
+def test_second_acquire_times_out(host_root: Path) -> None:
     holder = StateStore()
     holder.acquire(1.0, "log-end of VM 102")  # flock is per open file: a second fd conflicts
     try:
@@ -310,79 +330,115 @@ def test_second_acquire_times_out(rootdir: Path) -> None:
     waiter.release()
 
 
-def test_save_requires_the_lock(rootdir: Path) -> None:
-    with pytest.raises(StateError):
-        StateStore().save(RECORDS)
-    with pytest.raises(StateError):
-        StateStore().set_chain("/usr/local/bin/x")
-    assert not state_dir(rootdir).exists()
+def test_changes_require_the_lock(host_root: Path) -> None:
+    store = StateStore()
+    for change in (
+        lambda: store.add(RECORDS[0]),
+        lambda: store.mark(104, RecordStatus.STOPPED),
+        lambda: store.drop(104),
+    ):
+        with pytest.raises(StateError):
+            change()
+    assert not state_dir(host_root).exists()
 
 
-def test_round_trip(rootdir: Path, store: StateStore) -> None:
-    assert not store.exists()
-    assert store.load() == []
-    store.save(RECORDS)
+def test_round_trip(host_root: Path) -> None:
+    assert not StateStore().exists()
+    assert StateStore().records() == []
+    store = save(RECORDS)
     assert store.exists()
-    assert as_dicts(StateStore().load()) == as_dicts(RECORDS)
-    data = json.loads((state_dir(rootdir) / "state.json").read_text())
+    assert as_dicts(StateStore().records()) == as_dicts(RECORDS)
+    data = json.loads((state_dir(host_root) / "state.json").read_text())
     assert data["format"] == 1
     assert [r["vmid"] for r in data["records"]] == [104, 200, 105]
     assert StateStore().salvaged is None
 
 
-def test_permissions(rootdir: Path, store: StateStore) -> None:
-    store.save(RECORDS)
-    assert mode(state_dir(rootdir)) == 0o700
-    assert mode(state_dir(rootdir) / "state.json") == 0o600
+def test_named_operations(host_root: Path) -> None:
+    save(RECORDS)
+    store = StateStore()
+    with store.hold(1.0, "test"):
+        store.mark(105, RecordStatus.STOP_FAILED, "got timeout " * 100)
+        store.add(Record(104, GuestKind.QEMU, "win11", 103, ["0000:01:00.0"], since=5.0))
+        store.drop(200, 999)  # an unknown VMID is no error
+        held = store.records()
+    assert as_dicts(held) == as_dicts(StateStore().records())
+    after = {r.vmid: r for r in StateStore().records()}
+    assert sorted(after) == [104, 105]
+    assert after[105].status == RecordStatus.STOP_FAILED
+    assert after[105].note is not None and len(after[105].note) == 500
+    assert (after[104].for_vmid, after[104].status) == (103, RecordStatus.STOPPING)
 
 
-def test_loose_state_dir_is_tightened(rootdir: Path, store: StateStore) -> None:
-    state_dir(rootdir).mkdir(parents=True)
-    os.chmod(state_dir(rootdir), 0o755)
-    store.save(RECORDS[:1])
-    assert mode(state_dir(rootdir)) == 0o700
+def test_one_read_per_hold(host_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save(RECORDS)
+    reads = []
+    real = files.read_private
+    monkeypatch.setattr(files, "read_private", lambda path: reads.append(path) or real(path))
+    store = StateStore()
+    with store.hold(1.0, "test"):
+        store.mark(104, RecordStatus.STOPPED)
+        store.drop(200)
+        store.add(Record(106, GuestKind.QEMU, None, 102, []))
+        assert [r.vmid for r in store.records()] == [104, 105, 106]
+    assert len(reads) == 1
 
 
-def test_empty_save_removes_the_file(rootdir: Path, store: StateStore) -> None:
-    store.save([])  # nothing to remove
-    store.save(RECORDS)
-    store.save([])
+def test_permissions(host_root: Path) -> None:
+    save(RECORDS)
+    assert mode(state_dir(host_root)) == 0o700
+    assert mode(state_dir(host_root) / "state.json") == 0o600
+
+
+def test_loose_state_dir_is_tightened(host_root: Path) -> None:
+    state_dir(host_root).mkdir(parents=True)
+    os.chmod(state_dir(host_root), 0o755)
+    save(RECORDS[:1])
+    assert mode(state_dir(host_root)) == 0o700
+
+
+def test_dropping_the_last_record_removes_the_file(host_root: Path) -> None:
+    save([])  # nothing to remove
+    store = save(RECORDS)
+    save([])
     assert not store.exists()
-    assert store.load() == []
-    assert os.listdir(state_dir(rootdir)) == []
+    assert load() == []
+    assert os.listdir(state_dir(host_root)) == []
 
 
-def test_symlinked_state_dir_is_refused(rootdir: Path, store: StateStore) -> None:
-    elsewhere = rootdir / "elsewhere"
+def test_symlinked_state_dir_is_refused(host_root: Path) -> None:
+    elsewhere = host_root / "elsewhere"
     elsewhere.mkdir(mode=0o700)
-    state_dir(rootdir).parent.mkdir(parents=True)
-    state_dir(rootdir).symlink_to(elsewhere)
+    state_dir(host_root).parent.mkdir(parents=True)
+    state_dir(host_root).symlink_to(elsewhere)
     with pytest.raises(StateError):
-        store.save(RECORDS)
-    with pytest.raises(StateError):
-        store.set_chain("/usr/local/bin/old-hook")
+        save(RECORDS)
     assert os.listdir(elsewhere) == []
 
 
-def test_load_refuses_symlinked_state_dir(rootdir: Path, store: StateStore) -> None:
-    elsewhere = rootdir / "elsewhere"
+def test_load_refuses_symlinked_state_dir(host_root: Path) -> None:
+    elsewhere = host_root / "elsewhere"
     elsewhere.mkdir(mode=0o700)
     (elsewhere / "state.json").write_text(
         '{"format": 1, "records": [\n{"vmid": 104, "kind": "qemu"}\n]}\n'
     )
-    state_dir(rootdir).parent.mkdir(parents=True)
-    state_dir(rootdir).symlink_to(elsewhere)
+    state_dir(host_root).parent.mkdir(parents=True)
+    state_dir(host_root).symlink_to(elsewhere)
     with pytest.raises(StateError):
-        store.load()
+        StateStore().records()
+    with pytest.raises(StateError):
+        load()
 
 
-def test_symlinked_state_file_is_not_followed(rootdir: Path, store: StateStore) -> None:
-    target = rootdir / "target.json"
+def test_symlinked_state_file_is_not_followed(host_root: Path) -> None:
+    target = host_root / "target.json"
     target.write_text('{"format": 1, "records": [{"vmid": 104, "kind": "qemu"}]}')
-    state_dir(rootdir).mkdir(parents=True, mode=0o700)
-    (state_dir(rootdir) / "state.json").symlink_to(target)
+    state_dir(host_root).mkdir(parents=True, mode=0o700)
+    (state_dir(host_root) / "state.json").symlink_to(target)
     with pytest.raises(StateError):
-        store.load()
+        StateStore().records()
+    with pytest.raises(StateError):
+        load()
 
 
 def write_state(root: Path, data: bytes) -> Path:
@@ -393,10 +449,11 @@ def write_state(root: Path, data: bytes) -> Path:
     return path
 
 
-def test_garbage_state_is_kept_aside(rootdir: Path, store: StateStore) -> None:
+def test_garbage_state_is_kept_aside(host_root: Path) -> None:
     garbage = b"\x00\xffnot json at all\n"
-    path = write_state(rootdir, garbage)
-    assert store.load() == []
+    path = write_state(host_root, garbage)
+    store = StateStore()
+    assert load(store) == []
     assert store.salvaged is not None
     corrupt = store.corrupt_files()
     assert len(corrupt) == 1
@@ -406,97 +463,112 @@ def test_garbage_state_is_kept_aside(rootdir: Path, store: StateStore) -> None:
     assert not path.exists()
 
 
-def test_truncated_state_keeps_intact_records(rootdir: Path, store: StateStore) -> None:
-    store.save(RECORDS)
-    path = state_dir(rootdir) / "state.json"
+def test_truncated_state_keeps_intact_records(host_root: Path) -> None:
+    save(RECORDS)
+    path = state_dir(host_root) / "state.json"
     full = path.read_bytes()
     cut = full.index(b'{"vmid": 105') + 20  # in the middle of the third record
-    write_state(rootdir, full[:cut])
-    loaded = store.load()
+    write_state(host_root, full[:cut])
+    store = StateStore()
+    loaded = load(store)
     assert as_dicts(loaded) == as_dicts(RECORDS[:2])
     assert store.salvaged is not None
     assert "2 intact record(s) kept" in store.salvaged
     assert [Path(p).read_bytes() for p in store.corrupt_files()] == [full[:cut]]
     again = StateStore()
-    assert as_dicts(again.load()) == as_dicts(RECORDS[:2])  # rewritten clean
+    assert as_dicts(load(again)) == as_dicts(RECORDS[:2])  # rewritten clean
     assert again.salvaged is None
 
 
-def test_bad_record_sends_the_file_to_salvage(rootdir: Path, store: StateStore) -> None:
+def test_bad_record_sends_the_file_to_salvage(host_root: Path) -> None:
     write_state(
-        rootdir,
+        host_root,
         b'{"format": 1, "records": [\n{"vmid": 104, "kind": "qemu"},\n'
         b'{"vmid": 5, "kind": "qemu"},\n{"vmid": 200, "kind": "vm"}\n]}\n',
     )
-    assert [r.vmid for r in store.load()] == [104]
+    store = StateStore()
+    assert [r.vmid for r in load(store)] == [104]
     assert len(store.corrupt_files()) == 1
 
 
-def test_corrupt_state_without_the_lock_is_left_in_place(rootdir: Path) -> None:
-    path = write_state(rootdir, b'{"format": 1, "records": [\n{"vmid": 104, "kind": "qemu"},\n{')
+def test_corrupt_state_without_the_lock_is_left_in_place(host_root: Path) -> None:
+    path = write_state(host_root, b'{"format": 1, "records": [\n{"vmid": 104, "kind": "qemu"},\n{')
     reader = StateStore()
-    assert [r.vmid for r in reader.load()] == [104]
+    assert [r.vmid for r in reader.records()] == [104]
     assert reader.salvaged is not None
     assert path.exists()
     assert reader.corrupt_files() == []
 
 
 def test_two_corrupt_files_in_one_second_are_both_kept(
-    rootdir: Path, store: StateStore, monkeypatch: pytest.MonkeyPatch
+    host_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20250101T000000")
-    write_state(rootdir, b"first corrupt copy")
-    store.load()
-    write_state(rootdir, b"second corrupt copy")
-    store.load()
+    write_state(host_root, b"first corrupt copy")
+    load()
+    write_state(host_root, b"second corrupt copy")
+    store = StateStore()
+    load(store)
     kept = sorted(Path(p).read_bytes() for p in store.corrupt_files())
     assert kept == [b"first corrupt copy", b"second corrupt copy"]
 
 
-def test_newer_format_is_refused(rootdir: Path, store: StateStore) -> None:
+def test_newer_format_is_refused(host_root: Path) -> None:
     data = b'{"format": 2, "records": [{"vmid": 104, "kind": "qemu"}]}\n'
-    path = write_state(rootdir, data)
+    path = write_state(host_root, data)
+    store = StateStore()
     with pytest.raises(StateError) as info:
-        store.load()
+        load(store)
     assert "format" in str(info.value)
     assert path.read_bytes() == data  # left alone for the newer version
     assert store.corrupt_files() == []
 
 
-def test_older_file_without_format_loads(rootdir: Path, store: StateStore) -> None:
-    write_state(rootdir, b'{"records": [{"vmid": 104, "kind": "qemu", "for_vmid": 102}]}')
-    (record,) = store.load()
-    assert (record.vmid, record.kind, record.for_vmid, record.status) == (104, "qemu", 102, STOPPED)
+def test_older_file_without_format_loads(host_root: Path) -> None:
+    write_state(host_root, b'{"records": [{"vmid": 104, "kind": "qemu", "for_vmid": 102}]}')
+    store = StateStore()
+    (record,) = load(store)
+    assert (record.vmid, record.kind, record.for_vmid, record.status) == (
+        104,
+        GuestKind.QEMU,
+        102,
+        RecordStatus.STOPPED,
+    )
     assert (record.name, record.addresses, record.job, record.note) == (None, [], None, None)
     assert store.salvaged is None
 
 
-def test_full_disk_leaves_previous_state(
-    rootdir: Path, store: StateStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store.save(RECORDS[:1])
-    path = state_dir(rootdir) / "state.json"
+def test_full_disk_leaves_previous_state(host_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save(RECORDS[:1])
+    path = state_dir(host_root) / "state.json"
     before = path.read_bytes()
 
     def no_space(fd: int, data: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "write", no_space)
-    with pytest.raises(StateError) as info:
-        store.save(RECORDS)
-    monkeypatch.undo()
+    store = StateStore()
+    with store.hold(1.0, "test"):
+        monkeypatch.setattr(os, "write", no_space)
+        with pytest.raises(StateError) as info:
+            store.add(RECORDS[1])
+        monkeypatch.undo()
+        # the store still holds what the file holds
+        assert as_dicts(store.records()) == as_dicts(RECORDS[:1])
     assert "No space left on device" in str(info.value)
     assert path.read_bytes() == before
-    assert sorted(os.listdir(state_dir(rootdir))) == ["state.json"]
+    assert sorted(os.listdir(state_dir(host_root))) == ["state.json"]
 
 
 def test_record_defaults() -> None:
-    record = Record(104, "qemu", None, 102, ["0000:01:00.0"])
-    assert record.status == STOPPING
+    record = Record(104, GuestKind.QEMU, None, 102, ["0000:01:00.0"])
+    assert record.status == RecordStatus.STOPPING
     assert (record.since, record.job, record.note) == (None, None, None)
+    assert record.label == "VM 104"
     # a damaged record without a time stays "unknown", never "since now"
     damaged = Record.from_dict({"vmid": 104, "kind": "qemu"})
     assert damaged.since is None
+    # a status a newer release wrote is read as the safest one: still off
+    assert Record.from_dict({"vmid": 104, "kind": "qemu", "status": "x"}).status == "stopped"
 
 
 @pytest.mark.parametrize(
@@ -515,16 +587,15 @@ def test_record_from_bad_dict(data: object) -> None:
         Record.from_dict(data)
 
 
-def test_chain(rootdir: Path, store: StateStore) -> None:
-    assert store.chain() is None
-    store.set_chain("/usr/local/bin/old-hook.sh")
-    assert store.chain() == "/usr/local/bin/old-hook.sh"
-    assert StateStore().chain() == "/usr/local/bin/old-hook.sh"
-    assert mode(state_dir(rootdir) / "chain") == 0o600
-    store.set_chain(None)
-    assert store.chain() is None
-    store.set_chain(None)  # already gone
-    assert not (state_dir(rootdir) / "chain").exists()
+def test_chain(host_root: Path) -> None:
+    assert registration.chain() is None
+    registration._save_chain("/usr/local/bin/old-hook.sh")
+    assert registration.chain() == "/usr/local/bin/old-hook.sh"
+    assert mode(state_dir(host_root) / "chain") == 0o600
+    registration._save_chain(None)
+    assert registration.chain() is None
+    registration._save_chain(None)  # already gone
+    assert not (state_dir(host_root) / "chain").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,18 +639,18 @@ def log_lines(root: Path) -> list[tuple[str, str, str, str]]:
     return result
 
 
-def test_log_file_lines(rootdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_log_file_lines(host_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     logmod.Log("backup-start", 102, echo=False).file("stopping VM 104\x1b[2J")
     logmod.Log("job-end", echo=False).file("done\nforged line")
-    assert [line[1:] for line in log_lines(rootdir)] == [
+    assert [line[1:] for line in log_lines(host_root)] == [
         ("backup-start", "102", "stopping VM 104\\x1b[2J"),
         ("job-end", "-", "done\\x0aforged line"),
     ]
-    assert mode(rootdir / "var/log/pve-gpu-hook.log") == 0o600
+    assert mode(host_root / "var/log/pve-gpu-hook.log") == 0o600
     assert capsys.readouterr() == ("", "")
 
 
-def test_log_say_and_error(rootdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_log_say_and_error(host_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     quiet = logmod.Log("log-end", 102, echo=False)
     quiet.say("started VM 104")
     quiet.error("VM 105 did not start")
@@ -591,7 +662,7 @@ def test_log_say_and_error(rootdir: Path, capsys: pytest.CaptureFixture[str]) ->
     out, err = capsys.readouterr()
     assert out == "pve-gpu-hook: hello\\x07\n"
     assert err == "pve-gpu-hook: bad\\x1b\n"
-    assert [line[3] for line in log_lines(rootdir)] == [
+    assert [line[3] for line in log_lines(host_root)] == [
         "started VM 104",
         "ERROR: VM 105 did not start",
         "hello\\x07",
@@ -599,8 +670,8 @@ def test_log_say_and_error(rootdir: Path, capsys: pytest.CaptureFixture[str]) ->
     ]
 
 
-def test_log_appends_to_existing_file(rootdir: Path) -> None:
-    path = rootdir / "var/log/pve-gpu-hook.log"
+def test_log_appends_to_existing_file(host_root: Path) -> None:
+    path = host_root / "var/log/pve-gpu-hook.log"
     path.parent.mkdir(parents=True)
     path.write_text("old line\n")
     os.chmod(path, 0o600)
@@ -610,12 +681,12 @@ def test_log_appends_to_existing_file(rootdir: Path) -> None:
 
 
 @pytest.mark.parametrize("dangling", [False, True])
-def test_log_does_not_follow_a_symlink(rootdir: Path, dangling: bool) -> None:
-    target = rootdir / "etc/shadow"
+def test_log_does_not_follow_a_symlink(host_root: Path, dangling: bool) -> None:
+    target = host_root / "etc/shadow"
     target.parent.mkdir(parents=True)
     if not dangling:
         target.write_text("root:x:\n")
-    path = rootdir / "var/log/pve-gpu-hook.log"
+    path = host_root / "var/log/pve-gpu-hook.log"
     path.parent.mkdir(parents=True)
     path.symlink_to(target)
     logmod.Log("job-start", echo=False).file("must not land in the target")  # never raises
@@ -626,11 +697,11 @@ def test_log_does_not_follow_a_symlink(rootdir: Path, dangling: bool) -> None:
     assert path.is_symlink()
 
 
-def test_log_unwritable_location_never_raises(rootdir: Path) -> None:
-    (rootdir / "var").mkdir()
-    (rootdir / "var/log").write_text("a file where the directory should be")
+def test_log_unwritable_location_never_raises(host_root: Path) -> None:
+    (host_root / "var").mkdir()
+    (host_root / "var/log").write_text("a file where the directory should be")
     logmod.Log("job-start", echo=False).file("lost")
-    assert (rootdir / "var/log").read_text() == "a file where the directory should be"
+    assert (host_root / "var/log").read_text() == "a file where the directory should be"
 
 
 def test_timestamp_is_iso_with_offset() -> None:

@@ -15,9 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pvegpuhook import cli, vzdumpconf
+from pvegpuhook import cli, files, registration, vzdumpconf
+from pvegpuhook.errors import GpuHookError
 from pvegpuhook.state import StateStore
 from pvegpuhook.vzdumpconf import BEGIN_MARK, END_MARK, HOOK_PATH, SCRIPT_LINE
+from tests.fronts import run_main
 
 # /etc/vzdump.conf as pve-manager ships it (every setting commented out).
 STOCK = (
@@ -62,11 +64,11 @@ OTHER_HOOK = "/usr/local/bin/old-hook"
 
 
 @pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(tmp_path))
-    (tmp_path / "etc/pve").mkdir(parents=True)
-    install(tmp_path, HOOK_PATH)
-    return tmp_path
+def root(host_root: Path) -> Path:
+    """A PVE host with the package's hook installed, not registered."""
+    (host_root / "etc/pve").mkdir(parents=True)
+    install(host_root, HOOK_PATH)
+    return host_root
 
 
 def install(root: Path, path: str, mode: int = 0o755, uid: int = 0) -> Path:
@@ -81,12 +83,6 @@ def install(root: Path, path: str, mode: int = 0o755, uid: int = 0) -> Path:
 
 def conf(root: Path) -> Path:
     return root / "etc/vzdump.conf"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def active(root: Path) -> str | None:
@@ -115,7 +111,7 @@ def test_register_then_unregister_is_byte_identical(
     conf(root).chmod(0o640)
     os.chown(conf(root), 0, 4)
 
-    code, out, err = run(capsys, "register")
+    code, out, err = run_main(capsys, "register")
     assert code == 0, err
     assert out.startswith("registered: /etc/vzdump.conf line ")
     assert active(root) == HOOK_PATH
@@ -126,11 +122,11 @@ def test_register_then_unregister_is_byte_identical(
     assert leftovers_in_etc(root) == []  # the temp file was renamed, not left behind
     assert "registration.json" in state_files(root)
 
-    code, out, _ = run(capsys, "register")  # idempotent
+    code, out, _ = run_main(capsys, "register")  # idempotent
     assert code == 0 and out.startswith("already registered: line ")
     assert conf(root).read_bytes() == registered
 
-    code, out, err = run(capsys, "unregister")
+    code, out, err = run_main(capsys, "unregister")
     assert code == 0, err
     assert "the file is as it was before register" in out
     assert conf(root).read_bytes() == original
@@ -138,14 +134,14 @@ def test_register_then_unregister_is_byte_identical(
     assert stat.S_IMODE(info.st_mode) == 0o640 and (info.st_uid, info.st_gid) == (0, 4)
     assert state_files(root) == set()
 
-    code, out, _ = run(capsys, "unregister")  # idempotent
+    code, out, _ = run_main(capsys, "unregister")  # idempotent
     assert code == 0 and out.startswith("not registered:")
     assert conf(root).read_bytes() == original
 
 
 def test_block_is_exactly_the_three_lines_at_the_end(root: Path, capsys) -> None:
     conf(root).write_bytes(STOCK)
-    assert run(capsys, "register")[0] == 0
+    assert run_main(capsys, "register")[0] == 0
     assert conf(root).read_bytes() == STOCK + (
         f"{BEGIN_MARK}\n{SCRIPT_LINE}\n{END_MARK}\n".encode()
     )
@@ -158,31 +154,31 @@ def test_block_is_exactly_the_three_lines_at_the_end(root: Path, capsys) -> None
 def test_crlf_file_gets_crlf_lines(root: Path, capsys) -> None:
     original = VARIANTS["stock-crlf"]
     conf(root).write_bytes(original)
-    assert run(capsys, "register")[0] == 0
+    assert run_main(capsys, "register")[0] == 0
     added = conf(root).read_bytes()[len(original) :]
     assert added == f"{BEGIN_MARK}\r\n{SCRIPT_LINE}\r\n{END_MARK}\r\n".encode()
 
 
 def test_missing_final_newline_is_added_before_the_block(root: Path, capsys) -> None:
     conf(root).write_bytes(b"bwlimit: 1000\nionice: 7")
-    assert run(capsys, "register")[0] == 0
+    assert run_main(capsys, "register")[0] == 0
     text = conf(root).read_text()
     assert text.startswith("bwlimit: 1000\nionice: 7\n# pve-gpu-hook: begin")
     assert vzdumpconf.parse(text)[1].value == "7"  # the admin's last value is still intact
-    assert run(capsys, "unregister")[0] == 0
+    assert run_main(capsys, "unregister")[0] == 0
     assert conf(root).read_bytes() == b"bwlimit: 1000\nionice: 7"
 
 
 def test_commented_script_line_is_not_another_hook(root: Path, capsys) -> None:
     conf(root).write_bytes(b"#script: /usr/local/bin/old-hook\n  # script: /x\n")
-    code, out, err = run(capsys, "register")
+    code, out, err = run_main(capsys, "register")
     assert code == 0 and "chain" not in out + err
 
 
 def test_register_writes_a_log_line(root: Path, capsys) -> None:
     conf(root).write_bytes(STOCK)
-    run(capsys, "register")
-    run(capsys, "unregister")
+    run_main(capsys, "register")
+    run_main(capsys, "unregister")
     log = (root / "var/log/pve-gpu-hook.log").read_text().splitlines()
     assert [line.split(" ")[1] for line in log] == ["register", "unregister"]
 
@@ -191,14 +187,14 @@ def test_register_writes_a_log_line(root: Path, capsys) -> None:
 
 
 def test_no_vzdump_conf_is_not_a_pve_host(root: Path, capsys) -> None:
-    code, _, err = run(capsys, "register")
+    code, _, err = run_main(capsys, "register")
     assert code == 1
     assert err.strip() == (
         "pve-gpu-hook: /etc/vzdump.conf does not exist: not a Proxmox VE host? nothing registered"
     )
     assert not conf(root).exists()
     assert state_files(root) == set()
-    code, out, _ = run(capsys, "unregister")
+    code, out, _ = run_main(capsys, "unregister")
     assert code == 0 and "does not exist" in out
 
 
@@ -207,21 +203,21 @@ def test_symlinked_vzdump_conf_is_refused(root: Path, capsys) -> None:
     real.parent.mkdir()
     real.write_bytes(STOCK)
     conf(root).symlink_to(real)
-    code, _, err = run(capsys, "register")
+    code, _, err = run_main(capsys, "register")
     assert code == 1 and "is a symlink" in err and "refusing" in err
     assert real.read_bytes() == STOCK and conf(root).is_symlink()
-    code, _, err = run(capsys, "unregister")
+    code, _, err = run_main(capsys, "unregister")
     assert code == 1 and "is a symlink" in err
     assert real.read_bytes() == STOCK and conf(root).is_symlink()
 
 
 def test_a_change_made_while_we_edit_is_not_overwritten(root: Path) -> None:
     conf(root).write_bytes(STOCK)
-    before = vzdumpconf.read_conf()
+    before = registration.read_conf()
     assert before is not None
     conf(root).write_bytes(STOCK + b"mode: stop\n")  # the admin saves in an editor meanwhile
-    with pytest.raises(vzdumpconf.GpuHookError, match="changed while"):
-        vzdumpconf.write_conf(before, vzdumpconf.add_block(before.text)[0])
+    with pytest.raises(GpuHookError, match="changed while"):
+        registration._write_conf(before, vzdumpconf.add_block(before.text)[0])
     assert conf(root).read_bytes() == STOCK + b"mode: stop\n"
 
 
@@ -230,7 +226,7 @@ def test_register_waits_for_the_lock(root: Path, capsys) -> None:
     other = StateStore()
     other.acquire(1, "a backup job")
     try:
-        code, _, err = run(capsys, "register", "--wait", "0.2")
+        code, _, err = run_main(capsys, "register", "--wait", "0.2")
     finally:
         other.release()
     assert code == 1 and "a backup job" in err
@@ -245,7 +241,7 @@ FOREIGN = b"# vzdump default settings\n\nscript: /usr/local/bin/old-hook\nmailto
 def test_another_active_hook_is_refused_with_an_explanation(root: Path, capsys) -> None:
     install(root, OTHER_HOOK)
     conf(root).write_bytes(FOREIGN)
-    code, out, err = run(capsys, "register")
+    code, out, err = run_main(capsys, "register")
     assert code == 1 and out == ""
     assert "line 3 already sets another hook script: '/usr/local/bin/old-hook'" in err
     assert "register --chain" in err and "Nothing changed" in err
@@ -269,21 +265,21 @@ def test_chain_keeps_the_other_hook_and_unregister_restores_it(
 ) -> None:
     install(root, OTHER_HOOK)
     conf(root).write_bytes(original)
-    code, out, err = run(capsys, "register", "--chain")
+    code, out, err = run_main(capsys, "register", "--chain")
     assert code == 0, err
     assert "'/usr/local/bin/old-hook'" in out and "chained" in out
     assert conf(root).read_bytes().startswith(original)  # the admin's line is left as it was
     assert active(root) == HOOK_PATH
-    assert StateStore().chain() == OTHER_HOOK
+    assert registration.chain() == OTHER_HOOK
 
-    code, out, _ = run(capsys, "register", "--chain")
+    code, out, _ = run_main(capsys, "register", "--chain")
     assert code == 0 and "already registered" in out and OTHER_HOOK in out
 
-    code, out, _ = run(capsys, "unregister")
+    code, out, _ = run_main(capsys, "unregister")
     assert code == 0
     assert "vzdump's hook script is '/usr/local/bin/old-hook' again" in out
     assert conf(root).read_bytes() == original
-    assert StateStore().chain() is None
+    assert registration.chain() is None
     assert active(root) == OTHER_HOOK
 
 
@@ -305,35 +301,35 @@ def test_chain_refuses_a_script_failing_the_checks(
         install(root, script, **setup)
     original = f"script: {script}\n".encode()
     conf(root).write_bytes(original)
-    code, _, err = run(capsys, "register", "--chain")
+    code, _, err = run_main(capsys, "register", "--chain")
     assert code == 1
     assert f"cannot chain the hook script '{script}'" in err and problem in err
     assert conf(root).read_bytes() == original
-    assert StateStore().chain() is None
+    assert registration.chain() is None
 
 
 def test_chain_without_another_hook_just_registers(root: Path, capsys) -> None:
     conf(root).write_bytes(STOCK)
-    code, out, _ = run(capsys, "register", "--chain")
+    code, out, _ = run_main(capsys, "register", "--chain")
     assert code == 0 and "nothing to chain" in out
-    assert StateStore().chain() is None
-    assert run(capsys, "unregister")[0] == 0
+    assert registration.chain() is None
+    assert run_main(capsys, "unregister")[0] == 0
     assert conf(root).read_bytes() == STOCK
 
 
 def test_later_foreign_hook_shadowing_ours_can_be_chained(root: Path, capsys) -> None:
     install(root, OTHER_HOOK)
     conf(root).write_bytes(STOCK)
-    run(capsys, "register")
+    run_main(capsys, "register")
     with conf(root).open("ab") as f:  # an admin (or another package) appends its own hook
         f.write(b"script: /usr/local/bin/old-hook\n")
-    code, _, err = run(capsys, "register")
+    code, _, err = run_main(capsys, "register")
     assert code == 1 and "old-hook" in err
-    code, out, _ = run(capsys, "register", "--chain")
+    code, out, _ = run_main(capsys, "register", "--chain")
     assert code == 0 and "no longer active was removed" in out
     text = conf(root).read_text()
     assert text.count(BEGIN_MARK) == 1 and active(root) == HOOK_PATH
-    assert run(capsys, "unregister")[0] == 0
+    assert run_main(capsys, "unregister")[0] == 0
     assert conf(root).read_bytes() == STOCK + b"script: /usr/local/bin/old-hook\n"
 
 
@@ -342,20 +338,20 @@ def test_later_foreign_hook_shadowing_ours_can_be_chained(root: Path, capsys) ->
 
 def test_lines_added_after_the_block_are_kept(root: Path, capsys) -> None:
     conf(root).write_bytes(b"bwlimit: 1000\nionice: 7")  # no final newline: register adds one
-    run(capsys, "register")
+    run_main(capsys, "register")
     with conf(root).open("ab") as f:
         f.write(b"mailto: admin@example.com\n")
-    code, out, err = run(capsys, "unregister")
+    code, out, err = run_main(capsys, "unregister")
     assert code == 0 and "as it was before" not in out and err == ""
     assert conf(root).read_bytes() == b"bwlimit: 1000\nionice: 7\nmailto: admin@example.com\n"
 
 
 def test_lines_added_inside_the_block_are_kept_and_named(root: Path, capsys) -> None:
     conf(root).write_bytes(STOCK)
-    run(capsys, "register")
+    run_main(capsys, "register")
     text = conf(root).read_text().replace(END_MARK, "# keep: ask Bob\nmode: stop\n" + END_MARK)
     conf(root).write_text(text)
-    code, _, err = run(capsys, "unregister")
+    code, _, err = run_main(capsys, "unregister")
     assert code == 0
     assert "kept 2 line(s)" in err and "# keep: ask Bob | mode: stop" in err
     assert conf(root).read_bytes() == STOCK + b"# keep: ask Bob\nmode: stop\n"
@@ -363,18 +359,18 @@ def test_lines_added_inside_the_block_are_kept_and_named(root: Path, capsys) -> 
 
 def test_unregister_without_the_record_removes_only_our_lines(root: Path, capsys) -> None:
     conf(root).write_bytes(STOCK)
-    run(capsys, "register")
+    run_main(capsys, "register")
     (root / "var/lib/pve-gpu-hook/registration.json").unlink()
-    assert run(capsys, "unregister")[0] == 0
+    assert run_main(capsys, "unregister")[0] == 0
     assert conf(root).read_bytes() == STOCK
 
 
 def test_hand_written_line_for_our_hook_is_not_removed(root: Path, capsys) -> None:
     original = STOCK + f"script: {HOOK_PATH}\n".encode()
     conf(root).write_bytes(original)
-    code, out, _ = run(capsys, "register")
+    code, out, _ = run_main(capsys, "register")
     assert code == 0 and "already registered: line 21" in out
-    code, _, err = run(capsys, "unregister")
+    code, _, err = run_main(capsys, "unregister")
     assert code == 1 and "not added by register" in err and "left in place" in err
     assert conf(root).read_bytes() == original
 
@@ -416,12 +412,12 @@ realm-sync: sync-ldap
 def test_jobs_with_their_own_script_are_named(root: Path, capsys) -> None:
     conf(root).write_bytes(STOCK)
     (root / "etc/pve/jobs.cfg").write_text(JOBS)
-    code, _, err = run(capsys, "register")
+    code, _, err = run_main(capsys, "register")
     assert code == 0
     assert "backup-1a2b3c4d-0001 (script /usr/local/bin/job-hook)" in err
     assert "backup-1a2b3c4d-0003 (script /root/hook.sh, disabled)" in err
     assert "0002" not in err and "0004" not in err and "sync-ldap" not in err
-    code, _, err = run(capsys, "unregister")
+    code, _, err = run_main(capsys, "unregister")
     assert code == 0 and "backup-1a2b3c4d-0001" in err
 
 
@@ -534,7 +530,7 @@ def test_property_cli_round_trip(capsys: pytest.CaptureFixture[str], text: str) 
 def test_register_warns_when_the_hook_file_is_missing(root: Path, capsys) -> None:
     (root / HOOK_PATH.lstrip("/")).unlink()
     conf(root).write_bytes(STOCK)
-    code, _, err = run(capsys, "register")
+    code, _, err = run_main(capsys, "register")
     assert code == 0 and "missing or not executable" in err
 
 
@@ -544,15 +540,15 @@ def test_failed_write_leaves_file_and_records_unchanged(
     install(root, OTHER_HOOK)
     conf(root).write_bytes(FOREIGN)
 
-    real_write = vzdumpconf.write_atomic
+    real_write = files.write_atomic
 
     def full_disk(path: str, data: bytes, **kwargs: object) -> None:
         if path.endswith("vzdump.conf"):
             raise OSError(28, "No space left on device")
         real_write(path, data, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(vzdumpconf, "write_atomic", full_disk)
-    code, _, err = run(capsys, "register", "--chain")
+    monkeypatch.setattr(files, "write_atomic", full_disk)
+    code, _, err = run_main(capsys, "register", "--chain")
     assert code == 1 and "cannot write /etc/vzdump.conf: No space left on device" in err
     assert conf(root).read_bytes() == FOREIGN
-    assert StateStore().chain() is None and vzdumpconf.load_registration() is None
+    assert registration.chain() is None and registration.load_added() is None

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import FAST, commands, records
+from tests.fronts import FAST, commands, records
 from tests.sim.node import FakeNode
 from tests.sim.vzdump import INPROCESS, run_job
-from tests.soak import run_soak
+from tools.soak import run_soak
 
 SMOKE_JOBS = 20
 SMOKE_SEED = 20240501
@@ -74,7 +74,7 @@ def test_mapped_vm_whose_first_alternative_is_used_unreserved(tmp_path: Path, us
     assert node.running_guests() == {200}
 
 
-def test_restore_lets_a_mapped_guest_take_another_holders_gpu(tmp_path: Path) -> None:
+def test_restart_lets_a_mapped_guest_take_another_holders_gpu(tmp_path: Path) -> None:
     node = two_gpu_node(tmp_path)
     node.add_vm(129, hostpci=["01:00.0"], running=True)
     node.add_vm(125, hostpci=["mapping=gpu"], running=True)  # 01:00.0 is taken: gets 02:00.0

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import FAST, cli, seed_node
+from tests.e2e.test_hook import MAPPING
+from tests.fronts import FAST, cli, seed_node
 from tests.sim.node import FakeNode
 from tests.sim.vzdump import run_job
-from tests.test_hook_e2e import MAPPING
 
 Scenario = Callable[[Path], tuple[FakeNode, list[int] | None]]
 
@@ -27,7 +27,7 @@ def seed(root: Path) -> tuple[FakeNode, list[int] | None]:
 
 
 def seed_after_job(root: Path) -> tuple[FakeNode, list[int] | None]:
-    return seed_node(root, FAST + "restore: after-job\n"), None
+    return seed_node(root, FAST + "restart: after-job\n"), None
 
 
 def id_forms(root: Path) -> tuple[FakeNode, list[int] | None]:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.fronts import REPO
+
 DEB_BUILD = REPO / "deb-build"
 APT_PACKAGES = REPO / "tests" / "packaging" / "apt-packages.txt"
 CACHE = Path.home() / ".cache" / "pve-gpu-hook" / "roots"
@@ -79,7 +80,7 @@ FOREIGN_HOOK_TEXT = f"""#!/bin/sh
 echo "$*" >>{FOREIGN_HOOK_LOG}
 """
 
-# a restore record the hook left for a guest still to be started (DESIGN §4), state format 1
+# the record of a guest the hook stopped and has not started again yet, state format 1
 PENDING_STATE = (
     b'{"format": 1, "records": [\n'
     b'{"vmid": 104, "kind": "qemu", "name": "gpu-holder", "for_vmid": 102, '
@@ -88,7 +89,7 @@ PENDING_STATE = (
     b"]}\n"
 )
 
-# the environment vzdump gives its hook: emptied, no PATH (DESIGN §3.1)
+# the environment vzdump gives its hook: emptied, no PATH (docs/pve-facts.md §1)
 JOB_ENV = "LC_ALL=C STOREID=local DUMPDIR=/var/lib/vz/dump LVM_SUPPRESS_FD_WARNINGS=1"
 GUEST_ENV = (
     f"{JOB_ENV} VMTYPE=qemu HOSTNAME=vm100 TARGET=/var/lib/vz/dump/vzdump-qemu-100.vma.zst "

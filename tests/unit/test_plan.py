@@ -1,0 +1,441 @@
+"""Unit tests of the pure planner (pvegpuhook.plan): model objects in, decisions out, no node.
+
+Each table row is one situation an admin meets; the expected decision is what the hook does and
+``dry-run`` predicts (both call these functions).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pvegpuhook.model import RESERVED, Claim, ClaimKind, Guest, GuestKind, Holder, Need
+from pvegpuhook.plan import (
+    Forecast,
+    RestartAction,
+    Verdict,
+    decide_backup,
+    forecast_job,
+    plan_free,
+    plan_restart,
+)
+from pvegpuhook.pveconf import parse_guest_config
+
+QEMU, LXC = GuestKind.QEMU, GuestKind.LXC
+EXCLUSIVE, MDEV, SHARED = ClaimKind.EXCLUSIVE, ClaimKind.MDEV, ClaimKind.SHARED
+NONE: frozenset[int] = frozenset()
+
+
+def guest(vmid: int, kind: GuestKind = QEMU, **keys: str) -> Guest:
+    text = "".join(f"{key}: {value}\n" for key, value in keys.items())
+    return Guest(vmid, kind, parse_guest_config(text, f"/etc/pve/x/{vmid}.conf"))
+
+
+def claim(address: str, unit: str, kind: ClaimKind = EXCLUSIVE, source: str = "hostpci0") -> Claim:
+    return Claim(address, frozenset({unit}), kind, source)
+
+
+def need(*alternatives: list[Claim], mapping: str | None = None) -> Need:
+    return Need("hostpci0", [tuple(alt) for alt in alternatives], mapping=mapping)
+
+
+def holder(vmid: int, *claims: Claim, kind: GuestKind = QEMU, **keys: str) -> Holder:
+    return Holder(guest(vmid, kind, **keys), list(claims))
+
+
+GPU = claim("0000:01:00.0", "group:14")
+AUDIO = claim("0000:01:00.1", "group:14")
+GPU2 = claim("0000:02:00.0", "group:15")
+SIBLING = claim("0000:00:1f.0", "group:14")  # another device in the GPU's IOMMU group
+RESERVED_GPU = claim("0000:01:00.0", "group:14", source=RESERVED)
+RESERVED_GPU2 = claim("0000:02:00.0", "group:15", source=RESERVED)
+CT_GPU = claim("0000:01:00.0", "group:14", SHARED, "dev0 (line 3)")
+MDEV_GPU = claim("0000:01:00.0", "group:14", MDEV)
+
+
+# ---- plan_free ----------------------------------------------------------------------------------
+
+FREE_CASES = [
+    # (id, needs, holders, protect, expected stops [(vmid, address)], expected refusal)
+    ("nobody holds it", [need([GPU])], [], NONE, [], None),
+    (
+        "the holder of the same function",
+        [need([GPU])],
+        [holder(104, GPU)],
+        NONE,
+        [(104, GPU.address)],
+        None,
+    ),
+    (
+        "another function of the device",
+        [need([GPU])],
+        [holder(104, AUDIO)],
+        NONE,
+        [(104, AUDIO.address)],
+        None,
+    ),
+    (
+        "another device of the IOMMU group",
+        [need([GPU])],
+        [holder(104, SIBLING)],
+        NONE,
+        [(104, SIBLING.address)],
+        None,
+    ),
+    ("another group is no conflict", [need([GPU])], [holder(104, GPU2)], NONE, [], None),
+    (
+        "a CT using it through the host driver",
+        [need([GPU])],
+        [holder(200, CT_GPU, kind=LXC)],
+        NONE,
+        [(200, CT_GPU.address)],
+        None,
+    ),
+    ("an mdev beside an mdev", [need([MDEV_GPU])], [holder(104, MDEV_GPU)], NONE, [], None),
+    ("an mdev beside a CT", [need([MDEV_GPU])], [holder(200, CT_GPU, kind=LXC)], NONE, [], None),
+    (
+        "an mdev needs the parent back from a full passthrough",
+        [need([MDEV_GPU])],
+        [holder(104, GPU)],
+        NONE,
+        [(104, GPU.address)],
+        None,
+    ),
+    (
+        "two needs, one holder: one stop",
+        [need([GPU]), need([AUDIO])],
+        [holder(104, GPU, AUDIO)],
+        NONE,
+        [(104, GPU.address)],
+        None,
+    ),
+    (
+        "two holders, sorted by VMID",
+        [need([GPU]), need([GPU2])],
+        [holder(110, GPU2), holder(104, GPU)],
+        NONE,
+        [(104, GPU.address), (110, GPU2.address)],
+        None,
+    ),
+    (
+        "a protected holder refuses",
+        [need([GPU])],
+        [holder(104, GPU)],
+        frozenset({104}),
+        [],
+        (104, "is protected"),
+    ),
+    (
+        "a locked holder refuses",
+        [need([GPU])],
+        [holder(104, GPU, lock="backup")],
+        NONE,
+        [],
+        (104, "is locked (backup)"),
+    ),
+    # mappings: PVE takes the first alternative none of whose functions a running VM reserved
+    (
+        "mapping: first alternative reserved, second free",
+        [need([GPU], [GPU2], mapping="m")],
+        [holder(104, RESERVED_GPU)],
+        NONE,
+        [],
+        None,
+    ),
+    (
+        "mapping: first alternative only held by a CT, so PVE takes it",
+        [need([GPU], [GPU2], mapping="m")],
+        [holder(200, CT_GPU, kind=LXC)],
+        NONE,
+        [(200, CT_GPU.address)],
+        None,
+    ),
+    (
+        "mapping: all reserved, the cheapest is freed",
+        [need([GPU], [GPU2], mapping="m")],
+        [holder(104, RESERVED_GPU), holder(110, RESERVED_GPU2), holder(111, SIBLING)],
+        NONE,
+        [(110, RESERVED_GPU2.address)],
+        None,
+    ),
+    (
+        "mapping: all reserved, the protected one is avoided",
+        [need([GPU], [GPU2], mapping="m")],
+        [holder(104, RESERVED_GPU), holder(110, RESERVED_GPU2)],
+        frozenset({104}),
+        [(110, RESERVED_GPU2.address)],
+        None,
+    ),
+    (
+        "mapping: all reserved and all protected",
+        [need([GPU], [GPU2], mapping="m")],
+        [holder(104, RESERVED_GPU), holder(110, RESERVED_GPU2)],
+        frozenset({104, 110}),
+        [],
+        (104, "is protected"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("needs", "holders", "protect", "stops", "refusal"),
+    [case[1:] for case in FREE_CASES],
+    ids=[case[0] for case in FREE_CASES],
+)
+def test_plan_free(
+    needs: list[Need],
+    holders: list[Holder],
+    protect: frozenset[int],
+    stops: list[tuple[int, str]],
+    refusal: tuple[int, str] | None,
+) -> None:
+    plan = plan_free(guest(102), needs, holders, protect)
+    assert [(s.holder.vmid, s.address) for s in plan.stops] == stops
+    if refusal is None:
+        assert plan.refusal is None
+    else:
+        assert plan.refusal is not None
+        assert plan.refusal.holder.vmid == refusal[0] and refusal[1] in plan.refusal.reason
+
+
+def test_plan_free_never_stops_the_target_itself() -> None:
+    plan = plan_free(guest(102), [need([GPU])], [holder(102, GPU)], NONE)
+    assert plan.stops == [] and plan.refusal is None
+
+
+# ---- decide_backup: one guest of a job ---------------------------------------------------------
+
+DECISIONS = [
+    # (id, guest, job mode, running, needs, holders, ha_started, verdict, effective mode, reason)
+    (
+        "a CT",
+        guest(200, LXC),
+        "stop",
+        False,
+        [],
+        [holder(104, GPU)],
+        False,
+        Verdict.NOTHING,
+        "stop",
+        "never starts a stopped CT",
+    ),
+    (
+        "a running VM",
+        guest(104),
+        "snapshot",
+        True,
+        [need([GPU])],
+        [],
+        False,
+        Verdict.NOTHING,
+        "snapshot",
+        "running",
+    ),
+    (
+        "a running VM in stop mode",
+        guest(104),
+        "stop",
+        True,
+        [need([GPU])],
+        [],
+        False,
+        Verdict.NOTHING,
+        "stop",
+        "running",
+    ),
+    (
+        "no passthrough",
+        guest(101),
+        "snapshot",
+        False,
+        [],
+        [holder(104, GPU)],
+        False,
+        Verdict.NOTHING,
+        "stop",
+        "no passthrough",
+    ),
+    (
+        "a template",
+        guest(9000, template="1"),
+        "stop",
+        False,
+        [need([GPU])],
+        [holder(104, GPU)],
+        False,
+        Verdict.NOTHING,
+        "stop",
+        "backed up without its devices",
+    ),
+    (
+        "its GPU is free",
+        guest(102),
+        "snapshot",
+        False,
+        [need([GPU])],
+        [holder(110, GPU2)],
+        False,
+        Verdict.NOTHING,
+        "stop",
+        "every device it needs is free",
+    ),
+    (
+        "its GPU is held",
+        guest(102),
+        "snapshot",
+        False,
+        [need([GPU])],
+        [holder(104, GPU)],
+        False,
+        Verdict.FREE,
+        "stop",
+        "",
+    ),
+    (
+        "its GPU is held by a protected guest",
+        guest(102),
+        "stop",
+        False,
+        [need([GPU])],
+        [holder(104, GPU, lock="snapshot")],
+        False,
+        Verdict.REFUSE,
+        "stop",
+        "cannot free 0000:01:00.0: VM 104 is locked (snapshot)",
+    ),
+    (
+        "HA-managed in a stop-mode job",
+        guest(102),
+        "stop",
+        False,
+        [need([GPU])],
+        [holder(104, GPU)],
+        True,
+        Verdict.REFUSE,
+        "stop",
+        "vzdump refuses stop mode",
+    ),
+    (
+        "HA-managed in a snapshot job, stopped",
+        guest(102),
+        "snapshot",
+        False,
+        [need([GPU])],
+        [holder(104, GPU)],
+        True,
+        Verdict.FREE,
+        "stop",
+        "",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("subject", "job_mode", "running", "needs", "holders", "ha", "verdict", "mode", "reason"),
+    [case[1:] for case in DECISIONS],
+    ids=[case[0] for case in DECISIONS],
+)
+def test_decide_backup(
+    subject: Guest,
+    job_mode: str,
+    running: bool,
+    needs: list[Need],
+    holders: list[Holder],
+    ha: bool,
+    verdict: Verdict,
+    mode: str,
+    reason: str,
+) -> None:
+    decision = decide_backup(
+        subject,
+        job_mode=job_mode,
+        running=running,
+        needs=needs,
+        holders=holders,
+        protect=NONE,
+        ha_started=ha,
+    )
+    assert (decision.verdict, decision.mode) == (verdict, mode)
+    assert reason in decision.reason
+    assert bool(decision.stops) == (verdict == Verdict.FREE)
+    assert decision.template == subject.template
+
+
+# ---- plan_restart ------------------------------------------------------------------------------
+
+
+def test_restart_order_mapped_last_then_startup_order_then_vmid() -> None:
+    steps = plan_restart(
+        [110, 104, 105, 103, 120],
+        running=set(),
+        orders={104: 2, 105: None, 103: 1, 110: None, 120: 1},
+        missing=set(),
+        blocked={},
+        ranks={120: 1, 110: 2},
+    )
+    assert [s.vmid for s in steps] == [103, 104, 105, 120, 110]
+    assert {s.action for s in steps} == {RestartAction.START}
+
+
+def test_restart_actions() -> None:
+    steps = plan_restart(
+        [101, 102, 103, 104, 105],
+        running={101, 102},
+        orders={},
+        missing={103},
+        blocked={104: "0000:01:00.0 is held by VM 109"},
+        settling={102},
+    )
+    assert [(s.vmid, s.action, s.reason) for s in steps] == [
+        (101, RestartAction.DROP, "already running"),
+        (102, RestartAction.WAIT, "its interrupted shutdown may still be under way"),
+        (103, RestartAction.MISSING, "its config no longer exists"),
+        (104, RestartAction.BLOCKED, "0000:01:00.0 is held by VM 109"),
+        (105, RestartAction.START, ""),
+    ]
+
+
+# ---- forecast_job: the seed's night ------------------------------------------------------------
+
+
+def seed_night(restart: str, protect: frozenset[int] = NONE) -> object:
+    """VMs 102-105 share the GPU; only 104 runs. vzdump 102 103 104 105 --mode stop."""
+    order = [
+        (guest(102), False, [need([GPU])]),
+        (guest(103), False, [need([GPU])]),
+        (guest(104), True, []),
+        (guest(105), False, [need([GPU])]),
+    ]
+    return forecast_job(
+        order, [holder(104, GPU)], mode="stop", protect=protect, restart=restart, ha=set()
+    )
+
+
+def test_forecast_after_guest_stops_the_holder_for_each_needing_guest() -> None:
+    forecast = seed_night("after-guest")
+    assert [[s.holder.vmid for s in g.stops] for g in forecast.guests] == [[104], [104], [], [104]]
+    assert [g.restarted for g in forecast.guests] == [[104], [104], [], [104]]
+    assert forecast.restarted_at_end == []
+    assert forecast.down_for == {104: 3}
+    assert forecast.ok and {g.outcome for g in forecast.guests} == {Forecast.OK}
+
+
+def test_forecast_after_job_stops_the_holder_once() -> None:
+    forecast = seed_night("after-job")
+    assert [[s.holder.vmid for s in g.stops] for g in forecast.guests] == [[104], [], [], []]
+    # 104 is down when its own turn comes: backed up in stop mode as a stopped guest
+    assert [g.mode for g in forecast.guests] == ["stop"] * 4
+    assert forecast.restarted_at_end == [104]
+    assert forecast.down_for == {104: 4}
+
+
+def test_forecast_with_a_protected_holder_fails_those_backups() -> None:
+    forecast = seed_night("after-guest", frozenset({104}))
+    assert [g.outcome for g in forecast.guests] == [
+        Forecast.FAIL,
+        Forecast.FAIL,
+        Forecast.OK,
+        Forecast.FAIL,
+    ]
+    assert not forecast.ok
+    assert "VM 104 is protected" in forecast.guests[0].reason
+    assert forecast.down_for == {}
