@@ -110,15 +110,22 @@ def read_private(path: str) -> bytes | None:
         return None
     except OSError as error:
         raise StateError(f"cannot read {path}: {error.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        owner = os.fstat(f.fileno()).st_uid
-        if owner != os.geteuid():
-            raise StateError(f"{path} is owned by uid {owner}, not by us: refusing it")
-        import stat
+    import stat
 
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            raise StateError(f"{path} is owned by uid {info.st_uid}, not by us: refusing it")
+        if not stat.S_ISREG(info.st_mode):
             raise StateError(f"{path} is not a regular file: refusing it")
-        return f.read()
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            return f.read()
+    except OSError as error:
+        raise StateError(f"cannot read {path}: {error.strerror}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def remove_stale_temps(directory: str) -> None:

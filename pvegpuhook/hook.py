@@ -92,8 +92,10 @@ def log_end(call: Call) -> int:
 def job_end(call: Call) -> int:
     from pvegpuhook import paths
 
-    if not os.path.exists(paths.host(paths.STATE_FILE)):
-        return 0
+    if not os.path.exists(paths.host(paths.STATE_FILE)) and not os.path.exists(
+        paths.host(paths.JOB_FILE)
+    ):
+        return 0  # no guest waits and no job ever acted: nothing to start, nothing to tally
     from pvegpuhook import phases
 
     return phases.restart_leftovers(call.log)

@@ -30,6 +30,7 @@ STATE_DIR = "var/lib/pve-gpu-hook"
 STATE_FILE = STATE_DIR + "/state.json"  # absent when no guest waits: phases check it cheaply
 CHAIN_FILE = STATE_DIR + "/chain"  # the admin's previous hook, set by 'register --chain'
 REGISTRATION_FILE = STATE_DIR + "/registration.json"  # what 'register' appended to vzdump.conf
+JOB_FILE = STATE_DIR + "/job.json"  # what the last job that acted did: stops, starts, its end
 CORRUPT_MARK = ".corrupt-"  # in the name of a damaged state file kept aside
 LOCK_FILE = "run/lock/pve-gpu-hook.lock"
 LOG_FILE = "var/log/pve-gpu-hook.log"

@@ -16,9 +16,10 @@ from pvegpuhook.log import Log
 from pvegpuhook.model import Guest, GuestKind
 from pvegpuhook.plan import BackupDecision, Verdict, decide_backup
 from pvegpuhook.pveconf import parse_guest_config
+from pvegpuhook.records import Record, RecordStatus
 from pvegpuhook.restart import restart
 from pvegpuhook.settings import Settings, load_settings
-from pvegpuhook.state import Record, RecordStatus, StateStore
+from pvegpuhook.state import StateStore
 
 
 def settings_or_error(log: Log) -> tuple[Settings, ConfigError | None]:
@@ -123,11 +124,18 @@ def free_for_backup(log: Log, vmid: int, mode: str, text: str) -> int:
         return code
 
 
+def job_identity() -> tuple[str, str | None]:
+    """(key, UPID) of the vzdump job this hook runs in: the key tells one job's tally from the
+    next; the UPID is None where it is not known."""
+    return str(os.getppid()), None
+
+
 def _stop_holders(
     log: Log, store: StateStore, settings: Settings, decision: BackupDecision, inventory: Inventory
 ) -> int:
     vmid = decision.guest.vmid
     job = os.getppid()
+    job_key, upid = job_identity()
     for stop in decision.stops:
         guest = stop.holder.guest
         drivers = {}
@@ -145,6 +153,7 @@ def _stop_holders(
             since=time.time(),
             job=job,
             drivers=drivers,
+            upid=upid,
         )
         crash_point("before-record")
         store.add(record)  # before the guest is touched: a crash leaves the record
@@ -159,6 +168,8 @@ def _stop_holders(
         crash_point("after-shutdown")
         status = RecordStatus.STOPPED if outcome.ok else RecordStatus.STOP_FAILED
         store.mark(guest.vmid, status, outcome.detail)
+        if outcome.ok:
+            store.note_stop(job_key, upid, guest.vmid, vmid, record.since or time.time())
         if not outcome.ok:
             if how != "shut down":
                 why = f"{guest.label} could not be stopped: {outcome.detail}"
@@ -201,6 +212,7 @@ def restart_leftovers(log: Log) -> int:
     store = StateStore(report=log.say)
     with store.hold(lock_timeout(settings), f"{log.phase}"):
         report = restart(store, settings, log, lambda r: True)
+        store.end_job(job_identity()[0], log.phase, time.time())
     if report.ok:
         return 0
     kept = "; ".join(f"{r.label}: {why}" for r, why in report.kept)

@@ -15,8 +15,9 @@ from pvegpuhook.inventory import Inventory, load_guest
 from pvegpuhook.log import Log
 from pvegpuhook.model import Guest, GuestKind, Holder, Need
 from pvegpuhook.plan import RestartAction, RestartStep, Stop, plan_free, plan_restart, same_function
+from pvegpuhook.records import Record, RecordStatus
 from pvegpuhook.settings import Settings
-from pvegpuhook.state import Record, RecordStatus, StateStore
+from pvegpuhook.state import StateStore
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -163,6 +164,7 @@ def _start(
     outcome = act.start(record.kind, record.vmid, settings.start_timeout)
     if outcome.ok:
         crash_point("after-start")
+        _note_start(store, record, log, ok=True)
         away = f"{duration(time.time() - record.since)} off" if record.since else "a while off"
         log.say(f"{label} started again after {away} (took {outcome.seconds:.0f} s)")
         report.started.append(record)
@@ -171,10 +173,19 @@ def _start(
     why = f"did not start within {settings.start_timeout} s: {outcome.detail}"
     log.error(f"{label} {why}; record kept, run 'pve-gpu-hook recover'")
     report.kept.append((record, why))
+    _note_start(store, record, log, ok=False)
     try:
         store.mark(record.vmid, RecordStatus.START_FAILED, outcome.detail)
     except StateError as error:  # the record itself is still there, marked or not
         log.file(f"cannot mark the record of {label}: {error}")
+
+
+def _note_start(store: StateStore, record: Record, log: Log, *, ok: bool) -> None:
+    """The job's tally; numbers only: a failure to write it never stops a restart."""
+    try:
+        store.note_start(record.vmid, time.time(), ok=ok)
+    except StateError as error:
+        log.file(f"cannot write the job's tally: {error}")
 
 
 def _forget(store: StateStore, record: Record, log: Log) -> None:

@@ -5,124 +5,39 @@ touched and dropped only once the guest is confirmed running again (or the admin
 Changes are named operations (:meth:`StateStore.add`, :meth:`~StateStore.mark`,
 :meth:`~StateStore.drop`) made while the store is held (:meth:`StateStore.hold`): the file is read
 once when the lock is taken, and every change is written at once, atomically (see
-:mod:`pvegpuhook.files`). One record per line, so that a damaged file still yields every intact
-record; a damaged file is kept aside, never discarded.
+:mod:`pvegpuhook.files`).
+
+The file holds one record per line (:mod:`pvegpuhook.records`): a damaged line loses that
+record only, every intact line is still read, and a damaged file is kept aside, never discarded.
+A format-1 file of an older release is read; the next change writes format 2.
+
+``job.json`` beside it is the tally of the last job that acted (:class:`JobTally`): who was
+stopped and started when, for the job-end summary, ``status`` and the metrics. It holds numbers,
+not guests to start: a damaged tally is replaced, never salvaged.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from enum import StrEnum
 
 from pvegpuhook import files, paths
 from pvegpuhook.errors import StateError
-from pvegpuhook.model import GuestKind, guest_label
-from pvegpuhook.vmid import is_vmid
+from pvegpuhook.records import (
+    FORMAT,
+    PARSE_ERRORS,
+    JobTally,
+    ParsedState,
+    Record,
+    RecordStatus,
+    Stop,
+    parse_state,
+    record_line,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-FORMAT = 1
-
-
-class RecordStatus(StrEnum):
-    STOPPING = "stopping"  # written before the shutdown; the guest may be up or down
-    STOPPED = "stopped"  # confirmed off, waiting to be started again
-    STOP_FAILED = "stop-failed"  # the shutdown was tried and did not happen; the guest still runs
-    START_FAILED = "start-failed"  # a start was tried and not confirmed
-
-
-class Record:
-    """One guest the hook stopped (or is stopping) and must start again."""
-
-    __slots__ = (
-        "vmid",
-        "kind",
-        "name",
-        "for_vmid",
-        "since",
-        "addresses",
-        "status",
-        "job",
-        "note",
-        "drivers",
-    )
-
-    def __init__(
-        self,
-        vmid: int,
-        kind: GuestKind,
-        name: str | None,
-        for_vmid: int | None,
-        addresses: list[str],
-        *,
-        since: float | None = None,  # None: unknown (a damaged record)
-        status: RecordStatus = RecordStatus.STOPPING,
-        job: int | None = None,
-        note: str | None = None,
-        drivers: dict[str, str] | None = None,
-    ) -> None:
-        self.vmid = vmid
-        self.kind = GuestKind(kind)
-        self.name = name
-        self.for_vmid = for_vmid
-        self.addresses = addresses
-        self.since = since
-        self.status = RecordStatus(status)
-        self.job = job
-        self.note = note
-        # a CT's GPU functions → their host driver when it was stopped: a VM's backup binds them
-        # to vfio-pci and PVE never binds them back, so the CT would start without its GPU
-        self.drivers = drivers or {}
-
-    @property
-    def label(self) -> str:
-        return guest_label(self.kind, self.vmid, self.name)
-
-    def to_dict(self) -> dict[str, object]:
-        data = {name: getattr(self, name) for name in self.__slots__}
-        data["kind"], data["status"] = str(self.kind), str(self.status)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: object) -> Record:
-        if not isinstance(data, dict):
-            raise ValueError("record is not an object")
-        vmid, kind = data.get("vmid"), data.get("kind")
-        if not is_vmid(vmid):
-            raise ValueError(f"bad vmid {vmid!r}")
-        assert isinstance(vmid, int)
-        if kind not in tuple(GuestKind):
-            raise ValueError(f"bad kind {kind!r}")
-        for_vmid = data.get("for_vmid")
-        since = data.get("since")
-        try:
-            since = float(since) if isinstance(since, (int, float)) else None
-        except OverflowError:
-            since = None
-        addresses = data.get("addresses") or []
-        status = data.get("status") or RecordStatus.STOPPED
-        return cls(
-            vmid,
-            GuestKind(kind),
-            str(data["name"]) if data.get("name") is not None else None,
-            for_vmid if isinstance(for_vmid, int) else None,
-            [str(a) for a in addresses] if isinstance(addresses, list) else [],
-            since=since,
-            # an unknown status (a newer release's) is treated as the safest one: still off
-            status=RecordStatus(status) if status in tuple(RecordStatus) else RecordStatus.STOPPED,
-            job=data.get("job") if isinstance(data.get("job"), int) else None,
-            note=str(data["note"]) if data.get("note") is not None else None,
-            drivers=_drivers(data.get("drivers")),
-        )
-
-
-def _drivers(value: object) -> dict[str, str]:
-    if not isinstance(value, dict):
-        return {}
-    return {str(k): str(v) for k, v in value.items() if isinstance(v, str)}
 
 
 class StateStore:
@@ -174,6 +89,17 @@ class StateStore:
     def corrupt_files(self) -> list[str]:
         return paths.corrupt_state_files()
 
+    def job(self) -> JobTally | None:
+        """The tally of the last job that stopped or started a guest; None when there is none
+        (or it cannot be read: it holds numbers only, and is replaced at the next change)."""
+        import json
+
+        try:
+            raw = files.read_private(paths.host(paths.JOB_FILE))
+            return JobTally.from_dict(json.loads(raw)) if raw is not None else None
+        except (StateError, *PARSE_ERRORS):
+            return None
+
     def _read(self) -> list[Record]:
         problem = files.untrusted_dir(self.dir)
         if problem:
@@ -181,35 +107,21 @@ class StateStore:
         raw = files.read_private(self.path)
         if raw is None:
             return []
-        import json
+        parsed = parse_state(raw)
+        if parsed.version is not None and parsed.version > FORMAT:
+            # whatever its layout, a newer release's file is not ours to judge or rewrite
+            raise StateError(
+                f"{self.path} has format {parsed.version}, newer than this pve-gpu-hook "
+                f"understands ({FORMAT}); upgrade pve-gpu-hook"
+            )
+        if parsed.damage:
+            self._salvage(parsed)
+        return parsed.records
 
-        try:
-            data = json.loads(raw.decode("utf-8"))
-            version = data.get("format", 1) if isinstance(data, dict) else 1
-            if isinstance(version, int) and version > FORMAT:
-                # whatever its layout, a newer release's file is not ours to judge or rewrite
-                raise StateError(
-                    f"{self.path} has format {version}, newer than this pve-gpu-hook "
-                    f"understands ({FORMAT}); upgrade pve-gpu-hook"
-                )
-            if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-                raise ValueError("no record list")
-            return [Record.from_dict(item) for item in data["records"]]
-        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as error:
-            return self._salvage(raw, str(error) or type(error).__name__)
-
-    def _salvage(self, raw: bytes, reason: str) -> list[Record]:
-        import json
-
-        records: list[Record] = []
-        for line in raw.decode("utf-8", "replace").splitlines():
-            line = line.strip().rstrip(",")
-            if not line.startswith('{"vmid"'):
-                continue
-            try:
-                records.append(Record.from_dict(json.loads(line)))
-            except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
-                continue
+    def _salvage(self, parsed: ParsedState) -> None:
+        """Keep a damaged file aside (under the lock) and its intact records in a clean one."""
+        reason = "; ".join(parsed.damage[:3]) + (" ..." if len(parsed.damage) > 3 else "")
+        count = len(parsed.records)
         if self._lock.held:
             stamp = f"{self.path}{paths.CORRUPT_MARK}{time.strftime('%Y%m%dT%H%M%S')}"
             aside, number = stamp, 1
@@ -217,22 +129,20 @@ class StateStore:
                 number += 1
                 aside = f"{stamp}.{number}"
             os.rename(self.path, aside)
-            self.salvaged = f"{aside} ({reason}); {len(records)} intact record(s) kept"
-            self._write(records)
+            self.salvaged = f"{aside} ({reason}); {count} intact record(s) kept"
+            self._write(parsed.records)
             message = (
                 f"the state file was corrupt ({reason}): kept aside as {aside}; "
-                f"{len(records)} intact record(s) kept; guests it named may still be off, "
+                f"{count} intact record(s) kept; guests it named may still be off, "
                 "see 'pve-gpu-hook status'"
             )
         else:
             self.salvaged = f"{self.path} is corrupt ({reason})"
             message = (
-                f"the state file {self.path} is corrupt ({reason}); "
-                f"{len(records)} intact record(s) read"
+                f"the state file {self.path} is corrupt ({reason}); {count} intact record(s) read"
             )
         if self._report is not None:
             self._report(message)
-        return records
 
     # ---- changes (held only) ------------------------------------------------------------------
 
@@ -254,6 +164,48 @@ class StateStore:
         """Forget guests that run again (or that the admin took over)."""
         self._commit([r for r in self._held() if r.vmid not in vmids])
 
+    def note_stop(self, job: str, upid: str | None, vmid: int, for_vmid: int, at: float) -> None:
+        """A holder was shut down for ``for_vmid`` in job ``job`` (a new job starts a tally)."""
+        tally = self.job()
+        if tally is None or tally.job != job:
+            tally = JobTally(job, upid, at)
+        tally.stops.append(Stop(vmid, for_vmid, at))
+        self._write_job(tally)
+
+    def note_start(self, vmid: int, at: float, *, ok: bool) -> None:
+        """A recorded guest was started again (``ok``) or its start failed."""
+        tally = self.job()
+        open_stops = [s for s in tally.stops if s.vmid == vmid and s.back is None] if tally else []
+        if tally is None or not open_stops:
+            return  # stopped by an earlier job: that night's numbers are closed
+        stop = open_stops[-1]
+        if ok:
+            stop.back, stop.failed = at, False
+        else:
+            stop.failed = True
+        self._write_job(tally)
+
+    def end_job(self, job: str, phase: str, at: float) -> JobTally | None:
+        """The job ``job`` ended: its tally (None when it stopped nobody)."""
+        tally = self.job()
+        if tally is None or tally.job != job:
+            return None
+        tally.ended, tally.end_phase = at, phase
+        self._write_job(tally)
+        return tally
+
+    def _write_job(self, tally: JobTally) -> None:
+        if self._records is None:
+            raise StateError("internal error: state changed without the lock")
+        import json
+
+        path = paths.host(paths.JOB_FILE)
+        try:
+            files.private_dir(self.dir)
+            files.write_atomic(path, (json.dumps(tally.to_dict()) + "\n").encode("utf-8"))
+        except OSError as error:
+            raise StateError(f"cannot write {path}: {error.strerror}") from None
+
     def _held(self) -> list[Record]:
         if self._records is None:
             raise StateError("internal error: state changed without the lock")
@@ -270,11 +222,8 @@ class StateStore:
             if not records:
                 files.remove(self.path)
                 return
-            import json
-
-            lines = ",\n".join(json.dumps(r.to_dict(), sort_keys=False) for r in records)
-            text = f'{{"format": {FORMAT}, "records": [\n{lines}\n]}}\n'
-            files.write_atomic(self.path, text.encode("utf-8"))
+            lines = [f'{{"format": {FORMAT}}}', *(record_line(r) for r in records)]
+            files.write_atomic(self.path, ("\n".join(lines) + "\n").encode("utf-8"))
         except OSError as error:
             raise StateError(f"cannot write {self.path}: {error.strerror}") from None
 

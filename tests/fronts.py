@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,10 +75,35 @@ def _run(module_and_args: list[str], env: dict[str, str]) -> subprocess.Complete
 
 
 def records(node: FakeNode) -> list[dict]:
-    path = node.root / "var/lib/pve-gpu-hook/state.json"
+    """The records of the node's state file, read independently of the library."""
+    return read_state(node.root / "var/lib/pve-gpu-hook/state.json")
+
+
+def read_state(path: Path) -> list[dict]:
+    """The records of a state file: format 2 (a header line, then one checksummed record per
+    line) or format 1 (one JSON object); an absent file holds none. Damage is an error here."""
     if not path.exists():
         return []
-    return json.loads(path.read_text())["records"]
+    text = path.read_text()
+    lines = text.splitlines()
+    if json.loads(lines[0]).get("format") != 2:
+        return json.loads(text)["records"]
+    found = []
+    for line in lines[1:]:
+        entry = json.loads(line)
+        payload = json.dumps(entry["record"], sort_keys=True, separators=(",", ":"))
+        assert entry["crc"] == f"{zlib.crc32(payload.encode()):08x}", line
+        found.append(entry["record"])
+    return found
+
+
+def write_state(path: Path, entries: list[dict]) -> None:
+    """A format-2 state file holding ``entries`` (as the library writes it)."""
+    lines = ['{"format": 2}']
+    for entry in entries:
+        payload = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+        lines.append(f'{{"crc": "{zlib.crc32(payload.encode()):08x}", "record": {payload}}}')
+    path.write_text("\n".join(lines) + "\n")
 
 
 def commands(node: FakeNode, verb: str | None = None) -> list[list[str]]:

@@ -19,8 +19,9 @@ import yaml
 from pvegpuhook import cli
 from pvegpuhook.log import Log, LogLine, last_job, read_tail
 from pvegpuhook.model import GuestKind
+from pvegpuhook.records import Record, RecordStatus
 from pvegpuhook.registration import HOOK_PATH
-from pvegpuhook.state import Record, RecordStatus, StateStore
+from pvegpuhook.state import StateStore
 from tests.fronts import REPO, run_main, seed_node
 from tests.sim.vzdump import run_job
 
@@ -281,7 +282,7 @@ def test_corrupt_state_kept_aside(root: Path, capsys) -> None:
 def test_corrupt_live_state_file_still_shows_intact_records(root: Path, capsys) -> None:
     add_record(104, 102)
     path = root / "var/lib/pve-gpu-hook/state.json"
-    path.write_text(path.read_text().replace('"records": [', '"records": [[[', 1))
+    path.write_text(path.read_text().replace('{"format": 2}', '{"format": [[[', 1))
     code, data = status(capsys)
     assert code == 1
     assert data["corrupt_state"] == [str(path)]

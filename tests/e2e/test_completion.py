@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from pvegpuhook.model import GuestKind
-from pvegpuhook.state import Record, RecordStatus, StateStore
+from pvegpuhook.records import Record, RecordStatus
+from pvegpuhook.state import StateStore
 from tests.fronts import REPO
 
 argcomplete = pytest.importorskip(

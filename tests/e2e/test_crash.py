@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from pvegpuhook.act import GRACE
-from tests.fronts import REPO, cli, commands, records, seed_node
+from tests.fronts import REPO, cli, commands, read_state, records, seed_node, write_state
 from tests.sim.node import FakeNode, reboot
 from tests.sim.vzdump import DEFAULT_HOOK, HookCall, JobOutcome, run_hook_process, run_job
 
@@ -82,10 +82,10 @@ def assert_settled(node: FakeNode, before: set[int]) -> None:
 def age_records(node: FakeNode, seconds: float) -> None:
     """Let ``seconds`` pass for the records: an interrupted shutdown is over by then."""
     path = state_path(node)
-    data = json.loads(path.read_text())
-    for record in data["records"]:
+    entries = read_state(path)
+    for record in entries:
         record["since"] -= seconds
-    path.write_text(json.dumps(data))
+    write_state(path, entries)
 
 
 def call_hook(node: FakeNode, *args: str, env: dict[str, str] | None = None) -> HookCall:
@@ -413,7 +413,10 @@ def test_full_disk_at_backup_start_keeps_old_state_and_stops_nobody(tmp_path: Pa
     assert state_path(node).read_bytes() == old  # the old state survives, byte for byte
     assert node.is_running(PLEX)  # the holder is not stopped without a record
     assert len(commands(node, "shutdown")) == shutdowns
-    assert sorted(p.name for p in (node.root / STATE_DIR).iterdir()) == ["state.json"]
+    assert sorted(p.name for p in (node.root / STATE_DIR).iterdir()) == [
+        "job.json",
+        "state.json",
+    ]  # no temp file left
     # the whole job on the full disk: that backup fails clearly, the leftover is still put back
     job = run_job(node, [TARGET], env_extra=disk)
     assert job.guests[TARGET].error == message
@@ -456,8 +459,8 @@ def damaged(leftover_root: Path, tmp_path: Path, kind: str) -> tuple[FakeNode, b
     node = FakeNode(root)
     text = state_path(node).read_text()
     lines = text.splitlines(keepends=True)
-    assert len(lines) == 4 and f'"vmid": {PLEX}' in lines[2]  # header, 104, 110, footer
-    saved = json.loads(text)["records"]
+    assert len(lines) == 3 and f'"vmid":{PLEX}' in lines[2]  # header, 104, 110
+    saved = read_state(state_path(node))
     if kind == "garbage":
         data = b"\x00\xff{{ not json at all"
     elif kind == "empty":  # e.g. a file system that lost the data of a fresh file in a crash
@@ -469,9 +472,9 @@ def damaged(leftover_root: Path, tmp_path: Path, kind: str) -> tuple[FakeNode, b
         old = [{k: v for k, v in r.items() if k not in dropped} for r in saved]
         data = json.dumps({"records": old}).encode()
     elif kind == "newer-format":
-        data = json.dumps({"format": 2, "records": saved}).encode()
-    else:  # newer-format-reshaped: a later release may well rename or nest the list
-        data = json.dumps({"format": 2, "guests": saved}).encode()
+        data = ('{"format": 3}\n' + "".join(lines[1:])).encode()
+    else:  # newer-format-reshaped: a later release may well change everything after the header
+        data = json.dumps({"format": 3, "guests": saved}).encode()
     state_path(node).write_bytes(data)
     return node, data
 
@@ -550,8 +553,8 @@ def test_newer_state_format_is_refused_untouched(
     code, out = surface(node, where)
     # job-start only reports it: backups that need no GPU can still run
     assert code == (0 if where == "job-start" else 1)
-    assert f"{state_path(node)} has format 2, newer than" in out and "upgrade" in out
+    assert f"{state_path(node)} has format 3, newer than" in out and "upgrade" in out
     assert state_path(node).read_bytes() == data and kept_aside(node) == []
     assert len(node.calls()) == calls  # nobody stopped or started
     status = cli(node, "status")
-    assert status.returncode == 1 and "has format 2" in status.stdout
+    assert status.returncode == 1 and "has format 3" in status.stdout

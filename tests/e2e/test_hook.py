@@ -6,8 +6,10 @@ every backup that can succeed does, and every guest ends in the power state it h
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,21 @@ def test_seed_night_every_backup_succeeds_and_only_104_runs(tmp_path: Path, mode
     assert shutdowns and all(c[:3] == ["qm", "shutdown", "104"] for c in shutdowns)
     assert all("--timeout" in c for c in shutdowns)
     assert_clean(node)
+
+
+@pytest.mark.parametrize(("restart", "cycles"), [("after-guest", 3), ("after-job", 1)])
+def test_the_night_in_numbers(tmp_path: Path, restart: str, cycles: int) -> None:
+    """The job's tally (job.json) counts holders, shutdown/boot cycles and downtime."""
+    node = seed_node(tmp_path, FAST + f"restart: {restart}\n")
+    before = time.time()
+    job = run_job(node, mode="stop")
+    assert job.ok, job.log
+    tally = json.loads((node.root / "var/lib/pve-gpu-hook/job.json").read_text())
+    assert {s["vmid"] for s in tally["stops"]} == {104}
+    assert [s["for_vmid"] for s in tally["stops"]] == [102, 103, 105][:cycles]
+    assert all(s["back"] is not None and not s["failed"] for s in tally["stops"])
+    assert all(before <= s["at"] <= s["back"] <= time.time() for s in tally["stops"])
+    assert tally["end_phase"] == "job-end" and tally["ended"] >= tally["stops"][-1]["back"]
 
 
 def test_seed_night_task_log_says_who_was_stopped_for_whom(tmp_path: Path) -> None:

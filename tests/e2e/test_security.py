@@ -241,7 +241,7 @@ def test_private_files_are_0600_in_a_0700_dir_whatever_the_umask(tmp_path: Path)
     assert 104 not in node.running_guests()
     state_dir = node.root / paths.STATE_DIR
     assert mode_of(state_dir) == 0o700 and state_dir.stat().st_uid == 0
-    assert sorted(os.listdir(state_dir)) == ["chain", "registration.json", "state.json"]
+    assert sorted(os.listdir(state_dir)) == ["chain", "job.json", "registration.json", "state.json"]
     for path in [*state_dir.iterdir(), node.root / paths.LOCK_FILE, node.root / paths.LOG_FILE]:
         assert (path.name, mode_of(path), path.stat().st_uid) == (path.name, 0o600, 0)
     assert mode_of(conf) == 0o644  # the admin's file keeps its own mode

@@ -831,7 +831,7 @@ def test_postinst_and_prerm_are_posix_sh() -> None:
 
 def test_state_record_fixture_is_valid() -> None:
     """The pending record the upgrade test plants is one the library reads back."""
-    from pvegpuhook.state import Record
+    from pvegpuhook.records import Record
 
-    data = json.loads(PENDING_STATE)
+    data = json.loads(PENDING_STATE)  # format 1: what an installed 0.1 release left behind
     assert [Record.from_dict(item).vmid for item in data["records"]] == [104]

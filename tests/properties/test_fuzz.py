@@ -43,11 +43,12 @@ from pvegpuhook import vmid as vmids
 from pvegpuhook.claims import ClaimReader
 from pvegpuhook.errors import ConfigError, StateError
 from pvegpuhook.model import Guest, GuestKind
+from pvegpuhook.records import Record, RecordStatus
 from pvegpuhook.settings import RENAMED, RESTART_POLICIES, SCHEMA, parse_settings
-from pvegpuhook.state import Record, RecordStatus, StateStore
+from pvegpuhook.state import StateStore
 from tests.e2e.test_cli_register import vzdump_conf_text
 from tests.e2e.test_security import BAD_VMIDS
-from tests.fronts import commands, records, seed_node
+from tests.fronts import commands, read_state, records, seed_node
 from tests.fronts import hook as run_hook
 from tests.sim.node import FakeNode
 
@@ -1097,9 +1098,7 @@ def test_state_save_then_load_round_trips(empty_root: Path, saved: list[Record])
     path = directory / "state.json"
     if saved:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        assert [r["vmid"] for r in json.loads(path.read_text())["records"]] == [
-            r.vmid for r in saved
-        ]
+        assert [r["vmid"] for r in read_state(path)] == [r.vmid for r in saved]
     else:
         assert not path.exists()
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700

@@ -18,8 +18,9 @@ from pvegpuhook import files, registration
 from pvegpuhook import log as logmod
 from pvegpuhook.errors import EXIT_USAGE, ConfigError, LockTimeout, StateError
 from pvegpuhook.model import GuestKind
+from pvegpuhook.records import Record, RecordStatus
 from pvegpuhook.settings import Settings, load_settings, parse_settings
-from pvegpuhook.state import Record, RecordStatus, StateStore
+from pvegpuhook.state import StateStore
 
 
 def mode(path: Path) -> int:
@@ -348,9 +349,10 @@ def test_round_trip(host_root: Path) -> None:
     store = save(RECORDS)
     assert store.exists()
     assert as_dicts(StateStore().records()) == as_dicts(RECORDS)
-    data = json.loads((state_dir(host_root) / "state.json").read_text())
-    assert data["format"] == 1
-    assert [r["vmid"] for r in data["records"]] == [104, 200, 105]
+    lines = (state_dir(host_root) / "state.json").read_text().splitlines()
+    assert json.loads(lines[0]) == {"format": 2}
+    assert [json.loads(line)["record"]["vmid"] for line in lines[1:]] == [104, 200, 105]
+    assert all(re.fullmatch(r"[0-9a-f]{8}", json.loads(line)["crc"]) for line in lines[1:])
     assert StateStore().salvaged is None
 
 
@@ -467,7 +469,7 @@ def test_truncated_state_keeps_intact_records(host_root: Path) -> None:
     save(RECORDS)
     path = state_dir(host_root) / "state.json"
     full = path.read_bytes()
-    cut = full.index(b'{"vmid": 105') + 20  # in the middle of the third record
+    cut = full.index(b'"vmid":105') + 5  # in the middle of the third record
     write_state(host_root, full[:cut])
     store = StateStore()
     loaded = load(store)
@@ -478,6 +480,48 @@ def test_truncated_state_keeps_intact_records(host_root: Path) -> None:
     again = StateStore()
     assert as_dicts(load(again)) == as_dicts(RECORDS[:2])  # rewritten clean
     assert again.salvaged is None
+
+
+@pytest.mark.parametrize("victim", [0, 1, 2])
+@pytest.mark.parametrize("damage", ["flip a byte", "cut the line", "swap a digit"])
+def test_damage_loses_only_the_damaged_record(host_root: Path, victim: int, damage: str) -> None:
+    """One record per line, each with its checksum: every other record survives any damage."""
+    save(RECORDS)
+    path = state_dir(host_root) / "state.json"
+    lines = path.read_bytes().split(b"\n")
+    line = lines[victim + 1]
+    if damage == "flip a byte":
+        at = line.index(b'"name"') + 2
+        line = line[:at] + bytes([line[at] ^ 0x20]) + line[at + 1 :]
+    elif damage == "cut the line":
+        line = line[: len(line) // 2]
+    else:  # still valid JSON, a different VMID: only the checksum can tell
+        line = line.replace(b'"since":1', b'"since":2', 1)
+    lines[victim + 1] = line
+    write_state(host_root, b"\n".join(lines))
+    store = StateStore()
+    loaded = load(store)
+    assert as_dicts(loaded) == as_dicts([r for i, r in enumerate(RECORDS) if i != victim])
+    assert store.salvaged is not None and f"line {victim + 2}" in store.salvaged
+    assert len(store.corrupt_files()) == 1
+
+
+def test_format_1_is_read_and_rewritten_as_format_2(host_root: Path) -> None:
+    lines = ",\n".join(json.dumps(r.to_dict()) for r in RECORDS)
+    write_state(host_root, f'{{"format": 1, "records": [\n{lines}\n]}}\n'.encode())
+    assert as_dicts(StateStore().records()) == as_dicts(RECORDS)
+    with StateStore().hold(1.0, "test") as store:
+        assert store.salvaged is None
+        store.drop(200)
+    text = (state_dir(host_root) / "state.json").read_text()
+    assert text.startswith('{"format": 2}\n')
+    assert [r.vmid for r in StateStore().records()] == [104, 105]
+
+
+def test_a_directory_as_state_file_is_an_error_not_a_traceback(host_root: Path) -> None:
+    (state_dir(host_root) / "state.json").mkdir(parents=True)
+    with pytest.raises(StateError, match="not a regular file"):
+        StateStore().records()
 
 
 def test_bad_record_sends_the_file_to_salvage(host_root: Path) -> None:
@@ -514,7 +558,7 @@ def test_two_corrupt_files_in_one_second_are_both_kept(
 
 
 def test_newer_format_is_refused(host_root: Path) -> None:
-    data = b'{"format": 2, "records": [{"vmid": 104, "kind": "qemu"}]}\n'
+    data = b'{"format": 3}\n{"something": "new"}\n'
     path = write_state(host_root, data)
     store = StateStore()
     with pytest.raises(StateError) as info:
@@ -585,6 +629,32 @@ def test_record_defaults() -> None:
 def test_record_from_bad_dict(data: object) -> None:
     with pytest.raises(ValueError):
         Record.from_dict(data)
+
+
+def test_job_tally(host_root: Path) -> None:
+    store = StateStore()
+    assert store.job() is None
+    with store.hold(1.0, "test"):
+        store.note_stop("4242", None, 104, 102, at=100.0)
+        store.note_start(104, at=160.0, ok=True)
+        store.note_stop("4242", None, 104, 103, at=200.0)
+        store.note_stop("4242", None, 110, 103, at=200.0)
+        store.note_start(110, at=230.0, ok=False)
+        store.note_start(999, at=230.0, ok=True)  # stopped by no job of the tally: ignored
+        tally = store.end_job("4242", "job-end", at=300.0)
+        assert store.end_job("other", "job-end", at=300.0) is None
+    assert tally is not None
+    read = StateStore().job()
+    assert read is not None and read.to_dict() == tally.to_dict()
+    assert (read.holders_stopped, read.cycles, read.failed_restarts) == (2, 3, 1)
+    assert read.downtime(now=300.0) == 60.0 + 100.0 + 100.0  # 104 back, 104 and 110 still off
+    assert (read.ended, read.end_phase) == (300.0, "job-end")
+    with store.hold(1.0, "test"):
+        store.note_stop("4343", "UPID:pve1:x", 104, 102, at=400.0)  # the next job: a new tally
+    again = StateStore().job()
+    assert again is not None and (again.job, again.upid, again.cycles) == ("4343", "UPID:pve1:x", 1)
+    (state_dir(host_root) / "job.json").write_text("{damaged")
+    assert StateStore().job() is None  # numbers only: replaced at the next change
 
 
 def test_chain(host_root: Path) -> None:
