@@ -16,7 +16,7 @@ from pvegpuhook.log import Log
 from pvegpuhook.model import Guest, GuestKind
 from pvegpuhook.plan import BackupDecision, Verdict, decide_backup
 from pvegpuhook.pveconf import parse_guest_config
-from pvegpuhook.records import Record, RecordStatus
+from pvegpuhook.records import Record, RecordStatus, duration
 from pvegpuhook.restart import restart
 from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
@@ -224,6 +224,7 @@ def _stop_holders(
         if ha_state is not None and not _take_from_ha(log, store, record, stop.address):
             return 1
         timeout = settings.shutdown_timeout
+        began = time.monotonic()
         outcome = act.shutdown(guest.kind, guest.vmid, timeout)
         how = "shut down"
         if not outcome.ok and settings.force_stop:
@@ -234,7 +235,7 @@ def _stop_holders(
         status = RecordStatus.STOPPED if outcome.ok else RecordStatus.STOP_FAILED
         store.mark(guest.vmid, status, outcome.detail)
         if outcome.ok:
-            store.note_stop(job_key, upid, guest.vmid, vmid, record.since or time.time())
+            store.note_stop(job_key, upid, record, record.since or time.time())
         if not outcome.ok:
             if how != "shut down":
                 why = f"{guest.label} could not be stopped: {outcome.detail}"
@@ -254,8 +255,9 @@ def _stop_holders(
             if ha_state
             else ""
         )
+        took = duration(time.monotonic() - began)  # the whole of it, a hard stop included
         log.say(
-            f"{guest.label} {how} in {outcome.seconds:.0f} s{via}: it held {stop.address}, "
+            f"{guest.label} {how} in {took}{via}: it held {stop.address}, "
             f"needed by VM {vmid}; it will be started again after "
             f"{'this backup' if settings.restart == 'after-guest' else 'the job'}"
         )
@@ -330,9 +332,17 @@ def restart_leftovers(log: Log) -> int:
     """job-end, job-abort: start every guest still recorded; fail when one stays off."""
     settings, _ = settings_or_error(log)
     store = StateStore(report=log.say)
+    job_key = job_identity()[0]
     with store.hold(lock_timeout(settings), f"{log.phase}"):
+        done = store.job()
+        if log.phase == "job-abort" and done and done.job == job_key and done.ended:
+            # vzdump runs job-abort after a failed job-end: that said everything already
+            log.file("job-end of this job already ran; nothing more to do")
+            return 0
         report = restart(store, settings, log, lambda r: True)
-        store.end_job(job_identity()[0], log.phase, time.time())
+        tally = store.end_job(job_key, log.phase, time.time())
+    if tally is not None:
+        log.say(tally.summary(time.time()))  # the notification's copy of the night
     if report.watching:
         _watch(log, [r for r, _ in report.watching], settings)
     if report.ok:

@@ -18,21 +18,13 @@ from pvegpuhook.log import Log
 from pvegpuhook.model import Claim, ClaimKind, Guest, GuestKind, Holder, Need
 from pvegpuhook.plan import RestartAction, RestartStep, Stop, plan_free, plan_restart, same_function
 from pvegpuhook.pveconf import guest_node, node_name
-from pvegpuhook.records import Record, RecordStatus
+from pvegpuhook.records import Record, RecordStatus, duration
 from pvegpuhook.settings import Settings
 from pvegpuhook.state import StateStore
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def watch_window(settings: Settings) -> float:
@@ -223,12 +215,16 @@ def _start(
         _note_start(store, record, log, ok=True)
         away = f"{duration(time.time() - record.since)} off" if record.since else "a while off"
         where = f"; {outcome.detail}" if outcome.detail else ""
-        log.say(f"{label} started again{how} after {away} (took {outcome.seconds:.0f} s){where}")
+        took = duration(outcome.seconds)
+        log.say(f"{label} started again{how} after {away} (took {took}){where}")
         report.started.append(record)
         _forget(store, record, log)
         return
-    why = f"did not start within {settings.start_timeout} s: {outcome.detail}"
-    log.error(f"{label} {why}; record kept, run 'pve-gpu-hook recover'")
+    why = f"did not start ({outcome.detail}, after {duration(outcome.seconds)})"
+    if record.status == RecordStatus.START_FAILED and record.note == outcome.detail[:500]:
+        log.file(f"{label} {why}; as before")  # said once already; the job's summary has it
+    else:
+        log.error(f"{label} {why}; record kept, run 'pve-gpu-hook recover'")
     report.kept.append((record, why))
     _note_start(store, record, log, ok=False)
     try:

@@ -431,8 +431,9 @@ def test_after_a_real_job_and_after_a_crash(tmp_path: Path, monkeypatch, capsys)
     assert code == 0, data["attention"]
     job = data["last_job"]
     assert job["result"] == "ok" and job["end_phase"] == "job-end"
-    assert [a["phase"] for a in job["actions"]] == ["backup-start", "log-end"]
+    assert [a["phase"] for a in job["actions"]] == ["backup-start", "log-end", "job-end"]
     assert "VM 104 (win11) shut down" in job["actions"][0]["message"]
+    assert job["actions"][2]["message"].startswith("this job: 1 guest(s) shut down")
 
     # vzdump dies after VM 104 was shut down for VM 103: 104 stays off, status must say so
     run_job(node, [103], mode="stop", crash_after=("backup-start", 103))

@@ -63,7 +63,38 @@ def test_seed_night_task_log_says_who_was_stopped_for_whom(tmp_path: Path) -> No
     lines = hook_lines(job)
     assert any("VM 104 (win11) shut down" in line and "VM 102" in line for line in lines)
     assert any("VM 104 (win11) started again" in line for line in lines)
-    assert len(lines) == 2  # one concise line per action
+    # one concise line per action, and the night in one line at job end: that one reaches the
+    # notification (log-end's lines reach only the task log)
+    assert len(lines) == 3
+    assert "this job: 1 guest(s) shut down to free a GPU, 1 shutdown/boot cycle(s)" in lines[2]
+    assert "VM 104 (win11) shut down once for 102" in lines[2]
+
+
+def test_a_forced_stop_says_how_long_it_really_took(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, "shutdown_timeout: 1\nstart_timeout: 5\nforce_stop: true\n")
+    node.set_fault(104, ignore_shutdown=True)
+    job = run_job(node, [102])
+    assert job.ok, job.log
+    [line] = [x for x in hook_lines(job) if "stopped hard" in x]
+    seconds = float(line.split(" in ", 1)[1].split(" s", 1)[0])
+    assert seconds >= 1.0  # the shutdown's timeout, then the stop: not "in 0 s"
+
+
+def test_a_failed_restart_is_said_once(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, "shutdown_timeout: 3\nstart_timeout: 1\n")
+    node.set_fault(104, start_fails=True)
+    job = run_job(node, [102])
+    calls = {c.phase: c for c in job.hook_calls if c.vmid in (None, 102)}
+    said = [x for x in calls["log-end"].lines if "did not start" in x]
+    assert len(said) == 1 and "record kept" in said[0]  # the task log, as it happens
+    # job-end tries again: the same failure is not said again line for line, but its one
+    # closing line carries it for the notification (which gets no log-end output)
+    end = calls["job-end"]
+    assert end.exit_code == 1
+    assert not any("record kept" in x for x in end.lines)
+    assert [x for x in end.lines if "did not start" in x] == [end.lines[-1]]
+    assert any("1 failed restart(s)" in x for x in end.lines)
+    assert calls["job-abort"].lines == []  # vzdump's job-abort after the failed job-end
 
 
 def test_without_the_hook_the_backup_fails_like_in_real_life(tmp_path: Path) -> None:

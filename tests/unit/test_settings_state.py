@@ -640,11 +640,14 @@ def test_record_from_bad_dict(data: object) -> None:
 def test_job_tally(host_root: Path) -> None:
     store = StateStore()
     assert store.job() is None
+    win11 = Record(104, GuestKind.QEMU, "win11", 102, [])
+    plex = Record(110, GuestKind.LXC, "plex", 103, [])
     with store.hold(1.0, "test"):
-        store.note_stop("4242", None, 104, 102, at=100.0)
+        store.note_stop("4242", None, win11, at=100.0)
         store.note_start(104, at=160.0, ok=True)
-        store.note_stop("4242", None, 104, 103, at=200.0)
-        store.note_stop("4242", None, 110, 103, at=200.0)
+        win11.for_vmid = 103
+        store.note_stop("4242", None, win11, at=200.0)
+        store.note_stop("4242", None, plex, at=200.0)
         store.note_start(110, at=230.0, ok=False)
         store.note_start(999, at=230.0, ok=True)  # stopped by no job of the tally: ignored
         tally = store.end_job("4242", "job-end", at=300.0)
@@ -655,8 +658,14 @@ def test_job_tally(host_root: Path) -> None:
     assert (read.holders_stopped, read.cycles, read.failed_restarts) == (2, 3, 1)
     assert read.downtime(now=300.0) == 60.0 + 100.0 + 100.0  # 104 back, 104 and 110 still off
     assert (read.ended, read.end_phase) == (300.0, "job-end")
+    assert read.summary(now=300.0) == (
+        "this job: 2 guest(s) shut down to free a GPU, 3 shutdown/boot cycle(s), 4 min down "
+        "in all, 1 failed restart(s): VM 104 (win11) shut down 2 times for 102, 103, down "
+        "3 min (not started again); CT 110 (plex) shut down once for 103, down 100 s "
+        "(not started again)"
+    )
     with store.hold(1.0, "test"):
-        store.note_stop("4343", "UPID:pve1:x", 104, 102, at=400.0)  # the next job: a new tally
+        store.note_stop("4343", "UPID:pve1:x", win11, at=400.0)  # the next job: a new tally
     again = StateStore().job()
     assert again is not None and (again.job, again.upid, again.cycles) == ("4343", "UPID:pve1:x", 1)
     (state_dir(host_root) / "job.json").write_text("{damaged")
