@@ -51,18 +51,12 @@ def running(kind: str, vmid: int) -> bool:
 
 def vm_candidates() -> list[int]:
     """VMIDs with a pid file (not yet checked for a live process)."""
-    try:
-        names = os.listdir(paths.host("run/qemu-server"))
-    except OSError:
-        return []
+    names = paths.listdir(paths.host("run/qemu-server"))
     return sorted(int(n[:-4]) for n in names if n.endswith(".pid") and is_number(n[:-4]))
 
 
 def running_cts() -> list[int]:
-    try:
-        names = os.listdir(paths.host("sys/fs/cgroup/lxc"))
-    except OSError:
-        return []
+    names = paths.listdir(paths.host("sys/fs/cgroup/lxc"))
     return sorted(int(n) for n in names if is_number(n) and ct_running(int(n)))
 
 
