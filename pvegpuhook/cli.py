@@ -85,6 +85,37 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     return parser
 
 
+# commands whose answer does not read the state: a damaged one is said after it (status and
+# recover say it with theirs; register and unregister keep their own answers)
+TELL_DAMAGE = ("scan", "dry-run")
+
+
+def damage_told() -> int:
+    """Say once on stderr that the state is damaged (guests the hook stopped may be off and no
+    record names them), and give exit status 1; 0 when it is whole."""
+    from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, NotPermitted
+    from pvegpuhook.state import StateStore
+
+    said: list[str] = []
+    store = StateStore(report=said.append)
+    try:
+        store.records()
+    except NotPermitted:
+        raise
+    except GpuHookError as error:
+        said.append(str(error))
+    said += [f"a damaged state file is kept aside: {path}" for path in store.corrupt_files()]
+    if not said:
+        return EXIT_OK
+    sys.stdout.flush()
+    print(
+        f"pve-gpu-hook: warning: {clean('; '.join(said))}: guests the hook stopped may still be "
+        "off; 'pve-gpu-hook recover --dry-run' shows which",
+        file=sys.stderr,
+    )
+    return EXIT_ATTENTION
+
+
 def autocomplete(parser: argparse.ArgumentParser) -> None:
     """Answer the shell's tab completion and exit, when this run is one (argcomplete's protocol)."""
     # only a completion run has _ARGCOMPLETE set: every other run skips importing argcomplete
@@ -103,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         autocomplete(parser)
     args = parse(parser, argv)
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        if args.command in TELL_DAMAGE and code != EXIT_USAGE:
+            code = max(code, damage_told())
+        return code
     except GpuHookError as error:
         sys.stdout.flush()
         print(f"pve-gpu-hook: {clean(str(error))}", file=sys.stderr)
