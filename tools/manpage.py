@@ -322,10 +322,10 @@ see ``pve-gpu-hook.yaml(5)``.
 """
 
 OUTPUT = """
-The read commands (``status``, ``scan``, ``dry-run``) take ``--output-format``, as PVE's own
-tools do: ``text`` (the default), ``json`` (one line, keys sorted), ``json-pretty`` (indented,
-keys sorted) or ``yaml``. Their shapes, below, are stable: scripts and monitoring can rely on
-them.
+The read commands (``status``, ``scan``, ``dry-run``) and ``recover`` take ``--output-format``,
+as PVE's own tools do: ``text`` (the default), ``json`` (one line, keys sorted), ``json-pretty``
+(indented, keys sorted) or ``yaml``. Their shapes, below, are stable: scripts and monitoring can
+rely on them.
 
 On a terminal ``text`` prints tables; piped, it prints plain aligned text for ``grep`` and
 ``awk``: columns two spaces apart, one line per row, no colours, no box drawing, ``-`` for an empty
@@ -340,12 +340,18 @@ EXIT_STATUS = (
         "1",
         "Something needs attention or failed: ``status`` found something the admin must see (use "
         "it from monitoring), ``dry-run`` predicts a failing backup, ``recover`` could not start a "
-        "guest (its record is kept), ``register`` refused to replace another hook script.",
+        "guest (its record is kept), ``register`` refused to replace another hook script. While "
+        "a damaged state file exists (``state.json``, or one kept aside as "
+        "``state.json.corrupt-*``), ``status``, ``scan``, ``dry-run`` and ``recover`` say so "
+        "once on stderr and exit 1; ``unregister --check-waiting`` (asked before a package "
+        "removal) refuses.",
     ),
     (
         "2",
         "Usage or configuration error: a bad option or argument, an unknown VMID, an invalid "
-        "override file (the message names the file and line).",
+        "override file (the message names the file and line). Also a command that cannot read "
+        "what its answer depends on: run as another user than root, it says "
+        "``must be run as root: cannot read`` and the file, and answers nothing.",
     ),
 )
 
@@ -422,7 +428,7 @@ HEADS = (".SH", ".SS")
 SEE_ALSO = ("vzdump(1)", "qm(1)", "pct(1)", "pve-gpu-hook.yaml(5)")
 
 # the read commands whose module docstrings document their JSON shapes
-SHAPES = ("status", "scan", "dry-run")
+SHAPES = ("status", "scan", "dry-run", "recover")
 
 
 def _tagged(items: Iterable[tuple[str, str]], *, tag: Callable[[str], str] = bold) -> list[str]:
