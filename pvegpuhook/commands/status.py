@@ -20,8 +20,10 @@ JSON/YAML shape (``--output-format json``; keys are stable)::
      "override": {"path": "/etc/pve-gpu-hook/config.yaml", "exists": true, "valid": true,
                   "error": null,         # "file:line: message" when invalid
                   "values": {"shutdown_timeout": 180, "force_stop": false,
-                             "start_timeout": 120, "protect": [], "restart": "after-guest"}},
-                                         # values: the ones in force; null when invalid
+                             "start_timeout": 120, "protect": [], "restart": "after-guest",
+                             "metrics_file": "/var/lib/.../pve-gpu-hook.prom"}},
+                                         # values: the ones in force; null when invalid;
+                                         # metrics_file: false when turned off
      "waiting": [{"vmid": 104, "type": "qemu", "name": "gpu-desktop", "status": "stopped",
                   "since": "2024-05-01T21:03:10+02:00", "for_vmid": 102, "note": null}],
      "corrupt_state": ["/var/lib/pve-gpu-hook/state.json.corrupt-20240501T210500"],
