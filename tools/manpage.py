@@ -340,7 +340,7 @@ The hook and the command write what they know about waiting guests and backup jo
 turns it off, see ``pve-gpu-hook.yaml(5)``), in Prometheus' text format. Debian's
 ``prometheus-node-exporter`` reads that directory with its textfile collector, as an unprivileged
 user: watching the hook needs neither root nor a daemon. Zabbix, CheckMK or a script can read the
-file as well.
+file as well, and ``pve-gpu-hook status --quiet`` answers by its exit status alone.
 
 The file is written only when its directory exists, atomically, and readable by every user (mode
 0644): when the hook records a guest it is about to stop (so that a crash still leaves a file that
@@ -456,7 +456,11 @@ FILES = (
 EXAMPLES = (
     (
         "Check from monitoring; exit status 1 means something needs the admin:",
-        ["pve-gpu-hook status", "pve-gpu-hook status --output-format json"],
+        [
+            "pve-gpu-hook status",
+            "pve-gpu-hook status --output-format json",
+            "pve-gpu-hook status --quiet",
+        ],
     ),
     (
         "See which guests fight for which GPU, then one guest in detail:",

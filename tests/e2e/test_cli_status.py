@@ -149,6 +149,14 @@ def test_all_fine(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     }
 
 
+def test_quiet_answers_by_exit_status_alone(root: Path, capsys) -> None:
+    """For Nagios/Zabbix/CheckMK style checks: nothing printed, 0 or 1 as status says."""
+    assert run_main(capsys, "status", "--quiet") == (0, "", "")
+    add_record()
+    assert run_main(capsys, "status", "-q") == (1, "", "")
+    assert status(capsys)[0] == 1  # the same answer as the full view
+
+
 def test_metrics_file_turned_off_is_shown(root: Path, capsys) -> None:
     (root / "etc/pve-gpu-hook").mkdir()
     (root / "etc/pve-gpu-hook/config.yaml").write_text("metrics_file: off\n")
