@@ -20,7 +20,8 @@ out. :func:`update` gathers the facts and replaces the file
 
 The hook calls it wherever what the file shows changes: when a holder is recorded (before it is
 touched, so that a crash mid-job leaves a file that already says a guest is off), after restarts
-and at the end of every job; the command after ``recover``, ``register`` and ``unregister``. A
+and at the end of every job; the command after ``recover`` (also each start of
+``recover --watch``), ``register`` and ``unregister``. A
 failure to write is logged in the log file and never fails anything.
 
 The last job's figures are those of the last job whose end the hook saw, whether or not it stopped
@@ -71,8 +72,13 @@ REGISTERED = Metric(
 )
 GUESTS_WAITING = Metric(
     "guests_waiting",
-    "Guests the hook stopped to free a GPU that are not confirmed running again yet "
+    "Guests the hook stopped (or is stopping) to free a GPU that are not running again yet "
     "('pve-gpu-hook status' lists them, 'pve-gpu-hook recover' starts them).",
+)
+GUESTS_WATCHED = Metric(
+    "guests_watched",
+    "Guests whose shutdown timed out and that still run: watched for shutdown_watch seconds, "
+    "and started again if they power off late.",
 )
 WAITING_SINCE = Metric(
     "guest_waiting_since_timestamp_seconds",
@@ -116,6 +122,7 @@ METRICS = (
     REGISTERED,
     GUESTS_WAITING,
     WAITING_SINCE,
+    GUESTS_WATCHED,
     STATE_CORRUPT,
     LAST_JOB_END,
     LAST_JOB_SUCCESS,
@@ -184,7 +191,12 @@ def render(
     version: str = __version__,
 ) -> str:
     """The file's text: Prometheus' text exposition format, without timestamps."""
-    waiting = [
+    from pvegpuhook.records import RecordStatus
+
+    # a guest whose shutdown timed out still runs: watched, not waiting to be started
+    watched = [r for r in records if r.status == RecordStatus.STOP_FAILED]
+    waiting = sorted((r for r in records if r not in watched), key=lambda r: r.vmid)
+    since = [
         (
             {
                 "vmid": str(r.vmid),
@@ -194,13 +206,14 @@ def render(
             },
             r.since or 0,  # unknown (a damaged record): an age alert fires at once
         )
-        for r in sorted(records, key=lambda r: r.vmid)
+        for r in waiting
     ]
     families: list[tuple[Metric, list[tuple[dict[str, str], float]]]] = [
         (BUILD_INFO, [({"version": version}, 1)]),
         (REGISTERED, [({}, 1 if registered else 0)]),
-        (GUESTS_WAITING, [({}, len(records))]),
-        (WAITING_SINCE, waiting),
+        (GUESTS_WAITING, [({}, len(waiting))]),
+        (WAITING_SINCE, since),
+        (GUESTS_WATCHED, [({}, len(watched))]),
         (STATE_CORRUPT, [({}, 1 if corrupt else 0)]),
     ]
     if last_job is not None:

@@ -177,6 +177,30 @@ def test_a_job_that_stopped_nobody_is_the_last_job(tmp_path: Path) -> None:
     assert value(got, "guests_waiting") == 0
 
 
+def test_a_holder_powering_off_late_is_watched_then_started(tmp_path: Path) -> None:
+    """A shutdown that timed out may still take effect (docs/pve-facts.md §8): the guest runs,
+    so it is not waiting; it is watched, and when it goes down the watcher starts it and says so.
+    """
+    node = node_with_exporter(tmp_path)
+    node.write_override("shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 60\n")
+    node.set_fault(104, ignore_shutdown=True)
+    job = run_job(node, [102])
+    assert not job.guests[102].ok  # the shutdown timed out: that backup fails
+    assert node.is_running(104) and [r["status"] for r in records(node)] == ["stop-failed"]
+    got = scrape(node)
+    assert value(got, "guests_waiting") == 0
+    assert value(got, "guests_watched") == 1
+    assert value(got, "last_job_success") == 1  # nothing was left off at its end
+    node.stop(104)  # the request took effect after all: it powers off
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (records(node) or not node.is_running(104)):
+        time.sleep(0.2)
+    assert node.is_running(104) and not records(node), node.calls()
+    got = scrape(node)  # written by the watcher
+    assert value(got, "guests_waiting") == 0
+    assert value(got, "guests_watched") == 0
+
+
 def test_registration_and_damaged_state_are_shown(tmp_path: Path) -> None:
     node = node_with_exporter(tmp_path)
     assert value(scrape(node), "registered") == 1  # written by register

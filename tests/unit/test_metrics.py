@@ -63,6 +63,7 @@ def test_render_names_every_fact_the_admin_alerts_on() -> None:
             ({"vmid": "104", "type": "qemu", "name": "win11", "for_vmid": "102"}, NOW - 600),
             ({"vmid": "110", "type": "lxc", "name": "plex", "for_vmid": "106"}, NOW - 600),
         ],
+        "pve_gpu_hook_guests_watched": [({}, 0)],
         "pve_gpu_hook_state_corrupt": [({}, 0)],
         "pve_gpu_hook_last_job_end_timestamp_seconds": [({}, NOW)],
         "pve_gpu_hook_last_job_success": [({}, 1)],
@@ -90,6 +91,21 @@ def test_nothing_waiting_and_no_job_yet() -> None:
     # no guest: no series (a family without samples is left out); no job seen: no job figures
     assert "pve_gpu_hook_guest_waiting_since_timestamp_seconds" not in got
     assert not [name for name in got if name.startswith("pve_gpu_hook_last_job_")]
+
+
+def test_a_guest_whose_shutdown_timed_out_is_watched_not_waiting() -> None:
+    """It still runs: starting it is not what anyone waits for; it is watched for a late
+    power-off (docs/pve-facts.md §8)."""
+    records = [
+        record(104, status=RecordStatus.STOP_FAILED),
+        record(110, status=RecordStatus.STOPPING),  # under way: may be down already
+        record(111, status=RecordStatus.START_FAILED),
+    ]
+    got = parse(metrics.render(records, registered=True, corrupt=False, last_job=None))
+    assert got["pve_gpu_hook_guests_waiting"] == [({}, 2)]
+    assert got["pve_gpu_hook_guests_watched"] == [({}, 1)]
+    since = got["pve_gpu_hook_guest_waiting_since_timestamp_seconds"]
+    assert [labels["vmid"] for labels, _ in since] == ["110", "111"]
 
 
 def test_unknown_since_reads_as_long_ago() -> None:
