@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pvegpuhook import completion, runtime
+from pvegpuhook import completion, metrics, runtime
 from pvegpuhook.commands import seconds_arg, vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, GpuHookError
 from pvegpuhook.log import Log, clean
@@ -80,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
             for vmid in sorted(wanted):
                 Log("recover", vmid, echo=False).file("record dropped by the admin (--forget)")
                 print(f"record of {vmid} dropped; nothing was started")
-            return EXIT_OK
-        return _report(store, settings, wanted, dry_run=False, force=args.force)
+            code = EXIT_OK
+        else:
+            code = _report(store, settings, wanted, dry_run=False, force=args.force)
+        metrics.update(Log("recover", echo=False), store, settings)
+        return code
 
 
 def _report(

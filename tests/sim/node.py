@@ -347,6 +347,16 @@ class FakeNode:
     def write_vzdump_conf(self, text: str) -> None:
         write_atomic(self.root / "etc/vzdump.conf", textwrap.dedent(text).lstrip("\n"))
 
+    def install_node_exporter(self) -> Path:
+        """The textfile directory of Debian's prometheus-node-exporter, which passes
+        ``--collector.textfile.directory=/var/lib/prometheus/node-exporter`` in
+        /etc/default/prometheus-node-exporter (docs/pve-facts.md §11); the collector reads every
+        ``*.prom`` file there (node_exporter collector/textfile.go)."""
+        directory = self.root / "var/lib/prometheus/node-exporter"
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755)
+        return directory
+
     # ---- observation ------------------------------------------------------------------------
 
     def is_running(self, vmid: int) -> bool:
