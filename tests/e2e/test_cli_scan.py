@@ -389,6 +389,21 @@ def test_scan_vmid_warnings_are_its_own(tmp_path, monkeypatch, capsys) -> None:
     assert len(scan_json(node, monkeypatch, capsys, "106")["warnings"]) == 1
 
 
+def test_running_ct_without_a_cgroup_dir_is_seen(tmp_path, monkeypatch, capsys) -> None:
+    """A host without /sys/fs/cgroup/lxc/<vmid>: PVE's check_running reads /proc/net/unix."""
+    node = FakeNode(tmp_path, ct_cgroup=False)
+    node.add_gpu("0000:01:00", group=14, nvidia_minor=0, drm=("renderD128",))
+    node.add_ct(200, hostname="plex", dev=["/dev/dri/renderD128"], running=True)
+    node.add_vm(102, hostpci=["01:00"])
+    assert not (node.root / "sys/fs/cgroup/lxc/200").exists()
+    data = scan_json(node, monkeypatch, capsys)
+    gpu = device(data, "0000:01:00")
+    assert gpu["held_by"] == [200]
+    assert [(c["vmid"], c["running"]) for c in gpu["claims"]] == [(102, False), (200, True)]
+    vm = scan_json(node, monkeypatch, capsys, "102")
+    assert [s["vmid"] for s in vm["would_stop"]] == [200]
+
+
 def test_unknown_vmid(tmp_path, monkeypatch, capsys) -> None:
     code, out, err = scan(seed(tmp_path), monkeypatch, capsys, "999")
     assert code == 2 and out == ""

@@ -429,6 +429,32 @@ def test_crash_then_recover(tmp_path: Path) -> None:
     assert len(commands(node, "start")) == 1
 
 
+def test_running_ct_without_a_cgroup_dir(tmp_path: Path) -> None:
+    """A host without /sys/fs/cgroup/lxc/<vmid>: PVE sees a running CT by its command socket in
+    /proc/net/unix (pve-container check_running), and so must the hook, dry-run and recover."""
+    node = FakeNode(tmp_path, ct_cgroup=False)
+    node.write_override(FAST)
+    node.add_gpu("0000:01:00", group=14, functions=("0", "1"), nvidia_minor=0, drm=("renderD128",))
+    node.add_ct(200, hostname="plex", dev=["/dev/dri/renderD128,gid=104"], running=True)
+    node.add_vm(102, hostpci=["01:00,pcie=1"])
+    forecast = cli(node, "dry-run", "102", "--output-format", "json")
+    assert '"stops": [{"address": "0000:01:00.0", "vmid": 200}]' in forecast.stdout
+    job = run_job(node, [102])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["pct", "shutdown", "200"]]
+    assert node.running_guests() == {200}
+    assert_clean(node)
+    # killed mid-job; the admin starts the CT by hand; recover sees it runs
+    job = run_job(node, [102], crash_after=("backup-start", 102))
+    assert [r["vmid"] for r in records(node)] == [200]
+    node.stop(102)
+    node.start(200)
+    result = cli(node, "recover")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert records(node) == []
+    assert len(commands(node, "start")) == 1  # the hook's own restart after the first job
+
+
 def test_recover_reports_a_conflict_instead_of_stopping_anyone(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     run_job(node, [102], crash_after=("archive", 102))  # 102's paused QEMU holds the GPU

@@ -47,6 +47,18 @@ LXC_KEY_RE = re.compile(r"^(lxc\.[a-z0-9_\-.]+)(?::|\s*=)\s*(.*?)\s*$")
 SECTION_RE = re.compile(r"^\[([^\]]+)\]\s*$")
 NVIDIA_MAJOR = 195
 DRM_MAJOR = 226
+# /proc/net/unix as the kernel writes it (net/unix/af_unix.c unix_seq_show): a header, then per
+# socket "%pK: %08X %08X %08X %04X %02X %5lu" (address, refcount, protocol 0, flags
+# (__SO_ACCEPTCON 0x10000 when listening), type (1 = stream), state (1 = unconnected), inode),
+# then " <path>" when the socket has one; an abstract name is shown as '@' + name.
+UNIX_HEADER = "Num       RefCount Protocol Flags    Type St Inode Path\n"
+HOST_SOCKETS = (
+    "0000000000000000: 00000002 00000000 00010000 0001 01 18342 /run/systemd/private\n"
+    "0000000000000000: 00000003 00000000 00000000 0002 01 17620 /run/systemd/notify\n"
+    "0000000000000000: 00000003 00000000 00000000 0001 03 21873\n"
+    "0000000000000000: 00000002 00000000 00010000 0001 01 23011 /var/run/qemu-server/1.qmp\n"
+)
+NO_CT_CGROUP = "var/lib/fake-pve/no-ct-cgroup"  # this host has no /sys/fs/cgroup/lxc/<vmid>
 
 
 class PveError(Exception):
@@ -440,7 +452,30 @@ class Pve:
         write_atomic(self.sim / f"qmp-{vmid}", status + "\n")
 
     def ct_running(self, vmid: int) -> bool:
-        return self.p(f"sys/fs/cgroup/lxc/{vmid}").is_dir()
+        return vmid in self.running_cts()
+
+    @property
+    def ct_cgroup_dirs(self) -> bool:
+        """Whether a running CT has ``/sys/fs/cgroup/lxc/<vmid>`` (cgroup v2, LXC >= 4): not on
+        every host (cgroup v1 keeps a CT's cgroups per controller)."""
+        return not self.p(NO_CT_CGROUP).exists()
+
+    def unix_socket(self, vmid: int, present: bool) -> None:
+        """Add or remove the CT's LXC command socket, the abstract ``/var/lib/lxc/<vmid>/command``
+        that lxc-start's monitor listens on while the CT runs."""
+        path = self.p("proc/net/unix")
+        mine = f" @/var/lib/lxc/{vmid}/command\n"
+        with flocked(self.sim / "unix.lock"):
+            try:
+                lines = path.read_text().splitlines(keepends=True)
+            except FileNotFoundError:
+                lines = [UNIX_HEADER]
+            lines = [line for line in lines if not line.endswith(mine)]
+            if present:
+                lines.append(
+                    f"0000000000000000: 00000002 00000000 00010000 0001 01 {40000 + vmid:5d}{mine}"
+                )
+            write_atomic(path, "".join(lines))
 
     def is_running(self, vmid: int) -> bool:
         kind = self.guest_type(vmid)
@@ -454,8 +489,19 @@ class Pve:
         return sorted(v for v in ids if self.vm_pid(v))
 
     def running_cts(self) -> list[int]:
-        d = self.p("sys/fs/cgroup/lxc")
-        return sorted(int(f.name) for f in d.iterdir() if f.name.isdigit()) if d.is_dir() else []
+        """PVE's list_active_containers (pve-container src/PVE/LXC.pm; check_running uses it):
+        CTs whose command socket ``@/var/lib/lxc/<vmid>/command`` is in ``/proc/net/unix``."""
+        try:
+            text = self.p("proc/net/unix").read_text()
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in text.splitlines():
+            m = re.match(r"^[a-f0-9]+:\s+\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+\d+\s+(\S+)$", line)
+            path = re.match(r"^@/var/lib/lxc/(\d+)/command$", m.group(1)) if m else None
+            if path:
+                found.append(int(path.group(1)))
+        return sorted(set(found))
 
     # ---- sysfs --------------------------------------------------------------------------------
 
@@ -1403,11 +1449,13 @@ class Pve:
     def kill_guest(self, kind: str, vmid: int) -> None:
         """The guest's processes are gone; then PVE's cleanup (reservations, mdevs)."""
         if kind == "lxc":
-            cg = self.p(f"sys/fs/cgroup/lxc/{vmid}")
+            procs = self.sim / f"ct-{vmid}.procs"
             with contextlib.suppress(FileNotFoundError, ValueError):
-                for pid in (cg / "cgroup.procs").read_text().split():
+                for pid in procs.read_text().split():
                     remove(self.p(f"proc/{int(pid)}"))
-            remove(cg)
+            remove(self.p(f"sys/fs/cgroup/lxc/{vmid}"))
+            remove(procs)
+            self.unix_socket(vmid, False)  # the monitor exits last: then PVE sees it stopped
             return
         pid = self.vm_pid(vmid)
         if pid:
@@ -1495,13 +1543,16 @@ class Pve:
                 raise PveError(f"startup for container '{vmid}' failed", before=failed)
             time.sleep(float(faults.get("start_delay", 0)))
             pid = self.spawn_proc(["/sbin/init"], "systemd")
-            cg = self.p(f"sys/fs/cgroup/lxc/{vmid}")
-            tmp = cg.with_name(f".{vmid}.starting")
-            remove(tmp)
-            tmp.mkdir(parents=True)
-            (tmp / "cgroup.procs").write_text(f"{pid}\n")
-            (tmp / "cgroup.freeze").write_text("0\n")
-            os.replace(tmp, cg)  # the cgroup appears complete or not at all
+            write_atomic(self.sim / f"ct-{vmid}.procs", f"{pid}\n")
+            if self.ct_cgroup_dirs:
+                cg = self.p(f"sys/fs/cgroup/lxc/{vmid}")
+                tmp = cg.with_name(f".{vmid}.starting")
+                remove(tmp)
+                tmp.mkdir(parents=True)
+                (tmp / "cgroup.procs").write_text(f"{pid}\n")
+                (tmp / "cgroup.freeze").write_text("0\n")
+                os.replace(tmp, cg)  # the cgroup appears complete or not at all
+            self.unix_socket(vmid, True)  # running, for PVE, from here on
 
     def ct_stop(
         self,

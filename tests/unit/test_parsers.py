@@ -1054,13 +1054,61 @@ def test_qemu_system_binary_counts(host_root: Path) -> None:
     assert runtime.qemu_cmdline(104) == argv
 
 
-def test_ct_running(host_root: Path) -> None:
+def test_ct_running_by_cgroup_only_without_proc_net_unix(host_root: Path) -> None:
     (host_root / "sys/fs/cgroup/lxc/200").mkdir(parents=True)
     write(host_root, "sys/fs/cgroup/lxc/300", "not a directory")
     assert runtime.ct_running(200)
     assert runtime.running("lxc", 200)
     assert not runtime.ct_running(201)
     assert not runtime.ct_running(300)
+
+
+UNIX = "Num       RefCount Protocol Flags    Type St Inode Path\n"
+
+
+def unix_line(path: str = "", inode: int = 41234, address: str = "0" * 16) -> str:
+    """A /proc/net/unix line as the kernel writes it (net/unix/af_unix.c unix_seq_show)."""
+    return f"{address}: 00000002 00000000 00010000 0001 01 {inode:5d}" + (
+        f" {path}" if path else ""
+    )
+
+
+@pytest.mark.parametrize(
+    ("lines", "running"),
+    [
+        ([], []),
+        ([unix_line("@/var/lib/lxc/200/command")], [200]),
+        (
+            [unix_line("@/var/lib/lxc/201/command", 7), unix_line("@/var/lib/lxc/200/command")],
+            [200, 201],
+        ),
+        # a listening socket and a connection to it show the same path
+        (
+            [unix_line("@/var/lib/lxc/200/command"), unix_line("@/var/lib/lxc/200/command", 9)],
+            [200],
+        ),
+        ([unix_line("@/var/lib/lxc/200/command", address="ffff9a8a4c7d2400")], [200]),
+        ([unix_line("/var/lib/lxc/200/command")], []),  # not the abstract socket
+        ([unix_line("@/var/lib/lxc/200/monitor-sock")], []),
+        ([unix_line("@/var/lib/lxc/abc/command")], []),
+        ([unix_line("@/var/lib/lxc/200/command@")], []),
+        ([unix_line("@/var/lib/lxc/200/command") + " extra"], []),
+        (["0000: 00000002 @/var/lib/lxc/200/command"], []),
+        ([unix_line("@/var/lib/lxc/200/command", address="ABCD")], []),
+        ([unix_line("@/var/lib/lxc/200/command", address="")], []),
+        ([unix_line("@/var/lib/lxc/200/command").replace("41234", "x")], []),
+        ([unix_line(), unix_line("/run/systemd/private"), "garbage"], []),
+    ],
+)
+def test_running_cts_from_proc_net_unix(
+    host_root: Path, lines: list[str], running: list[int]
+) -> None:
+    """PVE's check_running: the CT's command socket in /proc/net/unix, cgroup or not."""
+    write(host_root, "proc/net/unix", UNIX + "".join(line + "\n" for line in lines))
+    (host_root / "sys/fs/cgroup/lxc/300").mkdir(parents=True)  # a cgroup is not a running CT
+    assert runtime.running_cts() == running
+    assert [v for v in (200, 201, 300) if runtime.ct_running(v)] == running
+    assert runtime.running("lxc", 200) is (200 in running)
 
 
 def test_vm_candidates_and_running_cts(host_root: Path) -> None:
