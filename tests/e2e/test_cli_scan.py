@@ -299,6 +299,31 @@ def test_device_missing_from_sysfs(tmp_path, monkeypatch, capsys) -> None:
     assert "0000:09:00  not in sysfs" in out
 
 
+def test_pci_domain_of_more_than_four_digits(tmp_path, monkeypatch, capsys) -> None:
+    """A VMD domain (PVE's $PCIRE takes 4 or more hex digits): claimed, held and mapped."""
+    node = FakeNode(tmp_path)
+    node.add_gpu("10000:e1:00", group=40, functions=("0", "1"))
+    node.set_mapping("vmd\n\tmap node=pve1,path=10000:e1:00.0,id=10de:2204,iommugroup=40\n")
+    node.add_vm(102, hostpci=["10000:e1:00,pcie=1"])
+    node.add_vm(103, hostpci=["mapping=vmd"])
+    node.add_vm(104, hostpci=["10000:e1:00.0"], running=True)
+    data = scan_json(node, monkeypatch, capsys)
+    gpu = device(data, "10000:e1:00")
+    assert gpu["functions"] == ["10000:e1:00.0", "10000:e1:00.1"]
+    assert gpu["iommu_group"] == "40" and gpu["present"] is True
+    assert [(c["vmid"], c["address"]) for c in gpu["claims"]] == [
+        (102, "10000:e1:00"),
+        (103, "10000:e1:00.0"),
+        (104, "10000:e1:00.0"),
+    ]
+    assert gpu["held_by"] == [104]
+    assert data["warnings"] == []
+    vm = scan_json(node, monkeypatch, capsys, "102")
+    assert vm["would_stop"] == [
+        {"vmid": 104, "type": "qemu", "name": None, "address": "10000:e1:00.0"}
+    ]
+
+
 def test_config_parse_warnings(tmp_path, monkeypatch, capsys) -> None:
     node = seed(tmp_path)
     path = tmp_path / "etc/pve/qemu-server/103.conf"

@@ -119,6 +119,31 @@ def test_every_id_form_frees_the_gpu(tmp_path: Path, target: str) -> None:
     assert commands(node, "shutdown")
 
 
+def test_pci_domain_of_more_than_four_digits(tmp_path: Path) -> None:
+    """A VMD domain: PVE takes ids with a domain of 4 or more hex digits, so must the hook."""
+    node = FakeNode(tmp_path)
+    node.write_override(FAST)
+    node.add_gpu("10000:e1:00", group=40, functions=("0", "1"))
+    node.add_gpu("10000:e2:00", group=41, functions=("0",))
+    node.set_mapping(
+        "vmd\n"
+        "\tmap node=pve1,path=10000:e1:00.0,id=10de:2204,iommugroup=40\n"
+        "\tmap node=pve1,path=10000:e2:00.0,id=10de:2204,iommugroup=41\n"
+    )
+    node.add_vm(104, hostpci=["10000:e1:00.0,pcie=1"], running=True)
+    node.add_vm(105, hostpci=["mapping=vmd"], running=True)  # gets e2:00.0
+    node.add_vm(120, hostpci=["10000:e1:00,pcie=1"])
+    node.add_vm(121, hostpci=["mapping=vmd"])
+    job = run_job(node, [120, 121])
+    assert job.ok, job.log
+    assert sorted(c[:3] for c in commands(node, "shutdown")) == [
+        ["qm", "shutdown", "104"],
+        ["qm", "shutdown", "104"],  # the first of the mapping's reserved alternatives
+    ]
+    assert node.running_guests() == {104, 105}
+    assert_clean(node)
+
+
 def test_iommu_sibling_device_is_freed(tmp_path: Path) -> None:
     """A different device in the same IOMMU group: PVE does not check, QEMU fails cryptically."""
     node = seed_node(tmp_path)

@@ -38,9 +38,11 @@ QEMU_SHUTDOWN_TIMEOUT = 180
 LXC_SHUTDOWN_TIMEOUT = 60
 PAUSED_STATES = ("paused", "prelaunch", "suspended")
 
-# qemu-server's $PCIRE: domain optional, function optional.
-PCI_ID_RE = re.compile(r"^(?:[0-9a-f]{4,}:)?[0-9a-f]{2}:[0-9a-f]{2}(?:\.[0-7])?$")
-RESERVATION_RE = re.compile(r"^(\S+)\s(\d+)\s(time|pid):(\d+)$")
+# qemu-server's $PCIRE (src/PVE/QemuServer/PCI.pm): domain optional and of 4 or more digits,
+# function optional.
+PCIRE = r"(?:[a-f0-9]{4,}:)?[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?"
+PCI_ID_RE = re.compile(rf"^{PCIRE}$")
+RESERVATION_RE = re.compile(rf"^({PCIRE})\s(\d+)\s(time|pid):(\d+)$")
 KEY_RE = re.compile(r"^([a-z][a-z_\-]*\d*):\s*(.*?)\s*$")
 # pve-container accepts raw lxc keys with ':' or '='.
 LXC_KEY_RE = re.compile(r"^(lxc\.[a-z0-9_\-.]+)(?::|\s*=)\s*(.*?)\s*$")

@@ -96,6 +96,9 @@ def build_host(root: Path) -> Path:
     (root / "sys/class/drm/version").write_text("drm 1.1.0 20060810\n")
     add_nvidia(root, "0000:01:00.0", 0)
     add_nvidia(root, "0000:04:00.0", 1)
+    # behind an Intel VMD controller: a PCI domain of 5 hex digits
+    add_function(root, "10000:e1:00.0", group="40", driver="nvme")
+    add_function(root, "10000:e1:00.1", group="40")
     return root
 
 
@@ -131,6 +134,10 @@ def fresh_host(host_root: Path) -> Path:
         ("0000:0A:1F.3", "0000:0a:1f.3"),
         ("01:00.1", "0000:01:00.1"),
         ("  05:00.0\n", "0000:05:00.0"),
+        # PVE's $PCIRE takes a domain of 4 or more hex digits (VMD: 10000)
+        ("10000:e1:00.0", "10000:e1:00.0"),
+        ("10000:E1:00", "10000:e1:00"),
+        ("abcdef:01:1f.7", "abcdef:01:1f.7"),
     ],
 )
 def test_normalize_accepts_every_pve_id_form(text: str, expected: str) -> None:
@@ -153,6 +160,9 @@ def test_normalize_accepts_every_pve_id_form(text: str, expected: str) -> None:
         "0000:01:00.0.1",
         "000:01:00.0",
         "0000:01:00:00.0",
+        "1000g:01:00.0",
+        "10000:e1:0.0",
+        "10000:e1:00.8",
         "01",
         "01:00.0;02:00.0",
         "host=01:00.0",
@@ -165,7 +175,12 @@ def test_normalize_rejects_junk(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("address", "device"),
-    [("0000:01:00.1", "0000:01:00"), ("0000:01:00", "0000:01:00"), ("0001:af:1f.7", "0001:af:1f")],
+    [
+        ("0000:01:00.1", "0000:01:00"),
+        ("0000:01:00", "0000:01:00"),
+        ("0001:af:1f.7", "0001:af:1f"),
+        ("10000:e1:00.1", "10000:e1:00"),
+    ],
 )
 def test_device_of(address: str, device: str) -> None:
     assert pci.device_of(address) == device
@@ -198,6 +213,9 @@ def test_sysfs_unit(host: Path, function: str, unit: str) -> None:
         ("0000:09:00", []),
         ("0000:09:00.0", []),
         ("0000:01:0", []),  # a prefix is not a device
+        ("10000:e1:00", ["10000:e1:00.0", "10000:e1:00.1"]),
+        ("10000:e1:00.1", ["10000:e1:00.1"]),
+        ("0000:e1:00", []),  # another domain
     ],
 )
 def test_sysfs_functions(host: Path, address: str, functions: list[str]) -> None:
@@ -214,6 +232,8 @@ def test_sysfs_functions(host: Path, address: str, functions: list[str]) -> None
         ("0000:03:00", {"dev:0000:03:00", "fn:0000:03:00.2"}),
         ("0000:09:00.0", {"dev:0000:09:00"}),  # unknown to sysfs: falls back to the device
         ("0000:09:00", {"dev:0000:09:00"}),
+        ("10000:e1:00", {"group:40"}),
+        ("10000:e2:00.0", {"dev:10000:e2:00"}),
     ],
 )
 def test_sysfs_units(host: Path, address: str, units: set[str]) -> None:
@@ -276,6 +296,7 @@ def test_nvidia_information_without_minor_is_ignored(fresh_host: Path) -> None:
         ("/dev/dri/by-path/pci-0000:01:00.0-render", ["0000:01:00.0"]),
         ("/dev/dri/by-path/pci-0000:04:00.0-card", ["0000:04:00.0"]),
         ("/dev/dri/by-path/pci-junk-render", []),
+        ("/dev/dri/by-path/pci-10000:e1:00.0-card", ["10000:e1:00.0"]),
         ("/dev/nvidia0", ["0000:01:00.0"]),
         ("/dev/nvidia1", ["0000:04:00.0"]),
         ("/dev/nvidia7", []),
@@ -698,6 +719,14 @@ G15 = ["group:15"]
             ],
         ),
         ("hostpci0: 03:00.2", [("hostpci0", [[("0000:03:00.2", ["fn:0000:03:00.2"], EXCLUSIVE)]])]),
+        (
+            "hostpci0: 10000:e1:00,pcie=1",
+            [("hostpci0", [[("10000:e1:00", ["group:40"], EXCLUSIVE)]])],
+        ),
+        (
+            "args: -device vfio-pci,sysfsdev=/sys/bus/pci/devices/10000:e1:00.1",
+            [("args", [[("10000:e1:00.1", ["group:40"], EXCLUSIVE)]])],
+        ),
         ("hostpci0: 03:00.0", [("hostpci0", [[("0000:03:00.0", ["dev:0000:03:00"], EXCLUSIVE)]])]),
         ("hostpci0: 09:00.0", [("hostpci0", [[("0000:09:00.0", ["dev:0000:09:00"], EXCLUSIVE)]])]),
         (
@@ -857,6 +886,31 @@ def test_mappings_given_to_the_reader(host: Path) -> None:
     reader = ClaimReader(pci.Sysfs(), "pve1", mappings)
     needs, _ = reader.vm_needs(parse_guest_config("hostpci0: mapping=gpu", VM_CONF), False)
     assert shape(needs) == [("hostpci0", [[("0000:02:00.0", G15, EXCLUSIVE)]])]
+
+
+def test_mapping_with_a_long_pci_domain(host: Path) -> None:
+    text = "vmd\n\tmap node=pve1,path=10000:e1:00.0;10000:e1:00.1,id=10de:2204,iommugroup=40\n"
+    mappings, warnings = parse_pci_mapping(text, "/x")
+    assert warnings == []
+    reader = ClaimReader(pci.Sysfs(), "pve1", mappings)
+    needs, warnings = reader.vm_needs(parse_guest_config("hostpci0: mapping=vmd", VM_CONF), False)
+    assert warnings == []
+    assert shape(needs) == [
+        (
+            "hostpci0",
+            [
+                [
+                    ("10000:e1:00.0", ["group:40"], EXCLUSIVE),
+                    ("10000:e1:00.1", ["group:40"], EXCLUSIVE),
+                ]
+            ],
+        )
+    ]
+
+
+def test_nvidia_gpu_in_a_long_pci_domain(fresh_host: Path) -> None:
+    write(fresh_host, "proc/driver/nvidia/gpus/10000:e1:00.0/information", "Device Minor: 2\n")
+    assert pci.Sysfs().nvidia_minors()[2] == "10000:e1:00.0"
 
 
 def test_args_quoted_device(host: Path) -> None:
@@ -1133,6 +1187,7 @@ def test_reservations(host_root: Path) -> None:
         f"0000:04:00.0 106 time:{now + 100}",  # reserved for a starting VM
         f"0000:04:00.1 107 time:{now - 100}",  # expired
         f"0000:0A:00.0 112 time:{now + 100}",
+        f"10000:e1:00.0 114 time:{now + 100}",
         "garbage",
         "",
         "0000:05:00.0 abc pid:4242",
@@ -1147,6 +1202,7 @@ def test_reservations(host_root: Path) -> None:
         104: ["0000:01:00.0", "0000:01:00.1"],
         106: ["0000:04:00.0"],
         112: ["0000:0a:00.0"],
+        114: ["10000:e1:00.0"],
     }
 
 
