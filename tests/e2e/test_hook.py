@@ -252,6 +252,41 @@ def test_mapping_held_alternative_of_a_running_mapped_vm(tmp_path: Path) -> None
     assert [c[:3] for c in commands(node, "shutdown")] == [["qm", "shutdown", "106"]]
 
 
+def two_gpu_node(root: Path) -> FakeNode:
+    """GPUs 01:00 (group 14) and 02:00 (group 15), both in PCI mapping ``gpu``."""
+    node = FakeNode(root)
+    node.write_override(FAST)
+    node.add_gpu("0000:01:00", group=14, functions=("0", "1"), nvidia_minor=0, drm=("renderD128",))
+    node.add_gpu("0000:02:00", group=15, functions=("0", "1"), nvidia_minor=1, drm=("renderD129",))
+    node.set_mapping(MAPPING)
+    return node
+
+
+def test_mapping_taken_twice_frees_the_second_gpu_too(tmp_path: Path) -> None:
+    """PVE's choose_hostpci_devices gives hostpci1 the alternative hostpci0 did not take."""
+    node = two_gpu_node(tmp_path)
+    node.add_vm(120, name="render", hostpci=["mapping=gpu,pcie=1", "mapping=gpu,pcie=1"])
+    node.add_ct(200, hostname="jellyfin", dev=["/dev/dri/renderD129,gid=104"], running=True)
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["pct", "shutdown", "200"]]
+    assert node.running_guests() == {200}
+    assert node.driver("0000:02:00.0") == "nvidia"  # given back before the CT started
+    assert_clean(node)
+
+
+def test_mapping_taken_twice_with_the_first_gpu_reserved(tmp_path: Path) -> None:
+    """hostpci0 takes the free 02:00.0, so hostpci1 can only have 01:00.0, which VM 106 holds."""
+    node = two_gpu_node(tmp_path)
+    node.add_vm(106, hostpci=["01:00"], running=True)
+    node.add_vm(120, hostpci=["mapping=gpu", "mapping=gpu"])
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["qm", "shutdown", "106"]]
+    assert node.running_guests() == {106}
+    assert_clean(node)
+
+
 # --- kinds of holders ---------------------------------------------------------------------
 
 

@@ -886,7 +886,8 @@ class Pve:
         timeout: int | None = None,
         pid: int | None = None,
     ) -> None:
-        """reserve_pci_usage: all or nothing, first conflict dies with PVE's message."""
+        """reserve_pci_usage (qemu-server src/PVE/QemuServer/PCI.pm): all or nothing, the
+        first conflict dies with PVE's message; the file is written once, at the end."""
         if not ids:
             return
         with self.reservation_lock():
@@ -906,6 +907,16 @@ class Pve:
                                 f"PCI device '{pci_id}' already in use by VMID '{r['vmid']}'"
                             )
                         out.warn(f"leftover PCI reservation found for {pci_id}, lets take it...")
+                elif r and "time" in r and timeout is not None:
+                    # the same VM: the longer timeout wins (and stays for the ids after it)
+                    timeout = max(timeout, r["time"] - 5 - now)
+                elif r and "pid" in r and self.vm_pid(vmid) == r["pid"]:
+                    if pid is not None:
+                        raise PveError(
+                            f"PCI device '{pci_id}' already in use by running VMID '{vmid}'"
+                        )
+                    if timeout is not None:
+                        return  # a running VM's own ids (qm showcmd): nothing is written
                 res[pci_id] = {"vmid": vmid}
                 if pid is not None:
                     res[pci_id]["pid"] = pid
@@ -1232,7 +1243,11 @@ class Pve:
         return devices
 
     def choose_hostpci(self, vmid: int, devices: list[Hostpci], out: Out) -> None:
-        """choose_hostpci_devices: mapped alternatives -> the first one not in use."""
+        """choose_hostpci_devices (qemu-server src/PVE/QemuServer/PCI.pm), in hostpci order: a
+        classic mdev takes the first function of each alternative and marks nothing used; one
+        alternative is taken unchecked and marks its functions used (twice: "assigned more than
+        once"); of several, the first that shares no function with an earlier hostpciN of this
+        VM ($used) and that reserve_pci_usage accepts for 10 s."""
         used: set[str] = set()
 
         def add_used(ids: list[str]) -> None:
@@ -1253,7 +1268,7 @@ class Pve:
                 if any(i in used for i in alt):
                     continue
                 try:
-                    self.reserve(alt, vmid, Out(), timeout=10)
+                    self.reserve(alt, vmid, out, timeout=10)
                 except PveError:
                     continue
                 add_used(alt)
