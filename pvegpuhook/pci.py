@@ -202,6 +202,18 @@ class Sysfs:
         return seen
 
 
+def gpu_node_major(node: str) -> int | None:
+    """The major of the GPU device nodes a path names, by name: 195 for ``/dev/nvidia<N>``, 226
+    for ``/dev/dri`` and what is in it (``card*``, ``renderD*``, ``by-path``); None for other
+    nodes (``/dev/nvidiactl``, ``/dev/nvidia-uvm``: no GPU of their own)."""
+    node = node.strip()
+    if node.rstrip("/") == "/dev/dri" or node.startswith("/dev/dri/"):
+        return DRM_MAJOR
+    if node.startswith("/dev/nvidia") and is_number(node[len("/dev/nvidia") :]):
+        return NVIDIA_MAJOR
+    return None
+
+
 def unit_order(unit: str) -> tuple[str, int, str]:
     """Sort key of a unit (``group:9`` before ``group:14``)."""
     kind, _, value = unit.partition(":")

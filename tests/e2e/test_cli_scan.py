@@ -174,6 +174,42 @@ def test_unclaimed_display_device_listed_and_ct_shared(tmp_path, monkeypatch, ca
     assert "CT 200 (plex)" in out  # held by
 
 
+RECIPE = (
+    "lxc.cgroup2.devices.allow: c 195:* rwm\n"
+    "lxc.mount.entry: /dev/nvidia0 dev/nvidia0 none bind,optional,create=file\n"
+    "lxc.mount.entry: /dev/nvidiactl dev/nvidiactl none bind,optional,create=file\n"
+)
+
+
+def two_gpus(root: Path) -> FakeNode:
+    node = FakeNode(root)
+    node.add_gpu("0000:01:00", group=14, nvidia_minor=0, drm=("renderD128",))
+    node.add_gpu("0000:02:00", group=15, nvidia_minor=1, drm=("renderD129",))
+    return node
+
+
+def test_ct_with_the_wildcard_recipe_is_shown_under_its_gpu_only(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """``c 195:* rwm`` only allows the nodes; the mounted /dev/nvidia0 is the CT's use."""
+    node = two_gpus(tmp_path)
+    node.add_ct(200, RECIPE, hostname="plex", running=True, onboot=True)
+    node.add_vm(102, hostpci=["02:00"], onboot=True)
+    data = scan_json(node, monkeypatch, capsys)
+    first, second = device(data, "0000:01:00"), device(data, "0000:02:00")
+    assert [(c["vmid"], c["source"]) for c in first["claims"]] == [
+        (200, "lxc.mount.entry (line 2)")
+    ]
+    assert first["held_by"] == [200]
+    assert [c["vmid"] for c in second["claims"]] == [102]
+    assert second["held_by"] == []
+    assert warnings_with(data, "onboot") == []
+    vm = scan_json(node, monkeypatch, capsys, "102")
+    assert vm["conflicts"] == [] and vm["would_stop"] == []
+    _, out, _ = scan(node, monkeypatch, capsys)
+    assert "CT 200" not in next(line for line in out.splitlines() if "0000:02:00" in line)
+
+
 # ---- warnings -----------------------------------------------------------------------------------
 
 

@@ -329,6 +329,37 @@ def test_container_holder_is_shut_down_and_started_again(tmp_path: Path) -> None
     assert node.running_guests() == {200, 201, 202}
 
 
+NVIDIA_RECIPE = """\
+lxc.cgroup2.devices.allow: c 195:* rwm
+lxc.cgroup2.devices.allow: c 508:* rwm
+lxc.mount.entry: /dev/nvidia0 dev/nvidia0 none bind,optional,create=file
+lxc.mount.entry: /dev/nvidiactl dev/nvidiactl none bind,optional,create=file
+lxc.mount.entry: /dev/nvidia-uvm dev/nvidia-uvm none bind,optional,create=file
+"""
+DRM_RECIPE = """\
+lxc.cgroup2.devices.allow = c 226:* rwm
+lxc.mount.entry = /dev/dri/renderD128 dev/dri/renderD128 none bind,optional,create=file
+"""
+
+
+@pytest.mark.parametrize("recipe", [NVIDIA_RECIPE, DRM_RECIPE], ids=["nvidia", "dri"])
+def test_wildcard_cgroup_rule_is_no_use_of_the_other_gpu(tmp_path: Path, recipe: str) -> None:
+    """The common recipe: a rule that allows every GPU, and one GPU mounted. The CT uses that
+    one; a backup that needs the other GPU leaves it alone, one that needs its own stops it."""
+    node = two_gpu_node(tmp_path)
+    node.add_ct(200, recipe, hostname="plex", running=True)
+    node.add_vm(120, hostpci=["02:00,pcie=1"])
+    node.add_vm(121, hostpci=["01:00,pcie=1"])
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert commands(node) == []
+    job = run_job(node, [121])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["pct", "shutdown", "200"]]
+    assert node.running_guests() == {200}
+    assert_clean(node)
+
+
 def test_containers_do_not_free_for_each_other(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     node.stop(104)

@@ -483,6 +483,25 @@ def two_gpus(node: FakeNode) -> None:
         ("lxc.cgroup2.devices.allow: c 226:1 rwm", {"0000:02:00.0"}),
         ("lxc.cgroup2.devices.allow: c 195:255 rwm", set()),  # nvidiactl is no GPU
         ("lxc.mount.entry: /dev/nvidia-uvm dev/nvidia-uvm none bind,optional,create=file", set()),
+        # a wildcard rule permits the nodes the CT is given: they are what it holds
+        (
+            "lxc.cgroup2.devices.allow: c 195:* rwm\n"
+            "lxc.mount.entry: /dev/nvidia1 dev/nvidia1 none bind,optional,create=file",
+            {"0000:02:00.0"},
+        ),
+        (
+            "lxc.cgroup2.devices.allow = c 226:* rwm\ndev0: /dev/dri/renderD128",
+            {"0000:01:00.0"},
+        ),
+        (
+            "lxc.cgroup2.devices.allow: c 195:* rwm\ndev0: /dev/dri/renderD128",
+            {"0000:01:00.0", "0000:02:00.0"},
+        ),
+        (
+            "lxc.cgroup2.devices.allow: c 195:* rwm\n"
+            "lxc.mount.entry: /dev/nvidiactl dev/nvidiactl none bind,optional,create=file",
+            {"0000:01:00.0", "0000:02:00.0"},
+        ),
     ],
 )
 def test_ct_device_nodes_resolve_to_pci(node: FakeNode, line: str, expected: set[str]) -> None:
@@ -496,6 +515,20 @@ def test_ct_gpu_blocks_vm_through_cgroup_rule(node: FakeNode) -> None:
     node.add_vm(102, hostpci=["02:00.0"])
     res = cmd(node, "qm", "start", 102)
     assert "failed to setup container for group 15" in res.stderr
+
+
+def test_ct_with_the_wildcard_recipe_blocks_only_its_own_gpu(node: FakeNode) -> None:
+    two_gpus(node)
+    recipe = (
+        "lxc.cgroup2.devices.allow: c 195:* rwm\n"
+        "lxc.mount.entry: /dev/nvidia0 dev/nvidia0 none bind,optional,create=file\n"
+    )
+    node.add_ct(201, recipe, running=True)
+    node.add_vm(102, hostpci=["02:00.0"])
+    node.add_vm(103, hostpci=["01:00.0"])
+    assert cmd(node, "qm", "start", 102).returncode == 0
+    res = cmd(node, "qm", "start", 103)
+    assert "failed to setup container for group 14" in res.stderr
 
 
 def test_pct_commands(node: FakeNode) -> None:

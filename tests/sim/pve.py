@@ -833,18 +833,46 @@ class Pve:
             return self.dev_path_addrs(f"/dev/dri/card{n}" if n < 128 else f"/dev/dri/renderD{n}")
         return set()
 
+    @staticmethod
+    def gpu_node_major(path: str) -> int | None:
+        """The major of the GPU nodes a path names: /dev/nvidia<N>, or /dev/dri and its nodes."""
+        path = path.strip()
+        if re.fullmatch(r"/dev/nvidia\d+", path):
+            return NVIDIA_MAJOR
+        if path.rstrip("/") == "/dev/dri" or path.startswith("/dev/dri/"):
+            return DRM_MAJOR
+        return None
+
     def ct_devices(self, cfg: Config) -> set[str]:
-        """PCI functions a CT reaches through the host driver (dev, mount entries, cgroup)."""
-        addrs: set[str] = set()
+        """PCI functions a running CT holds through the host driver.
+
+        PVE hands raw ``lxc.*`` lines to LXC unchanged and adds one ``devices.allow`` rule per
+        ``devN`` for that node (pve-container src/PVE/LXC.pm update_lxc_config); LXC bind-mounts
+        ``lxc.mount.entry`` sources. A process can only hold a GPU it has a device node for, so
+        the CT holds the GPUs behind the nodes it is given (``devN``, mount sources). A cgroup
+        rule only permits: a rule for one minor stands for the node a privileged CT can make
+        itself (mknod), and so does a wildcard rule (``c 195:*``, ``c 226:*``) for every GPU of
+        that major — but only in a CT given no GPU node of that major, where the rule is not
+        there to permit the nodes it was given.
+        """
+        nodes: list[str] = []
+        rules: list[str] = []
         for key, value in cfg.items:
             if re.fullmatch(r"dev\d+", key):
-                first = value.split(",")[0]
-                addrs |= self.dev_path_addrs(first.removeprefix("path="))
+                nodes.append(value.split(",")[0].removeprefix("path="))
             elif key == "lxc.mount.entry":
-                src = value.split()[0] if value.split() else ""
-                addrs |= self.dev_path_addrs(src)
+                nodes.append(value.split()[0] if value.split() else "")
             elif key in ("lxc.cgroup2.devices.allow", "lxc.cgroup.devices.allow"):
-                addrs |= self.cgroup_rule_addrs(value)
+                rules.append(value)
+        given = {self.gpu_node_major(n) for n in nodes}
+        addrs: set[str] = set()
+        for node in nodes:
+            addrs |= self.dev_path_addrs(node)
+        for rule in rules:
+            m = re.match(r"^\s*c\s+(\d+):\*\s", rule + " ")
+            if m and int(m.group(1)) in given:
+                continue  # it permits the nodes the CT was given
+            addrs |= self.cgroup_rule_addrs(rule)
         return addrs
 
     # ---- PCI reservations (qemu-server's PCI.pm) ----------------------------------------------

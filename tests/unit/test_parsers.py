@@ -1001,6 +1001,105 @@ def test_ct_claims(host: Path, line: str, functions: list[str]) -> None:
     assert all(c.units == pci.Sysfs().units(c.address) for c in claims)
 
 
+NVIDIA_ALL = "lxc.cgroup2.devices.allow: c 195:* rwm"
+DRM_ALL = "lxc.cgroup2.devices.allow: c 226:* rwm"
+MOUNT = "lxc.mount.entry: {} dev/{} none bind,optional,create=file"
+
+
+@pytest.mark.parametrize(
+    ("lines", "used"),
+    [
+        # the common recipe: the wildcard allows, the mounted or passed node is the use
+        ([NVIDIA_ALL, MOUNT.format("/dev/nvidia0", "nvidia0")], {ADDR0: [3]}),
+        ([MOUNT.format("/dev/nvidia1", "nvidia1"), NVIDIA_ALL], {ADDR1: [2]}),
+        ([NVIDIA_ALL, "dev0: /dev/nvidia1,gid=44"], {ADDR1: [3]}),
+        ([DRM_ALL, "dev0: /dev/dri/renderD128,gid=104"], {ADDR0: [3]}),
+        ([DRM_ALL, "dev0: /dev/dri/card1"], {ADDR1: [3]}),
+        (
+            [DRM_ALL, MOUNT.format("/dev/dri/by-path/pci-0000:04:00.0-render", "dri/renderD129")],
+            {ADDR1: [3]},
+        ),
+        # the /dev/dri directory names every DRM node
+        ([DRM_ALL, MOUNT.format("/dev/dri", "dri")], {ADDR0: [3], ADDR1: [3]}),
+        # the "key = value" form of raw LXC keys
+        (
+            [
+                "lxc.cgroup2.devices.allow = c 195:* rwm",
+                "lxc.mount.entry = /dev/nvidia1 dev/nvidia1 none bind,optional,create=file",
+            ],
+            {ADDR1: [3]},
+        ),
+        # no GPU node of that major named: the CT may make its own, so it may use them all
+        ([NVIDIA_ALL], {ADDR0: [2], ADDR1: [2]}),
+        (
+            [
+                NVIDIA_ALL,
+                MOUNT.format("/dev/nvidiactl", "nvidiactl"),
+                MOUNT.format("/dev/nvidia-uvm", "nvidia-uvm"),
+            ],
+            {ADDR0: [2], ADDR1: [2]},
+        ),
+        ([NVIDIA_ALL, "dev0: /dev/dri/renderD128"], {ADDR0: [2, 3], ADDR1: [2]}),
+        ([DRM_ALL, "dev0: /dev/nvidia1"], {ADDR0: [2], ADDR1: [2, 3]}),
+        # a node of that major that this host lacks still says which GPU the CT wants
+        ([NVIDIA_ALL, "dev0: /dev/nvidia7"], {}),
+        # a rule for one minor names that one GPU, wildcard or not
+        (
+            [
+                NVIDIA_ALL,
+                "lxc.cgroup2.devices.allow: c 195:1 rwm",
+                MOUNT.format("/dev/nvidia0", "x"),
+            ],
+            {ADDR0: [4], ADDR1: [3]},
+        ),
+        (
+            ["lxc.cgroup2.devices.allow: c 195:1 rwm", "dev0: /dev/nvidia0"],
+            {ADDR0: [3], ADDR1: [2]},
+        ),
+        ([NVIDIA_ALL, DRM_ALL, "dev0: /dev/dri/renderD129"], {ADDR0: [2], ADDR1: [2, 4]}),
+    ],
+)
+def test_ct_claims_wildcard_rule_is_a_permission(
+    host: Path, lines: list[str], used: dict[str, list[int]]
+) -> None:
+    reader = ClaimReader(pci.Sysfs(), "pve1")
+    config = parse_guest_config("arch: amd64\n" + "\n".join(lines) + "\n", CT_CONF)
+    found: dict[str, list[int]] = {}
+    for claim in reader.ct_claims(config):
+        found.setdefault(claim.address, []).append(int(claim.source.split("line ")[1][:-1]))
+    assert found == used
+
+
+def test_ct_claims_wildcard_rule_with_a_node_in_pending(host: Path) -> None:
+    text = f"{NVIDIA_ALL}\n[pve:pending]\ndev0: /dev/nvidia1\n"
+    reader = ClaimReader(pci.Sysfs(), "pve1")
+    config = parse_guest_config(text, CT_CONF)
+    assert sorted(c.address for c in reader.ct_claims(config)) == [ADDR0, ADDR1]
+    assert [c.address for c in reader.ct_claims(config, with_pending=True)] == [ADDR1]
+
+
+@pytest.mark.parametrize(
+    ("node", "major"),
+    [
+        ("/dev/nvidia0", 195),
+        ("/dev/nvidia12", 195),
+        ("/dev/nvidiactl", None),
+        ("/dev/nvidia-uvm", None),
+        ("/dev/nvidia-caps/nvidia-cap1", None),
+        ("/dev/dri", 226),
+        ("/dev/dri/", 226),
+        ("/dev/dri/card0", 226),
+        ("/dev/dri/renderD128", 226),
+        ("/dev/dri/by-path/pci-0000:01:00.0-render", 226),
+        ("/dev/driver", None),
+        ("/dev/net/tun", None),
+        ("", None),
+    ],
+)
+def test_gpu_node_major(node: str, major: int | None) -> None:
+    assert pci.gpu_node_major(node) == major
+
+
 def test_ct_claims_pending(host: Path) -> None:
     text = "dev0: /dev/nvidia0\n[pve:pending]\ndev1: /dev/nvidia1\ndelete: dev0\n"
     reader = ClaimReader(pci.Sysfs(), "pve1")
