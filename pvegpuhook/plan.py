@@ -285,17 +285,21 @@ def _decide_restart_in_stop_mode(
     plan = plan_free(guest, needs, others, frozenset())  # its own reservations go at its shutdown
     held = [c.address for c in own.claims] if own is not None else []
     decision = BackupDecision(guest, "stop", Verdict.NOTHING, "running: vzdump restarts it")
+    had: list[str] = []  # what earlier needs had: two lines on one pool had two alternatives
     for need, pick in zip(needs, plan.picks, strict=True):
-        if pick is None or len(need.alternatives) < 2:
-            continue
         mine = next(
             (
                 i
                 for i, alternative in enumerate(need.alternatives)
-                if any(same_function(c.address, a) for c in alternative for a in held)
+                if not _taken(alternative, had)
+                and any(same_function(c.address, a) for c in alternative for a in held)
             ),
             None,
         )
+        if mine is not None:
+            had.extend(c.address for c in need.alternatives[mine])
+        if pick is None or len(need.alternatives) < 2:
+            continue
         if mine is None or pick == mine:
             continue
         taken = [c.address for c in need.alternatives[pick]]

@@ -275,6 +275,17 @@ def test_mapping_taken_twice_frees_the_second_gpu_too(tmp_path: Path) -> None:
     assert_clean(node)
 
 
+def test_running_vm_with_a_mapping_taken_twice_in_stop_mode(tmp_path: Path) -> None:
+    """vzdump's restart of the VM gives each line the alternative it had: nothing moves."""
+    node = two_gpu_node(tmp_path)
+    node.add_vm(120, hostpci=["mapping=gpu", "mapping=gpu"], running=True)
+    held = sorted(a for a, r in node.reservations().items() if r["vmid"] == 120)
+    job = run_job(node, [120], "stop")
+    assert job.ok, job.log
+    assert hook_lines(job) == []
+    assert sorted(a for a, r in node.reservations().items() if r["vmid"] == 120) == held
+
+
 def test_mapping_taken_twice_with_the_first_gpu_reserved(tmp_path: Path) -> None:
     """hostpci0 takes the free 02:00.0, so hostpci1 can only have 01:00.0, which VM 106 holds."""
     node = two_gpu_node(tmp_path)

@@ -456,6 +456,22 @@ def test_decide_backup(
 # ---- plan_restart ------------------------------------------------------------------------------
 
 
+def test_running_vm_with_a_mapping_twice_keeps_both_devices_in_stop_mode() -> None:
+    """vzdump's restart gives hostpci1 the alternative hostpci0 does not take (PVE's $used):
+    each line gets back the device it had, and nothing moves."""
+    needs = [need([GPU], [GPU2], mapping="m"), need([GPU], [GPU2], mapping="m")]
+    decision = decide_backup(
+        guest(120),
+        job_mode="stop",
+        running=True,
+        needs=needs,
+        holders=[holder(120, RESERVED_GPU, RESERVED_GPU2)],
+        protect=NONE,
+    )
+    assert decision.verdict == Verdict.NOTHING
+    assert decision.moves == [] and decision.restart_first == []
+
+
 def test_restart_order_mapped_last_then_startup_order_then_vmid() -> None:
     steps = plan_restart(
         [110, 104, 105, 103, 120],
