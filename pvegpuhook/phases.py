@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from pvegpuhook import act, paths, runtime
+from pvegpuhook import act, metrics, paths, runtime
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import ConfigError, StateError
 from pvegpuhook.inventory import Inventory
@@ -112,6 +112,7 @@ def free_for_backup(log: Log, vmid: int, mode: str, text: str) -> int:
             # they must reserve their devices again before vzdump restarts this VM, or PVE
             # gives it theirs (the first free device of the mapping)
             restart(store, settings, log, lambda r: r.vmid in decision.restart_first)
+            metrics.update(log, store, settings)
             decision = decide(settings.protect)
             if decision.verdict == Verdict.RESTART_FIRST:
                 names = ", ".join(f"VM {v}" for v in decision.restart_first)
@@ -220,6 +221,7 @@ def _stop_holders(
         )
         crash_point("before-record")
         store.add(record)  # before the guest is touched: a crash leaves the record
+        metrics.update(log, store, settings)  # and a metrics file that says it waits
         crash_point("after-record")
         if ha_state is not None and not _take_from_ha(log, store, record, stop.address):
             return 1
@@ -302,6 +304,7 @@ def restart_after_backup(log: Log, vmid: int) -> int:
         return 0
     with store.hold(lock_timeout(settings), f"log-end of VM {vmid}"):
         restart(store, settings, log, lambda r: r.for_vmid == vmid)
+        metrics.update(log, store, settings)
     return 0  # a failed start keeps its record; job-end retries it and fails the job
 
 
@@ -340,9 +343,11 @@ def restart_leftovers(log: Log) -> int:
             log.file("job-end of this job already ran; nothing more to do")
             return 0
         report = restart(store, settings, log, lambda r: True)
-        tally = store.end_job(job_key, log.phase, time.time())
+        ended = time.time()
+        tally = store.end_job(job_key, log.phase, ended)
+        metrics.update(log, store, settings, metrics.LastJob.at_end(ended, report.ok, tally))
     if tally is not None:
-        log.say(tally.summary(time.time()))  # the notification's copy of the night
+        log.say(tally.summary(ended))  # the notification's copy of the night
     if report.watching:
         _watch(log, [r for r, _ in report.watching], settings)
     if report.ok:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from pvegpuhook import act, runtime
+from pvegpuhook import act, metrics, runtime
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import StateError
 from pvegpuhook.inventory import Inventory, load_guest
@@ -296,6 +296,7 @@ def watch(store: StateStore, settings: Settings, log: Log, seconds: float) -> Re
 
             with store.hold(settings.start_timeout + act.GRACE, "recover --watch"):
                 report = restart(store, settings, log, select)
+                metrics.update(log, store, settings)
             final.started += report.started
             final.dropped += report.dropped
             final.kept += report.kept

@@ -17,6 +17,8 @@ from pvegpuhook.vmid import is_vmid
 
 RESTART_POLICIES = ("after-guest", "after-job")
 SECONDS = "a whole number of seconds (1-86400)"
+# the directory Debian's prometheus-node-exporter reads with its textfile collector
+METRICS_FILE = "/var/lib/prometheus/node-exporter/pve-gpu-hook.prom"
 
 
 class Option:
@@ -109,6 +111,21 @@ OPTIONS: tuple[Option, ...] = (
         "guest still recorded is started at the end of the job. Before version 0.2 this key "
         "was called ``restore``; that name is still read (``pve-gpu-hook status`` notes it).",
     ),
+    Option(
+        "metrics_file",
+        "an absolute path ending in .prom, or false",
+        METRICS_FILE,
+        "The metrics file for node_exporter's textfile collector, written only when its "
+        "directory exists; false: none.",
+        "Where the hook and the command write their metrics for Prometheus' node_exporter "
+        "(its textfile collector reads every ``*.prom`` file of its directory) or any other "
+        "monitoring that reads files: guests waiting to be started again, a damaged state file, "
+        "the registration, the last job's result; see ``pve-gpu-hook(8)``, METRICS. The file "
+        "is written only when its directory exists, so installing ``prometheus-node-exporter`` "
+        "is all it takes, and it is readable by every user (mode 0644). ``false`` (or ``off``, "
+        "or no value) writes none.",
+        example="for example: metrics_file: false",
+    ),
 )
 SCHEMA: dict[str, Option] = {option.name: option for option in OPTIONS}
 # old names still read from upgraded hosts: old → new
@@ -123,6 +140,7 @@ class Settings:
         "shutdown_watch",
         "protect",
         "restart",
+        "metrics_file",
         "source",
         "notes",
     )
@@ -134,6 +152,7 @@ class Settings:
         self.shutdown_watch = 1800
         self.protect: frozenset[int] = frozenset()
         self.restart = "after-guest"
+        self.metrics_file: str | None = METRICS_FILE  # None: no metrics file
         self.source: str | None = None  # the file the values came from, None for defaults
         self.notes: list[str] = []  # e.g. an old key name that was read
 
@@ -145,6 +164,7 @@ class Settings:
             "shutdown_watch": self.shutdown_watch,
             "protect": sorted(self.protect),
             "restart": self.restart,
+            "metrics_file": self.metrics_file or False,
         }
 
 
@@ -302,3 +322,17 @@ def _apply(settings: Settings, key: str, value: object, path: str, line: int) ->
         if value not in RESTART_POLICIES:
             raise wrong()
         settings.restart = str(value)
+    elif key == "metrics_file":
+        if value is None or value is False or value == "":  # no value, "", false, off, no
+            settings.metrics_file = None
+        elif not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+            raise wrong()
+        elif not value.endswith(".prom"):
+            # node_exporter reads nothing else: a file it never reads would say all is fine
+            raise ConfigError(
+                path,
+                line,
+                f"{key}: {value!r} must end in .prom (node_exporter reads only those files)",
+            )
+        else:
+            settings.metrics_file = value

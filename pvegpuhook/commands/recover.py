@@ -47,7 +47,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pvegpuhook import completion, paths, runtime
+from pvegpuhook import completion, metrics, paths, runtime
 from pvegpuhook.commands import seconds_arg, vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, GpuHookError, NotPermitted
 from pvegpuhook.log import Log, clean, not_started_again, read_tail
@@ -165,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         with store.hold(args.wait, "recover"):
             rows = _recover(store, settings, args, wanted, dry_run=False)
+            metrics.update(Log("recover", echo=False), store, settings)
     damaged = _damage(store, damage)
     data = {
         "dry_run": bool(args.dry_run),

@@ -1,14 +1,14 @@
 """``pve-gpu-hook status``: is the hook in place, and does anything need the admin?
 
-Reads only — no lock, no write — so it is safe from monitoring while a backup runs. Exit status 0
-when all is fine, 1 when something needs the admin (each reason is one entry of ``attention``):
-``/etc/vzdump.conf`` missing or not naming the hook, another hook active without chaining, our
-hook file missing, a backup job that bypasses the hook, an invalid override file or one that
-protects a guest this node does not have, guests waiting to be started again, a damaged state
-file (or one kept aside), a state file or log that cannot be read, a chained hook failing its
-checks, or ERROR lines in the last job. A damaged state file is also said once on stderr. Run as
-another user than root it cannot see the state and the guests: it says so in one line and exits
-2, and answers nothing.
+Reads only — no lock, no write — so it is safe from monitoring while a backup runs; ``--quiet``
+prints nothing, for checks that look at the exit status alone. Exit status 0 when all is fine, 1
+when something needs the admin (each reason is one entry of ``attention``): ``/etc/vzdump.conf``
+missing or not naming the hook, another hook active without chaining, our hook file missing, a
+backup job that bypasses the hook, an invalid override file or one that protects a guest this node
+does not have, guests waiting to be started again, a damaged state file (or one kept aside), a state
+file or log that cannot be read, a chained hook failing its checks, or ERROR lines in the last job.
+A damaged state file is also said once on stderr. Run as another user than root it cannot see the
+state and the guests: it says so in one line and exits 2, and answers nothing.
 
 Text: sections of ``Key: value`` lines as ``pvecm status`` prints them (times as PVE prints
 them, local ``YYYY-MM-DD HH:MM:SS``), the waiting guests as a table, then the reasons for exit
@@ -29,8 +29,10 @@ JSON/YAML shape (``--output-format json``; keys are stable)::
      "override": {"path": "/etc/pve-gpu-hook/config.yaml", "exists": true, "valid": true,
                   "error": null,         # "file:line: message" when invalid
                   "values": {"shutdown_timeout": 180, "force_stop": false,
-                             "start_timeout": 120, "protect": [], "restart": "after-guest"},
-                                         # values: the ones in force; null when invalid
+                             "start_timeout": 120, "protect": [], "restart": "after-guest",
+                             "metrics_file": "/var/lib/.../pve-gpu-hook.prom"},
+                                         # values: the ones in force; null when invalid;
+                                         # metrics_file: false when turned off
                   "unknown_protect": []},  # protected VMIDs that are no guest of this node
      "waiting": [{"vmid": 104, "type": "qemu", "name": "gpu-desktop", "status": "stopped",
                   "since": "2024-05-01T21:03:10+02:00", "for_vmid": 102, "note": null}],
@@ -94,6 +96,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="also list every action of the last job"
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print nothing: the exit status alone says whether something needs attention "
+        "(for Nagios, Zabbix or CheckMK style checks)",
     )
     add_output_options(parser)
     parser.set_defaults(run=run)
@@ -567,6 +576,8 @@ def run(args: argparse.Namespace) -> int:
     attention = data["attention"]
     assert isinstance(attention, list) and isinstance(damage, list)
     code = EXIT_ATTENTION if attention else EXIT_OK
+    if args.quiet:  # the exit status alone, also for a damaged state
+        return code
     for line in damage:  # said once, where an admin's terminal and a cron mail see it
         print(f"pve-gpu-hook: warning: {log.clean(line)}", file=sys.stderr)
     given = data["notes"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pvegpuhook import registration
+from pvegpuhook import metrics, registration
 from pvegpuhook.commands import seconds_arg
 from pvegpuhook.commands.register import print_report
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, GpuHookError, NotPermitted
@@ -52,7 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.check_waiting:
         return check_waiting()
-    return print_report(registration.unregister(wait=args.wait))
+    code = print_report(registration.unregister(wait=args.wait))
+    metrics.refresh("unregister", args.wait)  # the registration is one of the metrics
+    return code
 
 
 def check_waiting() -> int:

@@ -151,11 +151,30 @@ def test_all_fine(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "shutdown_watch": 1800,
             "protect": [],
             "restart": "after-guest",
+            "metrics_file": "/var/lib/prometheus/node-exporter/pve-gpu-hook.prom",
         },
         "unknown_protect": [],
     }
     assert data["state_error"] is None and data["not_started_again"] == []
     assert data["night"] is None
+
+
+def test_quiet_answers_by_exit_status_alone(root: Path, capsys) -> None:
+    """For Nagios/Zabbix/CheckMK style checks: nothing printed, 0 or 1 as status says."""
+    assert run_main(capsys, "status", "--quiet") == (0, "", "")
+    add_record()
+    assert run_main(capsys, "status", "-q") == (1, "", "")
+    assert status(capsys)[0] == 1  # the same answer as the full view
+
+
+def test_metrics_file_turned_off_is_shown(root: Path, capsys) -> None:
+    (root / "etc/pve-gpu-hook").mkdir()
+    (root / "etc/pve-gpu-hook/config.yaml").write_text("metrics_file: off\n")
+    code, data = status(capsys)
+    assert code == 0
+    assert data["override"]["values"]["metrics_file"] is False
+    code, text = status_text(capsys)
+    assert "metrics_file=no" in text
 
 
 def test_override_values_in_force(root: Path, capsys) -> None:

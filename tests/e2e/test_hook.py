@@ -150,6 +150,31 @@ def test_every_id_form_frees_the_gpu(tmp_path: Path, target: str) -> None:
     assert commands(node, "shutdown")
 
 
+def test_pci_domain_of_more_than_four_digits(tmp_path: Path) -> None:
+    """A VMD domain: PVE takes ids with a domain of 4 or more hex digits, so must the hook."""
+    node = FakeNode(tmp_path)
+    node.write_override(FAST)
+    node.add_gpu("10000:e1:00", group=40, functions=("0", "1"))
+    node.add_gpu("10000:e2:00", group=41, functions=("0",))
+    node.set_mapping(
+        "vmd\n"
+        "\tmap node=pve1,path=10000:e1:00.0,id=10de:2204,iommugroup=40\n"
+        "\tmap node=pve1,path=10000:e2:00.0,id=10de:2204,iommugroup=41\n"
+    )
+    node.add_vm(104, hostpci=["10000:e1:00.0,pcie=1"], running=True)
+    node.add_vm(105, hostpci=["mapping=vmd"], running=True)  # gets e2:00.0
+    node.add_vm(120, hostpci=["10000:e1:00,pcie=1"])
+    node.add_vm(121, hostpci=["mapping=vmd"])
+    job = run_job(node, [120, 121])
+    assert job.ok, job.log
+    assert sorted(c[:3] for c in commands(node, "shutdown")) == [
+        ["qm", "shutdown", "104"],
+        ["qm", "shutdown", "104"],  # the first of the mapping's reserved alternatives
+    ]
+    assert node.running_guests() == {104, 105}
+    assert_clean(node)
+
+
 def test_iommu_sibling_device_is_freed(tmp_path: Path) -> None:
     """A different device in the same IOMMU group: PVE does not check, QEMU fails cryptically."""
     node = seed_node(tmp_path)
@@ -258,6 +283,52 @@ def test_mapping_held_alternative_of_a_running_mapped_vm(tmp_path: Path) -> None
     assert [c[:3] for c in commands(node, "shutdown")] == [["qm", "shutdown", "106"]]
 
 
+def two_gpu_node(root: Path) -> FakeNode:
+    """GPUs 01:00 (group 14) and 02:00 (group 15), both in PCI mapping ``gpu``."""
+    node = FakeNode(root)
+    node.write_override(FAST)
+    node.add_gpu("0000:01:00", group=14, functions=("0", "1"), nvidia_minor=0, drm=("renderD128",))
+    node.add_gpu("0000:02:00", group=15, functions=("0", "1"), nvidia_minor=1, drm=("renderD129",))
+    node.set_mapping(MAPPING)
+    return node
+
+
+def test_mapping_taken_twice_frees_the_second_gpu_too(tmp_path: Path) -> None:
+    """PVE's choose_hostpci_devices gives hostpci1 the alternative hostpci0 did not take."""
+    node = two_gpu_node(tmp_path)
+    node.add_vm(120, name="render", hostpci=["mapping=gpu,pcie=1", "mapping=gpu,pcie=1"])
+    node.add_ct(200, hostname="jellyfin", dev=["/dev/dri/renderD129,gid=104"], running=True)
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["pct", "shutdown", "200"]]
+    assert node.running_guests() == {200}
+    assert node.driver("0000:02:00.0") == "nvidia"  # given back before the CT started
+    assert_clean(node)
+
+
+def test_running_vm_with_a_mapping_taken_twice_in_stop_mode(tmp_path: Path) -> None:
+    """vzdump's restart of the VM gives each line the alternative it had: nothing moves."""
+    node = two_gpu_node(tmp_path)
+    node.add_vm(120, hostpci=["mapping=gpu", "mapping=gpu"], running=True)
+    held = sorted(a for a, r in node.reservations().items() if r["vmid"] == 120)
+    job = run_job(node, [120], "stop")
+    assert job.ok, job.log
+    assert hook_lines(job) == []
+    assert sorted(a for a, r in node.reservations().items() if r["vmid"] == 120) == held
+
+
+def test_mapping_taken_twice_with_the_first_gpu_reserved(tmp_path: Path) -> None:
+    """hostpci0 takes the free 02:00.0, so hostpci1 can only have 01:00.0, which VM 106 holds."""
+    node = two_gpu_node(tmp_path)
+    node.add_vm(106, hostpci=["01:00"], running=True)
+    node.add_vm(120, hostpci=["mapping=gpu", "mapping=gpu"])
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["qm", "shutdown", "106"]]
+    assert node.running_guests() == {106}
+    assert_clean(node)
+
+
 # --- kinds of holders ---------------------------------------------------------------------
 
 
@@ -298,6 +369,37 @@ def test_container_holder_is_shut_down_and_started_again(tmp_path: Path) -> None
         ["pct", "shutdown", "201"],
     ]
     assert node.running_guests() == {200, 201, 202}
+
+
+NVIDIA_RECIPE = """\
+lxc.cgroup2.devices.allow: c 195:* rwm
+lxc.cgroup2.devices.allow: c 508:* rwm
+lxc.mount.entry: /dev/nvidia0 dev/nvidia0 none bind,optional,create=file
+lxc.mount.entry: /dev/nvidiactl dev/nvidiactl none bind,optional,create=file
+lxc.mount.entry: /dev/nvidia-uvm dev/nvidia-uvm none bind,optional,create=file
+"""
+DRM_RECIPE = """\
+lxc.cgroup2.devices.allow = c 226:* rwm
+lxc.mount.entry = /dev/dri/renderD128 dev/dri/renderD128 none bind,optional,create=file
+"""
+
+
+@pytest.mark.parametrize("recipe", [NVIDIA_RECIPE, DRM_RECIPE], ids=["nvidia", "dri"])
+def test_wildcard_cgroup_rule_is_no_use_of_the_other_gpu(tmp_path: Path, recipe: str) -> None:
+    """The common recipe: a rule that allows every GPU, and one GPU mounted. The CT uses that
+    one; a backup that needs the other GPU leaves it alone, one that needs its own stops it."""
+    node = two_gpu_node(tmp_path)
+    node.add_ct(200, recipe, hostname="plex", running=True)
+    node.add_vm(120, hostpci=["02:00,pcie=1"])
+    node.add_vm(121, hostpci=["01:00,pcie=1"])
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert commands(node) == []
+    job = run_job(node, [121])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["pct", "shutdown", "200"]]
+    assert node.running_guests() == {200}
+    assert_clean(node)
 
 
 def test_containers_do_not_free_for_each_other(tmp_path: Path) -> None:
@@ -458,6 +560,32 @@ def test_crash_then_recover(tmp_path: Path) -> None:
     assert again.returncode == 0
     assert "nothing to recover" in again.stdout
     assert len(commands(node, "start")) == 1
+
+
+def test_running_ct_without_a_cgroup_dir(tmp_path: Path) -> None:
+    """A host without /sys/fs/cgroup/lxc/<vmid>: PVE sees a running CT by its command socket in
+    /proc/net/unix (pve-container check_running), and so must the hook, dry-run and recover."""
+    node = FakeNode(tmp_path, ct_cgroup=False)
+    node.write_override(FAST)
+    node.add_gpu("0000:01:00", group=14, functions=("0", "1"), nvidia_minor=0, drm=("renderD128",))
+    node.add_ct(200, hostname="plex", dev=["/dev/dri/renderD128,gid=104"], running=True)
+    node.add_vm(102, hostpci=["01:00,pcie=1"])
+    forecast = cli(node, "dry-run", "102", "--output-format", "json")
+    assert '"stops": [{"address": "0000:01:00.0", "vmid": 200}]' in forecast.stdout
+    job = run_job(node, [102])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["pct", "shutdown", "200"]]
+    assert node.running_guests() == {200}
+    assert_clean(node)
+    # killed mid-job; the admin starts the CT by hand; recover sees it runs
+    job = run_job(node, [102], crash_after=("backup-start", 102))
+    assert [r["vmid"] for r in records(node)] == [200]
+    node.stop(102)
+    node.start(200)
+    result = cli(node, "recover")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert records(node) == []
+    assert len(commands(node, "start")) == 1  # the hook's own restart after the first job
 
 
 def test_recover_reports_a_conflict_instead_of_stopping_anyone(tmp_path: Path) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -481,6 +483,25 @@ def two_gpus(node: FakeNode) -> None:
         ("lxc.cgroup2.devices.allow: c 226:1 rwm", {"0000:02:00.0"}),
         ("lxc.cgroup2.devices.allow: c 195:255 rwm", set()),  # nvidiactl is no GPU
         ("lxc.mount.entry: /dev/nvidia-uvm dev/nvidia-uvm none bind,optional,create=file", set()),
+        # a wildcard rule permits the nodes the CT is given: they are what it holds
+        (
+            "lxc.cgroup2.devices.allow: c 195:* rwm\n"
+            "lxc.mount.entry: /dev/nvidia1 dev/nvidia1 none bind,optional,create=file",
+            {"0000:02:00.0"},
+        ),
+        (
+            "lxc.cgroup2.devices.allow = c 226:* rwm\ndev0: /dev/dri/renderD128",
+            {"0000:01:00.0"},
+        ),
+        (
+            "lxc.cgroup2.devices.allow: c 195:* rwm\ndev0: /dev/dri/renderD128",
+            {"0000:01:00.0", "0000:02:00.0"},
+        ),
+        (
+            "lxc.cgroup2.devices.allow: c 195:* rwm\n"
+            "lxc.mount.entry: /dev/nvidiactl dev/nvidiactl none bind,optional,create=file",
+            {"0000:01:00.0", "0000:02:00.0"},
+        ),
     ],
 )
 def test_ct_device_nodes_resolve_to_pci(node: FakeNode, line: str, expected: set[str]) -> None:
@@ -496,6 +517,20 @@ def test_ct_gpu_blocks_vm_through_cgroup_rule(node: FakeNode) -> None:
     assert "failed to setup container for group 15" in res.stderr
 
 
+def test_ct_with_the_wildcard_recipe_blocks_only_its_own_gpu(node: FakeNode) -> None:
+    two_gpus(node)
+    recipe = (
+        "lxc.cgroup2.devices.allow: c 195:* rwm\n"
+        "lxc.mount.entry: /dev/nvidia0 dev/nvidia0 none bind,optional,create=file\n"
+    )
+    node.add_ct(201, recipe, running=True)
+    node.add_vm(102, hostpci=["02:00.0"])
+    node.add_vm(103, hostpci=["01:00.0"])
+    assert cmd(node, "qm", "start", 102).returncode == 0
+    res = cmd(node, "qm", "start", 103)
+    assert "failed to setup container for group 14" in res.stderr
+
+
 def test_pct_commands(node: FakeNode) -> None:
     node.add_ct(200, hostname="plex")
     r = node.root
@@ -504,6 +539,7 @@ def test_pct_commands(node: FakeNode) -> None:
     assert (res.returncode, res.stderr) == (255, "CT 200 not running\n")
     assert cmd(node, "pct", "start", 200).returncode == 0
     assert (r / "sys/fs/cgroup/lxc/200").is_dir()
+    assert command_sockets(node) == ["200"]
     assert cmd(node, "pct", "status", 200).stdout == "status: running\n"
     assert cmd(node, "pct", "start", 200).stderr == "CT 200 already running\n"
     node.set_fault(200, ignore_shutdown=True)
@@ -513,6 +549,7 @@ def test_pct_commands(node: FakeNode) -> None:
     res = cmd(node, "pct", "shutdown", 200, "--timeout", 1, "--forceStop", 1)
     assert res.returncode == 0 and "shutdown failed - forcing stop now" in res.stderr
     assert not (r / "sys/fs/cgroup/lxc/200").exists()
+    assert command_sockets(node) == []
     node.add_ct(9001, template=True)
     assert cmd(node, "pct", "start", 9001).stderr == "you can't start a CT if it's a template\n"
     node.add_ct(202, "lock: backup\n")
@@ -522,6 +559,42 @@ def test_pct_commands(node: FakeNode) -> None:
     assert cmd(node, "pct", "start", 200).stdout == "Requesting HA start for CT 200\n"
     node.wait_settled()
     assert node.is_running(200)
+
+
+def command_sockets(node: FakeNode) -> list[str]:
+    """VMIDs of the LXC command sockets in /proc/net/unix, read as PVE's check_running does."""
+    found = []
+    for line in (node.root / "proc/net/unix").read_text().splitlines():
+        m = re.match(r"^[a-f0-9]+:\s+\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+\d+\s+(\S+)$", line)
+        if m and (path := re.match(r"^@/var/lib/lxc/(\d+)/command$", m.group(1))):
+            found.append(path.group(1))
+    return found
+
+
+def test_running_ct_has_a_command_socket_in_the_kernel_format(tmp_path: Path) -> None:
+    """pve-container's check_running reads /proc/net/unix; the cgroup dir is only on some hosts."""
+    node = FakeNode(tmp_path, ct_cgroup=False)
+    lines = (node.root / "proc/net/unix").read_text().splitlines()
+    assert lines[0] == "Num       RefCount Protocol Flags    Type St Inode Path"
+    node.add_ct(200, running=True)
+    node.add_ct(201, running=True)
+    assert command_sockets(node) == ["200", "201"]
+    line = (node.root / "proc/net/unix").read_text().splitlines()[-2]
+    assert re.fullmatch(
+        r"0{16}: 00000002 00000000 00010000 0001 01 +\d+ @/var/lib/lxc/200/command", line
+    )
+    assert not (node.root / "sys/fs/cgroup/lxc").exists()
+    assert cmd(node, "pct", "status", 200).stdout == "status: running\n"
+    node.stop(200)
+    assert command_sockets(node) == ["201"]
+    assert node.running_guests() == {201}
+    reboot(node)
+    assert command_sockets(node) == []
+    assert (node.root / "proc/net/unix").read_text().startswith("Num ")
+    # the same root as a cgroup v2 host again
+    node = FakeNode(tmp_path)
+    node.start(200)
+    assert (node.root / "sys/fs/cgroup/lxc/200").is_dir() and command_sockets(node) == ["200"]
 
 
 # ---- reboot -----------------------------------------------------------------------------------
@@ -573,7 +646,7 @@ rec = {{
     "env": sorted(os.environ),
     "HOSTNAME": os.environ.get("HOSTNAME"),
     "VMTYPE": os.environ.get("VMTYPE"),
-    "cts": sorted(os.listdir(root / "sys/fs/cgroup/lxc")),
+    "cts": sorted(l.split("/")[-2] for l in open(root / "proc/net/unix") if "lxc/" in l),
     "vms": sorted(p[:-4] for p in os.listdir(root / "run/qemu-server") if p.endswith(".pid")),
 }}
 with open(root / "hook-record.jsonl", "a") as fh:

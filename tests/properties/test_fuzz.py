@@ -884,6 +884,9 @@ def check_settings(text: str) -> object:
     assert type(result.force_stop) is bool
     assert all(type(v) is int and 100 <= v <= 999999999 for v in result.protect)
     assert result.restart in RESTART_POLICIES
+    assert result.metrics_file is None or (
+        result.metrics_file.startswith("/") and result.metrics_file.endswith(".prom")
+    )
     return result
 
 
@@ -907,6 +910,18 @@ def valid_setting(key: object, value: object) -> bool:
         )
     if key in ("restart", *RENAMED):
         return isinstance(value, str) and value in RESTART_POLICIES
+    if key == "metrics_file":
+        return (
+            value is None
+            or value is False
+            or value == ""
+            or (
+                isinstance(value, str)
+                and value.startswith("/")
+                and value.endswith(".prom")
+                and "\0" not in value
+            )
+        )
     return False
 
 
@@ -926,6 +941,7 @@ setting_value = st.one_of(
     st.booleans(),
     st.none(),
     st.sampled_from([*RESTART_POLICIES, "sometimes", "", "180"]),
+    st.sampled_from(["/srv/m.prom", "/var/lib/a b.prom", "m.prom", "/m.txt", "/.prom", "/"]),
     st.lists(st.one_of(st.integers(90, 2 * 10**9), st.booleans(), st.text(max_size=3)), max_size=4),
     json_value,
 )
@@ -953,6 +969,7 @@ def test_override_dumped_documents_agree_with_the_schema(
         expected = {key: option.default for key, option in SCHEMA.items()}
         expected.update({RENAMED.get(k, k): v for k, v in document.items()})
         expected["protect"] = sorted(set(expected["protect"] or []))  # type: ignore[call-overload]
+        expected["metrics_file"] = expected["metrics_file"] or False  # none: turned off
         assert result.as_dict() == expected  # type: ignore[attr-defined]
     else:
         assert isinstance(result, ConfigError), (text, document)

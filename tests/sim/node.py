@@ -19,7 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tests.sim.pve import (
+    HOST_SOCKETS,
+    NO_CT_CGROUP,
     REPO,
+    UNIX_HEADER,
     Out,
     Pve,
     PveError,
@@ -43,16 +46,18 @@ FAKE_COMMANDS = ("qm", "pct", "ha-manager")
 class FakeNode:
     """A PVE node under ``root``: creates the skeleton and the fake commands on construction."""
 
-    def __init__(self, root: Path | str, node: str = "pve1") -> None:
+    def __init__(self, root: Path | str, node: str = "pve1", *, ct_cgroup: bool = True) -> None:
+        """``ct_cgroup=False``: a host where a running CT has no ``/sys/fs/cgroup/lxc/<vmid>``
+        (cgroup v1); PVE sees it running by its command socket in ``/proc/net/unix`` alone."""
         self.root = Path(root)
         self.node = node
         self.pve = Pve(self.root)
         self._nodes = {node}
-        self._skeleton()
+        self._skeleton(ct_cgroup)
 
     # ---- skeleton ---------------------------------------------------------------------------
 
-    def _skeleton(self) -> None:
+    def _skeleton(self, ct_cgroup: bool) -> None:
         r = self.root
         (r / "etc").mkdir(parents=True, exist_ok=True)
         (r / "etc/hostname").write_text(self.node + "\n")
@@ -72,12 +77,19 @@ class FakeNode:
             "sys/bus/pci/drivers",
             "sys/kernel/iommu_groups",
             "sys/class/drm",
-            "sys/fs/cgroup/lxc",
-            "var/lib",
+            "var/lib/fake-pve",
             "var/log",
             "usr/sbin",
         ):
             (r / d).mkdir(parents=True, exist_ok=True)
+        marker = r / NO_CT_CGROUP
+        if ct_cgroup:
+            (r / "sys/fs/cgroup/lxc").mkdir(parents=True, exist_ok=True)
+            remove(marker)
+        else:
+            marker.touch()
+        if not (r / "proc/net/unix").exists():
+            write_atomic(r / "proc/net/unix", UNIX_HEADER + HOST_SOCKETS)
         if not (pve / ".vmlist").exists():
             write_atomic(pve / ".vmlist", json.dumps({"version": 1, "ids": {}}, indent=1) + "\n")
         self._write_members()
@@ -347,6 +359,16 @@ class FakeNode:
     def write_vzdump_conf(self, text: str) -> None:
         write_atomic(self.root / "etc/vzdump.conf", textwrap.dedent(text).lstrip("\n"))
 
+    def install_node_exporter(self) -> Path:
+        """The textfile directory of Debian's prometheus-node-exporter, which passes
+        ``--collector.textfile.directory=/var/lib/prometheus/node-exporter`` in
+        /etc/default/prometheus-node-exporter (docs/pve-facts.md §11); the collector reads every
+        ``*.prom`` file there (node_exporter collector/textfile.go)."""
+        directory = self.root / "var/lib/prometheus/node-exporter"
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755)
+        return directory
+
     # ---- observation ------------------------------------------------------------------------
 
     def is_running(self, vmid: int) -> bool:
@@ -481,15 +503,17 @@ def reboot(node: FakeNode, *, onboot: bool = False) -> list[str]:
         if entry.name != "fake-pve":
             remove(entry)
     for entry in (r / "run/fake-pve").iterdir():
-        if entry.name.startswith("qmp-") or entry.name == "ha-pending":
+        if entry.name.startswith(("qmp-", "ct-")) or entry.name == "ha-pending":
             remove(entry)
     for d in ("run/qemu-server", "run/lock"):
         (r / d).mkdir(parents=True, exist_ok=True)
     for entry in (r / "proc").iterdir():
         if entry.name.isdigit():
             remove(entry)
-    for entry in (r / "sys/fs/cgroup/lxc").iterdir():
+    cgroups = r / "sys/fs/cgroup/lxc"
+    for entry in cgroups.iterdir() if cgroups.is_dir() else []:
         remove(entry)
+    write_atomic(r / "proc/net/unix", UNIX_HEADER + HOST_SOCKETS)
     node.pve.remove_mdevs(None)
     boot = r / "var/lib/fake-pve/boot-drivers.json"
     if boot.exists():

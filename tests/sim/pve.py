@@ -38,15 +38,29 @@ QEMU_SHUTDOWN_TIMEOUT = 180
 LXC_SHUTDOWN_TIMEOUT = 60
 PAUSED_STATES = ("paused", "prelaunch", "suspended")
 
-# qemu-server's $PCIRE: domain optional, function optional.
-PCI_ID_RE = re.compile(r"^(?:[0-9a-f]{4,}:)?[0-9a-f]{2}:[0-9a-f]{2}(?:\.[0-7])?$")
-RESERVATION_RE = re.compile(r"^(\S+)\s(\d+)\s(time|pid):(\d+)$")
+# qemu-server's $PCIRE (src/PVE/QemuServer/PCI.pm): domain optional and of 4 or more digits,
+# function optional.
+PCIRE = r"(?:[a-f0-9]{4,}:)?[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?"
+PCI_ID_RE = re.compile(rf"^{PCIRE}$")
+RESERVATION_RE = re.compile(rf"^({PCIRE})\s(\d+)\s(time|pid):(\d+)$")
 KEY_RE = re.compile(r"^([a-z][a-z_\-]*\d*):\s*(.*?)\s*$")
 # pve-container accepts raw lxc keys with ':' or '='.
 LXC_KEY_RE = re.compile(r"^(lxc\.[a-z0-9_\-.]+)(?::|\s*=)\s*(.*?)\s*$")
 SECTION_RE = re.compile(r"^\[([^\]]+)\]\s*$")
 NVIDIA_MAJOR = 195
 DRM_MAJOR = 226
+# /proc/net/unix as the kernel writes it (net/unix/af_unix.c unix_seq_show): a header, then per
+# socket "%pK: %08X %08X %08X %04X %02X %5lu" (address, refcount, protocol 0, flags
+# (__SO_ACCEPTCON 0x10000 when listening), type (1 = stream), state (1 = unconnected), inode),
+# then " <path>" when the socket has one; an abstract name is shown as '@' + name.
+UNIX_HEADER = "Num       RefCount Protocol Flags    Type St Inode Path\n"
+HOST_SOCKETS = (
+    "0000000000000000: 00000002 00000000 00010000 0001 01 18342 /run/systemd/private\n"
+    "0000000000000000: 00000003 00000000 00000000 0002 01 17620 /run/systemd/notify\n"
+    "0000000000000000: 00000003 00000000 00000000 0001 03 21873\n"
+    "0000000000000000: 00000002 00000000 00010000 0001 01 23011 /var/run/qemu-server/1.qmp\n"
+)
+NO_CT_CGROUP = "var/lib/fake-pve/no-ct-cgroup"  # this host has no /sys/fs/cgroup/lxc/<vmid>
 
 
 class PveError(Exception):
@@ -440,7 +454,30 @@ class Pve:
         write_atomic(self.sim / f"qmp-{vmid}", status + "\n")
 
     def ct_running(self, vmid: int) -> bool:
-        return self.p(f"sys/fs/cgroup/lxc/{vmid}").is_dir()
+        return vmid in self.running_cts()
+
+    @property
+    def ct_cgroup_dirs(self) -> bool:
+        """Whether a running CT has ``/sys/fs/cgroup/lxc/<vmid>`` (cgroup v2, LXC >= 4): not on
+        every host (cgroup v1 keeps a CT's cgroups per controller)."""
+        return not self.p(NO_CT_CGROUP).exists()
+
+    def unix_socket(self, vmid: int, present: bool) -> None:
+        """Add or remove the CT's LXC command socket, the abstract ``/var/lib/lxc/<vmid>/command``
+        that lxc-start's monitor listens on while the CT runs."""
+        path = self.p("proc/net/unix")
+        mine = f" @/var/lib/lxc/{vmid}/command\n"
+        with flocked(self.sim / "unix.lock"):
+            try:
+                lines = path.read_text().splitlines(keepends=True)
+            except FileNotFoundError:
+                lines = [UNIX_HEADER]
+            lines = [line for line in lines if not line.endswith(mine)]
+            if present:
+                lines.append(
+                    f"0000000000000000: 00000002 00000000 00010000 0001 01 {40000 + vmid:5d}{mine}"
+                )
+            write_atomic(path, "".join(lines))
 
     def is_running(self, vmid: int) -> bool:
         kind = self.guest_type(vmid)
@@ -454,8 +491,19 @@ class Pve:
         return sorted(v for v in ids if self.vm_pid(v))
 
     def running_cts(self) -> list[int]:
-        d = self.p("sys/fs/cgroup/lxc")
-        return sorted(int(f.name) for f in d.iterdir() if f.name.isdigit()) if d.is_dir() else []
+        """PVE's list_active_containers (pve-container src/PVE/LXC.pm; check_running uses it):
+        CTs whose command socket ``@/var/lib/lxc/<vmid>/command`` is in ``/proc/net/unix``."""
+        try:
+            text = self.p("proc/net/unix").read_text()
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in text.splitlines():
+            m = re.match(r"^[a-f0-9]+:\s+\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+\d+\s+(\S+)$", line)
+            path = re.match(r"^@/var/lib/lxc/(\d+)/command$", m.group(1)) if m else None
+            if path:
+                found.append(int(path.group(1)))
+        return sorted(set(found))
 
     # ---- sysfs --------------------------------------------------------------------------------
 
@@ -785,18 +833,46 @@ class Pve:
             return self.dev_path_addrs(f"/dev/dri/card{n}" if n < 128 else f"/dev/dri/renderD{n}")
         return set()
 
+    @staticmethod
+    def gpu_node_major(path: str) -> int | None:
+        """The major of the GPU nodes a path names: /dev/nvidia<N>, or /dev/dri and its nodes."""
+        path = path.strip()
+        if re.fullmatch(r"/dev/nvidia\d+", path):
+            return NVIDIA_MAJOR
+        if path.rstrip("/") == "/dev/dri" or path.startswith("/dev/dri/"):
+            return DRM_MAJOR
+        return None
+
     def ct_devices(self, cfg: Config) -> set[str]:
-        """PCI functions a CT reaches through the host driver (dev, mount entries, cgroup)."""
-        addrs: set[str] = set()
+        """PCI functions a running CT holds through the host driver.
+
+        PVE hands raw ``lxc.*`` lines to LXC unchanged and adds one ``devices.allow`` rule per
+        ``devN`` for that node (pve-container src/PVE/LXC.pm update_lxc_config); LXC bind-mounts
+        ``lxc.mount.entry`` sources. A process can only hold a GPU it has a device node for, so
+        the CT holds the GPUs behind the nodes it is given (``devN``, mount sources). A cgroup
+        rule only permits: a rule for one minor stands for the node a privileged CT can make
+        itself (mknod), and so does a wildcard rule (``c 195:*``, ``c 226:*``) for every GPU of
+        that major — but only in a CT given no GPU node of that major, where the rule is not
+        there to permit the nodes it was given.
+        """
+        nodes: list[str] = []
+        rules: list[str] = []
         for key, value in cfg.items:
             if re.fullmatch(r"dev\d+", key):
-                first = value.split(",")[0]
-                addrs |= self.dev_path_addrs(first.removeprefix("path="))
+                nodes.append(value.split(",")[0].removeprefix("path="))
             elif key == "lxc.mount.entry":
-                src = value.split()[0] if value.split() else ""
-                addrs |= self.dev_path_addrs(src)
+                nodes.append(value.split()[0] if value.split() else "")
             elif key in ("lxc.cgroup2.devices.allow", "lxc.cgroup.devices.allow"):
-                addrs |= self.cgroup_rule_addrs(value)
+                rules.append(value)
+        given = {self.gpu_node_major(n) for n in nodes}
+        addrs: set[str] = set()
+        for node in nodes:
+            addrs |= self.dev_path_addrs(node)
+        for rule in rules:
+            m = re.match(r"^\s*c\s+(\d+):\*\s", rule + " ")
+            if m and int(m.group(1)) in given:
+                continue  # it permits the nodes the CT was given
+            addrs |= self.cgroup_rule_addrs(rule)
         return addrs
 
     # ---- PCI reservations (qemu-server's PCI.pm) ----------------------------------------------
@@ -838,7 +914,8 @@ class Pve:
         timeout: int | None = None,
         pid: int | None = None,
     ) -> None:
-        """reserve_pci_usage: all or nothing, first conflict dies with PVE's message."""
+        """reserve_pci_usage (qemu-server src/PVE/QemuServer/PCI.pm): all or nothing, the
+        first conflict dies with PVE's message; the file is written once, at the end."""
         if not ids:
             return
         with self.reservation_lock():
@@ -858,6 +935,16 @@ class Pve:
                                 f"PCI device '{pci_id}' already in use by VMID '{r['vmid']}'"
                             )
                         out.warn(f"leftover PCI reservation found for {pci_id}, lets take it...")
+                elif r and "time" in r and timeout is not None:
+                    # the same VM: the longer timeout wins (and stays for the ids after it)
+                    timeout = max(timeout, r["time"] - 5 - now)
+                elif r and "pid" in r and self.vm_pid(vmid) == r["pid"]:
+                    if pid is not None:
+                        raise PveError(
+                            f"PCI device '{pci_id}' already in use by running VMID '{vmid}'"
+                        )
+                    if timeout is not None:
+                        return  # a running VM's own ids (qm showcmd): nothing is written
                 res[pci_id] = {"vmid": vmid}
                 if pid is not None:
                     res[pci_id]["pid"] = pid
@@ -1184,7 +1271,11 @@ class Pve:
         return devices
 
     def choose_hostpci(self, vmid: int, devices: list[Hostpci], out: Out) -> None:
-        """choose_hostpci_devices: mapped alternatives -> the first one not in use."""
+        """choose_hostpci_devices (qemu-server src/PVE/QemuServer/PCI.pm), in hostpci order: a
+        classic mdev takes the first function of each alternative and marks nothing used; one
+        alternative is taken unchecked and marks its functions used (twice: "assigned more than
+        once"); of several, the first that shares no function with an earlier hostpciN of this
+        VM ($used) and that reserve_pci_usage accepts for 10 s."""
         used: set[str] = set()
 
         def add_used(ids: list[str]) -> None:
@@ -1205,7 +1296,7 @@ class Pve:
                 if any(i in used for i in alt):
                     continue
                 try:
-                    self.reserve(alt, vmid, Out(), timeout=10)
+                    self.reserve(alt, vmid, out, timeout=10)
                 except PveError:
                     continue
                 add_used(alt)
@@ -1403,11 +1494,13 @@ class Pve:
     def kill_guest(self, kind: str, vmid: int) -> None:
         """The guest's processes are gone; then PVE's cleanup (reservations, mdevs)."""
         if kind == "lxc":
-            cg = self.p(f"sys/fs/cgroup/lxc/{vmid}")
+            procs = self.sim / f"ct-{vmid}.procs"
             with contextlib.suppress(FileNotFoundError, ValueError):
-                for pid in (cg / "cgroup.procs").read_text().split():
+                for pid in procs.read_text().split():
                     remove(self.p(f"proc/{int(pid)}"))
-            remove(cg)
+            remove(self.p(f"sys/fs/cgroup/lxc/{vmid}"))
+            remove(procs)
+            self.unix_socket(vmid, False)  # the monitor exits last: then PVE sees it stopped
             return
         pid = self.vm_pid(vmid)
         if pid:
@@ -1495,13 +1588,16 @@ class Pve:
                 raise PveError(f"startup for container '{vmid}' failed", before=failed)
             time.sleep(float(faults.get("start_delay", 0)))
             pid = self.spawn_proc(["/sbin/init"], "systemd")
-            cg = self.p(f"sys/fs/cgroup/lxc/{vmid}")
-            tmp = cg.with_name(f".{vmid}.starting")
-            remove(tmp)
-            tmp.mkdir(parents=True)
-            (tmp / "cgroup.procs").write_text(f"{pid}\n")
-            (tmp / "cgroup.freeze").write_text("0\n")
-            os.replace(tmp, cg)  # the cgroup appears complete or not at all
+            write_atomic(self.sim / f"ct-{vmid}.procs", f"{pid}\n")
+            if self.ct_cgroup_dirs:
+                cg = self.p(f"sys/fs/cgroup/lxc/{vmid}")
+                tmp = cg.with_name(f".{vmid}.starting")
+                remove(tmp)
+                tmp.mkdir(parents=True)
+                (tmp / "cgroup.procs").write_text(f"{pid}\n")
+                (tmp / "cgroup.freeze").write_text("0\n")
+                os.replace(tmp, cg)  # the cgroup appears complete or not at all
+            self.unix_socket(vmid, True)  # running, for PVE, from here on
 
     def ct_stop(
         self,

@@ -48,6 +48,7 @@ DEFAULTS = {
     "shutdown_watch": 1800,
     "protect": [],
     "restart": "after-guest",
+    "metrics_file": "/var/lib/prometheus/node-exporter/pve-gpu-hook.prom",
 }
 
 
@@ -116,6 +117,11 @@ def test_yaml_comment_only_document_parses_to_defaults() -> None:
         ("restart: after-job", "restart", "after-job"),
         ("restart: after-guest", "restart", "after-guest"),
         ("restore: after-job", "restart", "after-job"),  # the old name, still read
+        ("metrics_file: /srv/textfiles/gpu.prom", "metrics_file", "/srv/textfiles/gpu.prom"),
+        ("metrics_file: false", "metrics_file", False),
+        ("metrics_file: off", "metrics_file", False),  # YAML 1.1: off is false
+        ("metrics_file:", "metrics_file", False),
+        ('metrics_file: ""', "metrics_file", False),
     ],
 )
 def test_each_key(host_root: Path, text: str, key: str, value: object) -> None:
@@ -127,7 +133,7 @@ def test_all_keys_together(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(
         "---\nshutdown_timeout: 20  # short\nforce_stop: true\nstart_timeout: 10\n"
-        "protect: [101]\nrestart: after-job\n"
+        "protect: [101]\nrestart: after-job\nmetrics_file: /run/m.prom\n"
     )
     settings = load_settings(str(path))
     assert settings.as_dict() == {
@@ -137,6 +143,7 @@ def test_all_keys_together(tmp_path: Path) -> None:
         "shutdown_watch": 1800,
         "protect": [101],
         "restart": "after-job",
+        "metrics_file": "/run/m.prom",
     }
     assert settings.protect == frozenset({101})
     assert settings.source == str(path)
@@ -182,6 +189,11 @@ def test_unknown_key_names_file_line_and_key(host_root: Path) -> None:
         ("restart: true", 2, "restart"),
         ("restart: [after-job]", 2, "restart"),
         ("restore: sometimes", 2, "restart"),
+        ("metrics_file: true", 2, "metrics_file"),
+        ("metrics_file: gpu.prom", 2, "metrics_file"),  # relative: to what?
+        ("metrics_file: /var/lib/prometheus/node-exporter/gpu.txt", 2, "metrics_file"),
+        ("metrics_file: [/a.prom]", 2, "metrics_file"),
+        ("metrics_file: 5", 2, "metrics_file"),
     ],
 )
 def test_wrong_type_names_key_and_line(text: str, line: int, key: str) -> None:
