@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from pvegpuhook import act, paths, runtime
+from pvegpuhook import act, paths, runtime, timing
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import ConfigError, StateError
 from pvegpuhook.inventory import Inventory
@@ -33,7 +33,7 @@ def settings_or_error(log: Log) -> tuple[Settings, ConfigError | None]:
 
 def lock_timeout(settings: Settings) -> float:
     # a recover in progress may be waiting for a guest to start
-    return float(max(settings.shutdown_timeout, settings.start_timeout) + act.GRACE)
+    return float(timing.lock_wait(settings))
 
 
 def report_leftovers(log: Log) -> int:
@@ -158,7 +158,11 @@ def _stop_holders(
         crash_point("before-record")
         store.add(record)  # before the guest is touched: a crash leaves the record
         crash_point("after-record")
-        timeout = settings.shutdown_timeout
+        timeout = timing.shutdown_timeout(guest.config, settings.shutdown_timeout)
+        if timeout != settings.shutdown_timeout:
+            log.file(
+                f"{guest.label} has startup: down={timeout}: shutting it down with that timeout"
+            )
         outcome = act.shutdown(guest.kind, guest.vmid, timeout)
         how = "shut down"
         if not outcome.ok and settings.force_stop:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from pvegpuhook import act, runtime
+from pvegpuhook import act, runtime, timing
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import StateError
 from pvegpuhook.inventory import Inventory, load_guest
@@ -57,19 +57,13 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
     orders: dict[int, int | None] = {}
     missing: set[int] = set()
     blocked: dict[int, str] = {}
-    settle_after = settings.shutdown_timeout + act.GRACE
-    settling = {
-        r.vmid
-        for r in records
-        if r.vmid in running
-        and r.status == RecordStatus.STOPPING
-        and r.since is not None
-        and time.time() - r.since < settle_after
-    }
+    settling: set[int] = set()
     ranks: dict[int, int] = {}
     holders = None
     for record in records:
         guest = load_guest(record.vmid, record.kind)
+        if _may_still_be_shutting_down(record, guest, running, settings):
+            settling.add(record.vmid)
         if guest is None:
             missing.add(record.vmid)
             continue
@@ -92,6 +86,19 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
         settling=settling,
         ranks=ranks,
     )
+
+
+def _may_still_be_shutting_down(
+    record: Record, guest: Guest | None, running: set[int], settings: Settings
+) -> bool:
+    """A guest recorded before its shutdown that still runs, while that shutdown may still be
+    under way (the run that started it was killed): as long as PVE may take for it."""
+    if record.vmid not in running or record.status != RecordStatus.STOPPING:
+        return False
+    if record.since is None:
+        return False
+    timeout = timing.shutdown_timeout(guest.config if guest else None, settings.shutdown_timeout)
+    return time.time() - record.since < timing.shutdown_wait(record.kind, timeout)
 
 
 def mapping_rank(record: Record, needs: list[Need]) -> int:
@@ -161,7 +168,9 @@ def _start(
         log.file(problem or f"{function} given back to {driver} for {label}")
         if problem:
             log.say(f"warning: {label}: {problem}; it may start without that device")
-    outcome = act.start(record.kind, record.vmid, settings.start_timeout)
+    guest = load_guest(record.vmid, record.kind)
+    wait = timing.start_wait(record.kind, guest.config if guest else None, settings.start_timeout)
+    outcome = act.start(record.kind, record.vmid, wait)
     if outcome.ok:
         crash_point("after-start")
         _note_start(store, record, log, ok=True)
@@ -170,8 +179,20 @@ def _start(
         report.started.append(record)
         _forget(store, record, log)
         return
-    why = f"did not start within {settings.start_timeout} s: {outcome.detail}"
-    log.error(f"{label} {why}; record kept, run 'pve-gpu-hook recover'")
+    if outcome.left_running:
+        # never killed: PVE's worker may still bring the guest up; the record stays until then
+        log.file(outcome.detail)
+        why = f"still starting after {outcome.seconds:.0f} s, longer than PVE allows for it"
+        log.error(
+            f"{label} {why}; it may still come up; record kept until it runs "
+            "(the next phase or 'pve-gpu-hook recover' drops it then)"
+        )
+    elif outcome.seconds >= wait:
+        why = f"was not running {wait} s after its start: {outcome.detail}"
+        log.error(f"{label} {why}; record kept, run 'pve-gpu-hook recover'")
+    else:
+        why = f"did not start: {outcome.detail}"
+        log.error(f"{label} {why}; record kept, run 'pve-gpu-hook recover'")
     report.kept.append((record, why))
     _note_start(store, record, log, ok=False)
     try:

@@ -20,7 +20,7 @@ JSON/YAML shape (``--output-format json``; keys are stable)::
      "override": {"path": "/etc/pve-gpu-hook/config.yaml", "exists": true, "valid": true,
                   "error": null,         # "file:line: message" when invalid
                   "values": {"shutdown_timeout": 180, "force_stop": false,
-                             "start_timeout": 120, "protect": [], "restart": "after-guest"}},
+                             "start_timeout": 0, "protect": [], "restart": "after-guest"}},
                                          # values: the ones in force; null when invalid
      "waiting": [{"vmid": 104, "type": "qemu", "name": "gpu-desktop", "status": "stopped",
                   "since": "2024-05-01T21:03:10+02:00", "for_vmid": 102, "note": null}],
