@@ -39,6 +39,9 @@ VZDUMP_CONF = "etc/vzdump.conf"
 PCI_MAPPING = "etc/pve/mapping/pci.cfg"
 HA_RESOURCES = "etc/pve/ha/resources.cfg"
 RESERVATIONS = "run/qemu-server/pci-id-reservations"
+VZDUMP_PID = "run/vzdump.pid"  # /var/run/vzdump.pid: the running (or last failed) job's UPID
+TASK_LOGS = "var/log/pve/tasks"  # PVE's task logs, /<last hex digit of the start time>/<UPID>
+VZDUMP_LOGS = "var/log/vzdump"  # each guest's last backup log, <qemu|lxc>-<vmid>.log
 QM = "usr/sbin/qm"
 PCT = "usr/sbin/pct"
 

@@ -124,18 +124,26 @@ def free_for_backup(log: Log, vmid: int, mode: str, text: str) -> int:
         return code
 
 
-def job_identity() -> tuple[str, str | None]:
-    """(key, UPID) of the vzdump job this hook runs in: the key tells one job's tally from the
-    next; the UPID is None where it is not known."""
-    return str(os.getppid()), None
+def job_identity(log: Log | None = None) -> tuple[str, int, str | None]:
+    """(key, pid, UPID) of the vzdump job this hook runs in: the key tells one job's tally from
+    the next; the pid is its worker's. The UPID only when vzdump's pid file names a task that runs
+    now (vzdump writes it before job-start; pid and start time tell it is this job): then it is
+    also the key. Else the key is vzdump's pid (the hook's parent)."""
+    from pvegpuhook import vzdumpjob
+
+    task = vzdumpjob.running_job()
+    if isinstance(task, vzdumpjob.Unknown):
+        if log is not None:
+            log.file(f"the backup job's UPID is unknown ({task.reason}); recording its pid only")
+        return str(os.getppid()), os.getppid(), None
+    return task.text, task.pid, task.text
 
 
 def _stop_holders(
     log: Log, store: StateStore, settings: Settings, decision: BackupDecision, inventory: Inventory
 ) -> int:
     vmid = decision.guest.vmid
-    job = os.getppid()
-    job_key, upid = job_identity()
+    job_key, job, upid = job_identity(log)
     for stop in decision.stops:
         guest = stop.holder.guest
         drivers = {}

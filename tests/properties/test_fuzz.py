@@ -970,13 +970,16 @@ valid_record = st.builds(
     status=st.sampled_from(STATUSES),
     job=st.none() | st.integers(-(2**63), 2**63),
     note=st.none() | any_chars,
+    upid=st.none() | any_chars.filter(bool),  # an empty UPID reads as none
 )
 record_dict = st.one_of(
     valid_record.map(Record.to_dict),
     st.dictionaries(
-        st.sampled_from(["vmid", "kind", "name", "since", "addresses", "status", "job", "note"]),
+        st.sampled_from(
+            ["vmid", "kind", "name", "since", "addresses", "status", "job", "note", "upid"]
+        ),
         json_value,
-        max_size=8,
+        max_size=9,
     ),
     json_value,
 )
