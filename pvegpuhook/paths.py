@@ -44,6 +44,8 @@ TASK_LOGS = "var/log/pve/tasks"  # PVE's task logs, /<last hex digit of the star
 VZDUMP_LOGS = "var/log/vzdump"  # each guest's last backup log, <qemu|lxc>-<vmid>.log
 QM = "usr/sbin/qm"
 PCT = "usr/sbin/pct"
+HA_MANAGER = "usr/sbin/ha-manager"
+VMLIST = "etc/pve/.vmlist"
 
 
 def shown(relative: str) -> str:

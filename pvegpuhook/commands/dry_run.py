@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     for vmid in wanted:
         guest = guests[vmid]
         is_running = runtime.running(guest.kind, vmid)
-        needs, problems = inventory.needs(guest, for_start=not is_running)
+        # a stop-mode backup restarts a running VM: that start applies its pending changes
+        needs, problems = inventory.needs(guest, for_start=not is_running or args.mode == "stop")
         warnings.extend(w for w in problems if w not in warnings)
         order.append((guest, is_running, needs))
     warnings.extend(w for w in inventory.mapping_warnings if w not in warnings)
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         protect=settings.protect,
         restart=settings.restart,
-        ha=inventory.ha_managed(),
+        ha={vmid for vmid, state in inventory.ha_states().items() if state == "started"},
     )
     notes.extend(f"warning: {w}" for w in warnings)
     data = _as_data(forecast, args.mode, settings.restart, notes)

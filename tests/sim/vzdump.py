@@ -219,6 +219,7 @@ class _Job:
             call = run_hook_process([*self.hook_cmd, *args], env, timeout)
         call.args = list(args)
         self.calls.append(call)
+        self.pve.apply_sysfs_writes()  # the kernel acts on what the hook wrote, at once
         self.log.extend(f"INFO: {line}" for line in call.lines)
         if self.kill_at is not None and time.time() >= self.kill_at:
             raise _Crash("vzdump killed (SIGKILL 5 s after the task's stop)")
