@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from pvegpuhook import act, metrics, paths, runtime
+from pvegpuhook import act, metrics, paths, runtime, timing
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import ConfigError, StateError
 from pvegpuhook.inventory import Inventory
@@ -37,7 +37,7 @@ def settings_or_error(log: Log) -> tuple[Settings, ConfigError | None]:
 
 def lock_timeout(settings: Settings) -> float:
     # a recover in progress may be waiting for a guest to start
-    return float(max(settings.shutdown_timeout, settings.start_timeout) + act.GRACE)
+    return float(timing.lock_wait(settings))
 
 
 def report_leftovers(log: Log) -> int:
@@ -184,18 +184,26 @@ def _settle_starting(
     return decision
 
 
-def job_identity() -> tuple[str, str | None]:
-    """(key, UPID) of the vzdump job this hook runs in: the key tells one job's tally from the
-    next; the UPID is None where it is not known."""
-    return str(os.getppid()), None
+def job_identity(log: Log | None = None) -> tuple[str, int, str | None]:
+    """(key, pid, UPID) of the vzdump job this hook runs in: the key tells one job's tally from
+    the next; the pid is its worker's. The UPID only when vzdump's pid file names a task that runs
+    now (vzdump writes it before job-start; pid and start time tell it is this job): then it is
+    also the key. Else the key is vzdump's pid (the hook's parent)."""
+    from pvegpuhook import vzdumpjob
+
+    task = vzdumpjob.running_job()
+    if isinstance(task, vzdumpjob.Unknown):
+        if log is not None:
+            log.file(f"the backup job's UPID is unknown ({task.reason}); recording its pid only")
+        return str(os.getppid()), os.getppid(), None
+    return task.text, task.pid, task.text
 
 
 def _stop_holders(
     log: Log, store: StateStore, settings: Settings, decision: BackupDecision, inventory: Inventory
 ) -> int:
     vmid = decision.guest.vmid
-    job = os.getppid()
-    job_key, upid = job_identity()
+    job_key, job, upid = job_identity(log)
     for stop in decision.stops:
         guest = stop.holder.guest
         drivers = {}
@@ -225,7 +233,11 @@ def _stop_holders(
         crash_point("after-record")
         if ha_state is not None and not _take_from_ha(log, store, record, stop.address):
             return 1
-        timeout = settings.shutdown_timeout
+        timeout = timing.shutdown_timeout(guest.config, settings.shutdown_timeout)
+        if timeout != settings.shutdown_timeout:
+            log.file(
+                f"{guest.label} has startup: down={timeout}: shutting it down with that timeout"
+            )
         began = time.monotonic()
         outcome = act.shutdown(guest.kind, guest.vmid, timeout)
         how = "shut down"

@@ -179,6 +179,27 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_ATTENTION if kept or damaged is not None else EXIT_OK
 
 
+def _job_runs(record: Record) -> str | None:
+    """Why the guest is left to the backup job that stopped it, when that job still runs.
+
+    By the job's UPID, as PVE tells whether a task runs (its worker's pid and start time): after
+    a reboot or when another process got the pid, the job is over. Records of older releases
+    have the worker's pid only: a live process with that pid counts as the job.
+    """
+    if record.upid is not None:
+        from pvegpuhook import vzdumpjob
+
+        upid = vzdumpjob.decode_upid(record.upid)
+        if not isinstance(upid, vzdumpjob.Unknown):
+            running = vzdumpjob.task_running(upid)
+            if isinstance(running, vzdumpjob.Unknown):
+                return f"cannot tell whether the job that stopped it still runs: {running.reason}"
+            return f"stopped by the backup job running now ({upid.text})" if running else None
+    if record.job and runtime.process_alive(record.job):
+        return f"stopped by the backup job running now (pid {record.job})"
+    return None
+
+
 def _recover(
     store: StateStore,
     settings: Settings,
@@ -216,15 +237,18 @@ def _restart(
     vmids = {r.vmid for r in chosen}
     # a guest stopped by the job running now: starting it would take the GPU from the backup
     # that needs it; that job's log-end or job-end starts it
-    busy = [r for r in chosen if r.job and runtime.process_alive(r.job)]
-    skip = set() if force else {r.vmid for r in busy}
+    busy: list[tuple[Record, str]] = []
+    for record in chosen:
+        why = _job_runs(record)
+        if why:
+            busy.append((record, why))
+    skip = set() if force else {r.vmid for r, _ in busy}
     report = restart(
         store, settings, log, lambda r: r.vmid in vmids and r.vmid not in skip, dry_run=dry_run
     )
     if not force:
-        for record in busy:
-            why = f"stopped by the backup job running now (pid {record.job}); --force starts it"
-            report.kept.append((record, why))
+        for record, why in busy:
+            report.kept.append((record, f"{why}; --force starts it"))
     rows = _rows(report, dry_run=dry_run)
     _ways_out(rows, {r.vmid: r for r, _ in report.kept}, settings)
     return rows

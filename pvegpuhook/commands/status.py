@@ -29,7 +29,7 @@ JSON/YAML shape (``--output-format json``; keys are stable)::
      "override": {"path": "/etc/pve-gpu-hook/config.yaml", "exists": true, "valid": true,
                   "error": null,         # "file:line: message" when invalid
                   "values": {"shutdown_timeout": 180, "force_stop": false,
-                             "start_timeout": 120, "protect": [], "restart": "after-guest",
+                             "start_timeout": 0, "protect": [], "restart": "after-guest",
                              "metrics_file": "/var/lib/.../pve-gpu-hook.prom"},
                                          # values: the ones in force; null when invalid;
                                          # metrics_file: false when turned off

@@ -147,7 +147,7 @@ def test_all_fine(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "values": {
             "shutdown_timeout": 180,
             "force_stop": False,
-            "start_timeout": 120,
+            "start_timeout": 0,
             "shutdown_watch": 1800,
             "protect": [],
             "restart": "after-guest",

@@ -14,9 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.fronts import FAST, cli, commands, hook, hook_lines, records, seed_node
+from tests.fronts import (
+    FAST,
+    cli,
+    commands,
+    hook,
+    hook_lines,
+    read_state,
+    records,
+    seed_node,
+    write_state,
+)
 from tests.sim.node import FakeNode, reboot
-from tests.sim.vzdump import run_job
+from tests.sim.vzdump import JobOutcome, run_job
 
 
 def assert_clean(node: FakeNode) -> None:
@@ -740,31 +750,77 @@ def test_container_gets_its_gpu_back_from_vfio(tmp_path: Path) -> None:
         node.pve.ct_start(200)
 
 
+def hung_job(node: FakeNode) -> JobOutcome:
+    """The hook is killed right after it shut VM 104 down for VM 102's backup, and vzdump then
+    hangs (a dead storage, say): its worker still runs, 104 waits for that job."""
+    job = run_job(
+        node,
+        [102, 103],
+        env_extra={"PVE_GPU_HOOK_CRASH_AT": "after-shutdown"},
+        env_at=("backup-start", 102),
+        hang_after=("backup-start", 102),
+    )
+    assert job.crashed and 104 not in node.running_guests()
+    return job
+
+
 def test_recover_leaves_the_running_jobs_guests_to_it(tmp_path: Path) -> None:
     """A holder stopped by the backup job that still runs: starting it now would take the GPU
-    back from the backup that needs it."""
+    back from the backup that needs it. The job is known by its UPID (pid and start time)."""
     node = seed_node(tmp_path)
-    run_job(node, [102], crash_after=("backup-start", 102))
-    node.stop(102)
-    [record] = records(node)
-    job = node.root / "proc" / str(record["job"]) / "cmdline"
-    job.parent.mkdir(parents=True, exist_ok=True)
-    job.write_bytes(b"task UPID:pve1:00001234:vzdump::root@pam:\0")  # vzdump still runs
+    job = hung_job(node)
     result = cli(node, "recover")
     assert result.returncode == 1
-    assert "stopped by the backup job running now" in result.stdout
+    assert f"stopped by the backup job running now ({job.upid})" in result.stdout
     assert 104 not in node.running_guests()
-    job.unlink()  # the job ended (or was killed) without starting it again
+    [record] = records(node)
+    assert record["upid"] == job.upid and record["job"] == job.worker
+    node.end_process(job.worker)  # the job ended (or was killed) without starting it again
+    assert cli(node, "recover").returncode == 0
+    assert node.running_guests() == {104}
+
+
+def test_recover_does_not_take_a_reused_pid_for_the_job(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    hung_job(node)
+    [record] = records(node)
+    node.end_process(record["job"])  # the job is gone; another process gets its pid
+    node.spawn_process(["/usr/sbin/cron", "-f"], pid=record["job"])
+    result = cli(node, "recover")
+    assert result.returncode == 0, result.stdout
+    assert node.running_guests() == {104}
+
+
+def test_recover_after_a_reboot_does_not_take_the_pid_for_the_job(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    hung_job(node)
+    [record] = records(node)
+    node.reboot()
+    node.spawn_process(["/usr/bin/kvm", "-id", "110"], pid=record["job"])  # its pid, anew
+    result = cli(node, "recover")
+    assert result.returncode == 0, result.stdout
+    assert node.running_guests() == {104}
+
+
+def test_recover_reads_records_of_older_releases_by_pid(tmp_path: Path) -> None:
+    """A record written before the UPID was recorded: the job's pid alone, as before."""
+    node = seed_node(tmp_path)
+    hung_job(node)
+    path = node.root / "var/lib/pve-gpu-hook/state.json"
+    [record] = read_state(path)
+    record.pop("upid", None)
+    record["job"] = pid = node.spawn_process(["vzdump"])
+    write_state(path, [record])
+    result = cli(node, "recover")
+    assert result.returncode == 1
+    assert f"stopped by the backup job running now (pid {pid})" in result.stdout
+    node.end_process(pid)
     assert cli(node, "recover").returncode == 0
     assert node.running_guests() == {104}
 
 
 def test_recover_force_starts_the_running_jobs_guests(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
-    run_job(node, [102], crash_after=("backup-start", 102))
-    node.stop(102)
-    job = node.root / "proc" / str(records(node)[0]["job"]) / "cmdline"
-    job.parent.mkdir(parents=True, exist_ok=True)
-    job.write_bytes(b"vzdump\0")
+    hung_job(node)
     assert cli(node, "recover", "--force").returncode == 0
     assert node.running_guests() == {104}

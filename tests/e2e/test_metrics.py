@@ -193,7 +193,10 @@ def test_a_holder_powering_off_late_is_watched_then_started(tmp_path: Path) -> N
     assert value(got, "last_job_success") == 1  # nothing was left off at its end
     node.stop(104)  # the request took effect after all: it powers off
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (records(node) or not node.is_running(104)):
+    # the watcher drops the record, then writes the file: wait for both
+    while time.monotonic() < deadline and (
+        records(node) or not node.is_running(104) or value(scrape(node), "guests_watched")
+    ):
         time.sleep(0.2)
     assert node.is_running(104) and not records(node), node.calls()
     got = scrape(node)  # written by the watcher

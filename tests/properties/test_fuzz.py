@@ -879,7 +879,7 @@ def check_settings(text: str) -> object:
         assert "\n" not in message, message  # one line, also for reader (control character) errors
         return error
     assert type(result.shutdown_timeout) is int and 1 <= result.shutdown_timeout <= 86400
-    assert type(result.start_timeout) is int and 1 <= result.start_timeout <= 86400
+    assert type(result.start_timeout) is int and 0 <= result.start_timeout <= 86400
     assert type(result.shutdown_watch) is int and 0 <= result.shutdown_watch <= 86400
     assert type(result.force_stop) is bool
     assert all(type(v) is int and 100 <= v <= 999999999 for v in result.protect)
@@ -915,7 +915,8 @@ def as_boolean(value: object) -> bool | None:
 
 def valid_setting(key: object, value: object) -> bool:
     if key in ("shutdown_timeout", "start_timeout"):
-        return type(value) is int and 1 <= value <= 86400
+        least = 0 if key == "start_timeout" else 1
+        return type(value) is int and least <= value <= 86400
     if key == "shutdown_watch":
         return type(value) is int and 0 <= value <= 86400
     if key == "force_stop":
@@ -1007,13 +1008,16 @@ valid_record = st.builds(
     status=st.sampled_from(STATUSES),
     job=st.none() | st.integers(-(2**63), 2**63),
     note=st.none() | any_chars,
+    upid=st.none() | any_chars.filter(bool),  # an empty UPID reads as none
 )
 record_dict = st.one_of(
     valid_record.map(Record.to_dict),
     st.dictionaries(
-        st.sampled_from(["vmid", "kind", "name", "since", "addresses", "status", "job", "note"]),
+        st.sampled_from(
+            ["vmid", "kind", "name", "since", "addresses", "status", "job", "note", "upid"]
+        ),
         json_value,
-        max_size=8,
+        max_size=9,
     ),
     json_value,
 )

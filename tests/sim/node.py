@@ -325,11 +325,16 @@ class FakeNode:
     def set_fault(self, vmid: int, **faults: object) -> None:
         """Merge faults for a guest: ignore_shutdown, start_fails, shutdown_delay, start_delay,
         ha_delay, start_paused, cleanup_delay (s between QEMU exit and reservation release),
-        kill_caller (one shot: the next ``qm/pct shutdown`` SIGKILLs the pve-gpu-hook process
-        that called it, then shuts down anyway), late_poweroff (one shot: N s after a shutdown
-        that timed out, the guest powers off anyway), ha_rebalance_to (HA starts the guest on
-        that node instead: its config moves there).
-        A value of None removes that fault."""
+        agent_reply_delay and agent_down (a VM with ``agent: 1``: see Pve.shutdown_vm),
+        backup_delay (s its backup's archive step takes), hookscript_delay (s its guest
+        hookscript takes at a VM's pre-start, which PVE does not bound), kill_caller (one shot:
+        the next ``qm/pct shutdown`` SIGKILLs the pve-gpu-hook process that called it, then
+        shuts down anyway), task_stop (one shot, a number of s: the next ``qm/pct start`` of
+        it stops the backup task first, as the GUI's "Stop" does: see pve.stop_caller_task),
+        late_poweroff (one shot: N s after a shutdown that timed out, the guest powers off
+        anyway), ha_rebalance_to (HA starts the guest on that node instead: its config moves
+        there). Delays are simulated seconds (see set_time_scale). A value of None removes that
+        fault."""
         path = self.root / "run/fake-pve/faults.json"
         with flocked(self.root / "run/fake-pve/faults.lock"):
             data = json.loads(path.read_text()) if path.exists() else {}
@@ -350,6 +355,10 @@ class FakeNode:
             else:
                 data.pop(str(vmid), None)
             write_atomic(path, json.dumps(data, indent=1) + "\n")
+
+    def set_time_scale(self, scale: float) -> None:
+        """Real seconds per simulated second of the fake PVE (its timeouts, waits and delays)."""
+        write_atomic(self.root / "run/fake-pve/clock.json", json.dumps({"scale": scale}) + "\n")
 
     def write_override(self, yaml_text: str) -> None:
         write_atomic(
@@ -464,6 +473,13 @@ class FakeNode:
     def reboot(self, *, onboot: bool = False) -> list[str]:
         return reboot(self, onboot=onboot)
 
+    def spawn_process(self, argv: Sequence[str], pid: int | None = None) -> int:
+        """Another process on the node (``pid``: one that got a pid used before)."""
+        return self.pve.spawn_proc(argv, os.path.basename(argv[0]), pid=pid)
+
+    def end_process(self, pid: int) -> None:
+        self.pve.end_proc(pid)
+
 
 def _main_keys(
     first: dict[str, str | None],
@@ -510,6 +526,8 @@ def reboot(node: FakeNode, *, onboot: bool = False) -> list[str]:
     for entry in (r / "proc").iterdir():
         if entry.name.isdigit():
             remove(entry)
+    # processes started from now on count their start time from this boot
+    write_atomic(r / "run/fake-pve/boot-time", f"{time.time():.2f}\n")
     cgroups = r / "sys/fs/cgroup/lxc"
     for entry in cgroups.iterdir() if cgroups.is_dir() else []:
         remove(entry)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import shlex
@@ -31,11 +32,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 MAX_HOSTPCI = 16
 FIRST_PID = 10000
-START_TIMEOUT = 30  # qemu-server's default start timeout, used for the time-based reservation
 LOCK_TIMEOUT = 10.0  # PVE's config lock wait before "got timeout"
 DEFAULT_HA_DELAY = 0.3
-QEMU_SHUTDOWN_TIMEOUT = 180
-LXC_SHUTDOWN_TIMEOUT = 60
+QEMU_SHUTDOWN_TIMEOUT = 60  # _do_vm_stop: without --timeout and startup down=
+LXC_SHUTDOWN_TIMEOUT = 60  # pct shutdown's default --timeout
+AGENT_PING_TIMEOUT = 3  # qga_check_running: guest-ping with a 3 s timeout
+CLOCK_TICKS = 100  # USER_HZ: /proc/<pid>/stat's start time is in 1/100 s since boot
 PAUSED_STATES = ("paused", "prelaunch", "suspended")
 
 # qemu-server's $PCIRE (src/PVE/QemuServer/PCI.pm): domain optional and of 4 or more digits,
@@ -272,6 +274,27 @@ class Pve:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self._scale: float | None = None
+
+    # ---- simulated time ----------------------------------------------------------------------
+
+    @property
+    def scale(self) -> float:
+        """Real seconds per simulated second (``run/fake-pve/clock.json``, default 1).
+
+        Every duration of this model (PVE's timeouts and waits, the faults' delays) is in
+        simulated seconds; a test that runs the hook with a clock of the same scale can play a
+        200 s start in 2 s."""
+        if self._scale is None:
+            try:
+                self._scale = float(json.loads((self.sim / "clock.json").read_text())["scale"])
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                self._scale = 1.0
+        return self._scale
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds * self.scale)
 
     # ---- paths and basic state -------------------------------------------------------------
 
@@ -344,7 +367,7 @@ class Pve:
         else:
             rel = f"run/lock/lxc/pve-config-{vmid}.lock"
             shown = f"/run/lock/lxc/pve-config-{vmid}.lock"
-        with flocked(self.p(rel), LOCK_TIMEOUT, shown):
+        with flocked(self.p(rel), LOCK_TIMEOUT * self.scale, shown):
             yield
 
     def faults(self, vmid: int) -> dict:
@@ -423,14 +446,40 @@ class Pve:
             return None
         return raw.decode(errors="replace").rstrip("\0").split("\0")
 
-    def spawn_proc(self, argv: Sequence[str], comm: str) -> int:
-        pid = self.alloc_pid()
+    def boot_time(self) -> float:
+        """When the fake host booted (epoch): the origin of the processes' start times."""
+        path = self.sim / "boot-time"
+        try:
+            return float(path.read_text())
+        except (FileNotFoundError, ValueError):
+            write_atomic(path, f"{time.time() - 1000:.2f}\n")  # up for a while already
+            return float(path.read_text())
+
+    def spawn_proc(self, argv: Sequence[str], comm: str, pid: int | None = None) -> int:
+        """A fake process: ``/proc/<pid>/{comm,stat,cmdline}``; ``pid`` reuses a given pid."""
+        pid = self.alloc_pid() if pid is None else pid
         d = self.p(f"proc/{pid}")
+        remove(d)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "comm").write_text(comm + "\n")
+        (d / "comm").write_text(comm[:15] + "\n")
+        # the kernel's format: field 3 the state, field 22 the start time in clock ticks
+        ticks = int((time.time() - self.boot_time()) * CLOCK_TICKS)
+        fields = ["S", "1", str(pid), str(pid), "0", "-1", "4194560"] + ["0"] * 10
+        fields += ["1", "0", str(ticks)] + ["0"] * 30
+        write_atomic(d / "stat", f"{pid} ({comm[:15]}) {' '.join(fields)}\n")
         # cmdline last: its existence is what makes the process "alive".
         write_atomic(d / "cmdline", "".join(a + "\0" for a in argv))
         return pid
+
+    def proc_starttime(self, pid: int) -> int | None:
+        try:
+            rest = self.p(f"proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            return None
+        return int(rest[19])
+
+    def end_proc(self, pid: int) -> None:
+        remove(self.p(f"proc/{pid}"))
 
     def vm_pid(self, vmid: int) -> int | None:
         """vm_running_locally: the pid file names a live kvm process for this VMID."""
@@ -911,7 +960,7 @@ class Pve:
         ids: Sequence[str],
         vmid: int,
         out: Out,
-        timeout: int | None = None,
+        timeout: int = 10,
         pid: int | None = None,
     ) -> None:
         """reserve_pci_usage (qemu-server src/PVE/QemuServer/PCI.pm): all or nothing, the
@@ -949,7 +998,7 @@ class Pve:
                 if pid is not None:
                     res[pci_id]["pid"] = pid
                 else:
-                    res[pci_id]["time"] = now + (timeout or START_TIMEOUT) + 5
+                    res[pci_id]["time"] = now + math.ceil((timeout + 5) * self.scale)
             self.write_reservations(res)
 
     def remove_reservations(self, vmid: int) -> None:
@@ -1125,7 +1174,7 @@ class Pve:
         PVECT.pm shutdown, which does not: a CT that ignores it leaves the service in ``error``.
         """
         faults = self.faults(vmid)
-        time.sleep(float(faults.get("ha_delay", DEFAULT_HA_DELAY)))
+        self.sleep(float(faults.get("ha_delay", DEFAULT_HA_DELAY)))
         out = Out()
         t0 = time.time()
         sid = ("vm:" if kind == "qemu" else "ct:") + str(vmid)
@@ -1146,7 +1195,7 @@ class Pve:
             elif self.is_running(vmid):
                 delay = float(faults.get("shutdown_delay", 0))
                 ignores = faults.get("ignore_shutdown") or delay > timeout
-                time.sleep(timeout if ignores else delay)
+                self.sleep(timeout if ignores else delay)
                 if ignores and kind == "lxc":
                     self.set_ha_service_status(vmid, "error")
                     raise PveError(f"unable to stop service {sid} (still running)")
@@ -1182,7 +1231,7 @@ class Pve:
         guest-agent request stays delivered (qemu-server API2/Qemu.pm vm_shutdown; lxc-stop
         --nokill, pve-container PVE/LXC.pm vm_stop). qmeventd then runs ``qm cleanup``, which
         frees the PCI reservations but applies no pending change (notes: qm cleanup)."""
-        time.sleep(delay)
+        self.sleep(delay)
         t0 = time.time()
         if self.is_running(vmid):
             with self.guest_lock(kind, vmid):
@@ -1352,6 +1401,28 @@ class Pve:
                     res.append((dev, norm_pci_id(opts["host"])))
         return res
 
+    @staticmethod
+    def config_aware_timeout(cfg: Config, resume: bool) -> int:
+        """qemu-server PVE/QemuServer/Helpers.pm config_aware_timeout, on the config the start
+        uses (templates minimized: no hostpci, no net): 30 s, or memory/1024 above 30 GiB; x4
+        with a hostpciN; >= 300 resuming; >= 150 with hugepages; +5 per netN (>= 8.3.1)."""
+        memory = 512  # get_current_memory: the "current" key of the memory property string
+        for item in (cfg.get("memory") or "").split(","):
+            key, eq, value = item.strip().partition("=")
+            number = value if eq else key
+            if (key == "current" or not eq) and number.isdigit():
+                memory = int(number)
+                break
+        timeout = memory // 1024 if memory > 30720 else 30
+        keys = cfg.keys()
+        if any(re.fullmatch(r"hostpci[0-9]+", k) for k in keys):
+            timeout *= 4
+        if resume and timeout < 300:
+            timeout = 300
+        if (cfg.get("hugepages") or "0") != "0":  # any, 2 or 1024
+            timeout = max(timeout, 150)
+        return timeout + 5 * sum(1 for k in keys if re.match(r"net\d+", k))
+
     def vm_start(
         self,
         vmid: int,
@@ -1360,6 +1431,7 @@ class Pve:
         paused: bool = False,
         for_backup: bool = False,
         use_faults: bool = True,
+        timeout: int | None = None,
         out: Out | None = None,
     ) -> int:
         """qemu-server's vm_start (+ QEMU's own vfio checks). Returns the new QEMU pid."""
@@ -1376,19 +1448,37 @@ class Pve:
                 raise PveError(f"VM is locked ({lock})")
             if self.vm_pid(vmid):
                 raise PveError(f"VM {vmid} already running")
-            cfg = self.apply_pending("qemu", vmid, cfg)
+            resume = lock == "suspended" or cfg.get("vmstate") is not None
+            if not resume:
+                cfg = self.apply_pending("qemu", vmid, cfg)
             faults = self.faults(vmid) if use_faults else {}
+            # the guest hookscript's pre-start: after pending, before the PCI choice; PVE does
+            # not bound it (fault hookscript_delay: how long it takes)
+            self.sleep(float(faults.get("hookscript_delay", 0)))
             # Templates are started for backup with their disks only (qemu-server >= 8.2.2).
             devices = [] if template else self.parse_hostpci_devices(vmid, cfg, out)
             raw = [] if template else self.args_vfio(cfg.get("args"))
+            # vm_start_nolock: the start timeout is `qm start --timeout`, else
+            # config_aware_timeout of the config the start uses; it is both the reservation's
+            # lifetime and QEMU's time to come up
+            if timeout is None:
+                timeout = self.config_aware_timeout(Config() if template else cfg, resume)
             try:
                 self.choose_hostpci(vmid, devices, out)
                 real_ids = [i for d in devices if not d.mdev for i in d.ids]
-                self.reserve(real_ids, vmid, out, timeout=START_TIMEOUT)
+                # PCI.pm reserve_pci_usage: time:<now + start timeout + 5> until QEMU runs
+                self.reserve(real_ids, vmid, out, timeout=timeout)
                 dev_args = self.prepare_pci(vmid, devices, raw)
                 if faults.get("start_fails"):
                     raise PveError("start failed: QEMU exited with code 1")
-                time.sleep(float(faults.get("start_delay", 0)))
+                delay = float(faults.get("start_delay", 0))
+                if delay > timeout:
+                    # run_command's timeout: QEMU did not daemonize in time, it is killed
+                    self.sleep(timeout)
+                    raise PveError(
+                        f"start failed: command '/usr/bin/kvm -id {vmid} ...' failed: got timeout"
+                    )
+                self.sleep(delay)
                 argv = self.kvm_argv(vmid, cfg, dev_args, paused)
                 pid = self.spawn_proc(argv, "kvm")
                 status = "prelaunch" if paused or faults.get("start_paused") else "running"
@@ -1507,7 +1597,7 @@ class Pve:
             remove(self.p(f"proc/{pid}"))
         remove(self.p(f"run/qemu-server/{vmid}.pid"))
         remove(self.sim / f"qmp-{vmid}")
-        time.sleep(float(self.faults(vmid).get("cleanup_delay", 0)))
+        self.sleep(float(self.faults(vmid).get("cleanup_delay", 0)))
         self.remove_reservations(vmid)
         self.remove_mdevs(vmid)
 
@@ -1522,7 +1612,7 @@ class Pve:
         use_faults: bool = True,
         out: Out | None = None,
     ) -> None:
-        """qemu-server's vm_stop: graceful (shutdown=True) or hard."""
+        """qemu-server's vm_stop (_do_vm_stop): graceful (shutdown=True) or hard."""
         out = out or Out()
         if not self.conf_path("qemu", vmid).exists():
             raise self.missing_conf("qemu", vmid)
@@ -1537,19 +1627,58 @@ class Pve:
                 return
             if shutdown:
                 faults = self.faults(vmid) if use_faults else {}
+                if timeout is None:  # the guest's own shutdown timeout, else 60
+                    down = re.search(r"(?:^|,)down=(\d+)", cfg.get("startup") or "")
+                    timeout = int(down.group(1)) if down and int(down.group(1)) else None
                 limit = QEMU_SHUTDOWN_TIMEOUT if timeout is None else timeout
-                delay = float(faults.get("shutdown_delay", 0))
-                if faults.get("ignore_shutdown") or delay > limit:
-                    time.sleep(limit)
-                    if not force:
-                        self.late_poweroff(vmid, "qemu")
-                        raise PveError("VM quit/powerdown failed - got timeout")
-                    out.warn("VM still running - terminating now with SIGTERM")
-                else:
-                    time.sleep(delay)
+                self.shutdown_vm(vmid, cfg, limit, force, faults, out)
             self.kill_guest("qemu", vmid)
             # _do_vm_stop: vm_stop_cleanup(..., apply_pending=1) (qemu-server PVE/QemuServer.pm)
             self.apply_pending("qemu", vmid, self.read_config("qemu", vmid))
+
+    def shutdown_vm(
+        self, vmid: int, cfg: Config, limit: int, force: bool, faults: dict, out: Out
+    ) -> None:
+        """_do_vm_stop's graceful part; returns once the guest powered off (or is to be killed).
+
+        Faults: ``shutdown_delay`` (s from the request to the power-off), ``ignore_shutdown``
+        (never), ``agent_reply_delay`` (s until the guest agent answers ``guest-shutdown``; it
+        closes the connection at the power-off at the latest), ``agent_down`` (the agent does
+        not answer its ping)."""
+        delay = float(faults.get("shutdown_delay", 0))
+        if faults.get("ignore_shutdown"):
+            delay = math.inf
+        agent = re.match(r"(?:enabled=)?(1|on|yes|true)\b", cfg.get("agent") or "")
+        if agent and faults.get("agent_down"):
+            # qga_check_running: guest-ping with a 3 s timeout, then ACPI instead
+            self.sleep(AGENT_PING_TIMEOUT)
+            out.warn(
+                f"QEMU Guest Agent is not running - VM {vmid} qga command 'guest-ping' failed "
+                "- got timeout"
+            )
+            agent = None
+        waited = 0.0
+        if agent:
+            # guest-shutdown with the shutdown timeout as its QMP timeout; may close at power-off
+            reply = min(float(faults.get("agent_reply_delay", 0)), delay)
+            if reply > limit:
+                self.sleep(limit)
+                if not force:
+                    self.late_poweroff(vmid, "qemu")
+                    raise PveError("VM quit/powerdown failed")
+                out.warn("VM quit/powerdown failed - terminating now with SIGTERM")
+                return
+            self.sleep(reply)
+            waited = reply
+        # then poll check_running once a second, up to the timeout
+        if delay - waited > limit:
+            self.sleep(limit)
+            if not force:
+                self.late_poweroff(vmid, "qemu")
+                raise PveError("VM quit/powerdown failed - got timeout")
+            out.warn("VM still running - terminating now with SIGTERM")
+            return
+        self.sleep(delay - waited)
 
     # ---- LXC ----------------------------------------------------------------------------------
 
@@ -1586,7 +1715,8 @@ class Pve:
                     raise PveError(f"startup for container '{vmid}' failed", before=failed)
             if faults.get("start_fails"):
                 raise PveError(f"startup for container '{vmid}' failed", before=failed)
-            time.sleep(float(faults.get("start_delay", 0)))
+            # systemctl start pve-container@<vmid>, then monitor_start waits up to 10 s
+            self.sleep(float(faults.get("start_delay", 0)))
             pid = self.spawn_proc(["/sbin/init"], "systemd")
             write_atomic(self.sim / f"ct-{vmid}.procs", f"{pid}\n")
             if self.ct_cgroup_dirs:
@@ -1624,16 +1754,25 @@ class Pve:
                 faults = self.faults(vmid) if use_faults else {}
                 limit = LXC_SHUTDOWN_TIMEOUT if timeout is None else timeout
                 delay = float(faults.get("shutdown_delay", 0))
-                if faults.get("ignore_shutdown") or delay > limit:
-                    time.sleep(limit)
-                    if not force:
+                if faults.get("ignore_shutdown"):
+                    delay = math.inf
+                # pve-container vm_stop: lxc-stop --nokill --timeout T (run under T+5); if it
+                # fails, a poll of up to T+5 s more for the command socket to close
+                if delay > limit and force:
+                    self.sleep(limit)  # lxc-stop without --nokill kills it after the timeout
+                elif delay > limit:
+                    self.sleep(limit)
+                    out.warn(
+                        f"command 'lxc-stop -n {vmid} --nokill --timeout {limit}' failed: "
+                        "exit code 1"
+                    )
+                    if delay > limit + limit + 5:
+                        self.sleep(limit + 5)
                         self.late_poweroff(vmid, "lxc")
-                        raise PveError(
-                            f"command 'lxc-stop -n {vmid} --timeout {limit}' failed: exit code 1"
-                        )
-                    out.warn("shutdown failed - forcing stop now")
+                        raise PveError("container did not stop")
+                    self.sleep(delay - limit)
                 else:
-                    time.sleep(delay)
+                    self.sleep(delay)
             self.kill_guest("lxc", vmid)
 
     def ct_freeze(self, vmid: int, frozen: bool) -> None:
@@ -1732,6 +1871,41 @@ def kill_caller() -> None:
             os.kill(parent, signal.SIGKILL)
 
 
+TASK_STOP = "task-stop.json"  # in run/fake-pve: the GUI stopped the backup task (see below)
+
+
+def stop_caller_task(pve: Pve, grace: float) -> None:
+    """Test fault: the GUI's "Stop" of the backup task whose hook runs this command.
+
+    PVE (pve-common PVE/RESTEnvironment.pm check_worker, kill_process_group): SIGTERM to the
+    task's whole process group, then SIGKILL to it if its worker still runs ``grace`` s later (5 s
+    in PVE). The calling hook's process group stands for the task's; the vzdump driver reads
+    ``run/fake-pve/task-stop.json`` and plays the worker's part. A CLI in that group gets the
+    SIGTERM too and passes it on to its worker (tee_worker), which dies with "received
+    interrupt": see :func:`main`.
+    """
+    parent = os.getppid()
+    with contextlib.suppress(OSError):
+        if b"pvegpuhook" not in Path(f"/proc/{parent}/cmdline").read_bytes():
+            return  # never the test runner (an in-process hook)
+        group = os.getpgid(parent)
+        kill_at = time.time() + grace * pve.scale
+        write_atomic(pve.sim / TASK_STOP, json.dumps({"pgid": group, "kill_at": kill_at}) + "\n")
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "tests.sim.pve", "kill-group"),
+                *(str(group), str(kill_at), str(pve.sim / TASK_STOP)),
+            ],
+            cwd=REPO,
+            env={"PYTHONPATH": str(REPO)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        os.killpg(group, signal.SIGTERM)
+
+
 def guest_cli(pve: Pve, prog: str, argv: list[str], out: Out) -> int:
     kind = "qemu" if prog == "qm" else "lxc"
     if not argv or argv[0] not in OPTIONS[prog]:
@@ -1787,10 +1961,13 @@ def guest_cli(pve: Pve, prog: str, argv: list[str], out: Out) -> int:
             pve.set_qmp(vmid, "running")
         return 0
     if cmd == "start":
+        grace = pve.take_fault(vmid, "task_stop")
+        if grace is not None:
+            stop_caller_task(pve, float(grace))  # type: ignore[arg-type]
         if ha:
             pve.ha_request("start", kind, vmid, 0, out)
         elif kind == "qemu":
-            pve.vm_start(vmid, skiplock=skiplock, out=out)
+            pve.vm_start(vmid, skiplock=skiplock, timeout=timeout, out=out)
         else:
             pve.ct_start(vmid, skiplock=skiplock, out=out)
         return 0
@@ -1864,6 +2041,13 @@ def main(prog: str, argv: Sequence[str], root: Path | str) -> int:
     pve = Pve(root)
     out = Out(echo=True)
     t0 = time.time()
+
+    def interrupted(signum: int, frame: object) -> None:
+        # the CLI passes SIGINT/TERM/QUIT on to its worker, which dies (RESTEnvironment.pm)
+        raise PveError("received interrupt")
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(signum, interrupted)
     try:
         code = (
             ha_cli(pve, list(argv), out)
@@ -1895,7 +2079,20 @@ def _worker_main(worker: str, argv: list[str]) -> int:
     return 0
 
 
+def _kill_group_main(argv: list[str]) -> int:
+    """The SIGKILL that follows the GUI's stop (:func:`stop_caller_task`), if the worker still
+    runs then: the vzdump driver removes the marker when its job ends."""
+    group, kill_at, marker = int(argv[0]), float(argv[1]), Path(argv[2])
+    time.sleep(max(0.0, kill_at - time.time()))
+    if marker.exists():
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("ha-worker", "late-poweroff"):
         sys.exit(_worker_main(sys.argv[1], sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "kill-group":
+        sys.exit(_kill_group_main(sys.argv[2:]))
     sys.exit(2)

@@ -44,7 +44,7 @@ TEMPLATE = """\
 DEFAULTS = {
     "shutdown_timeout": 180,
     "force_stop": False,
-    "start_timeout": 120,
+    "start_timeout": 0,  # no wait beyond what PVE allows for the guest
     "shutdown_watch": 1800,
     "protect": [],
     "restart": "after-guest",
@@ -98,6 +98,8 @@ def test_yaml_comment_only_document_parses_to_defaults() -> None:
         ("shutdown_timeout: 1", "shutdown_timeout", 1),
         ("shutdown_timeout: 86400", "shutdown_timeout", 86400),
         ("start_timeout: 5", "start_timeout", 5),
+        ("start_timeout: 0", "start_timeout", 0),
+        ("start_timeout: 600", "start_timeout", 600),
         ("shutdown_watch: 0", "shutdown_watch", 0),
         ("shutdown_watch: 600", "shutdown_watch", 600),
         ("force_stop: true", "force_stop", True),
@@ -172,6 +174,8 @@ def test_unknown_key_names_file_line_and_key(host_root: Path) -> None:
         ("shutdown_timeout: 1.5", 2, "shutdown_timeout"),
         ("shutdown_timeout:", 2, "shutdown_timeout"),
         ("start_timeout: false", 2, "start_timeout"),
+        ("start_timeout: -1", 2, "start_timeout"),
+        ("start_timeout: 86401", 2, "start_timeout"),
         ("shutdown_watch: -1", 2, "shutdown_watch"),
         ("shutdown_watch: 30m", 2, "shutdown_watch"),
         ("start_timeout: [1]", 2, "start_timeout"),
