@@ -259,7 +259,7 @@ def _rows(report: RestartReport, *, dry_run: bool) -> list[Row]:
     dropped = "record would be dropped" if dry_run else "record dropped"
     for record in report.dropped:
         if runtime.running(record.kind, record.vmid):
-            rows.append(Row(record, record.vmid, "running", f"already running: {dropped}"))
+            rows.append(Row(record, record.vmid, "running", dropped))
         else:  # HA or a migration placed it on another node
             rows.append(Row(record, record.vmid, "moved", f"on another node now: {dropped}"))
     rows += [Row(r, r.vmid, "kept", why) for r, why in report.kept]
