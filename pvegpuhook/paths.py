@@ -48,6 +48,7 @@ QM = "usr/sbin/qm"
 PCT = "usr/sbin/pct"
 HA_MANAGER = "usr/sbin/ha-manager"
 VMLIST = "etc/pve/.vmlist"
+USER_CFG = "etc/pve/user.cfg"  # users, ACLs and resource pools (pool:<name>:<comment>:<vmids>:...)
 
 
 def shown(relative: str) -> str:

@@ -360,6 +360,12 @@ class FakeNode:
         """Real seconds per simulated second of the fake PVE (its timeouts, waits and delays)."""
         write_atomic(self.root / "run/fake-pve/clock.json", json.dumps({"scale": scale}) + "\n")
 
+    def add_pool(self, name: str, vmids: list[int]) -> None:
+        """A resource pool in user.cfg (Datacenter → Permissions → Pools)."""
+        path = self.root / "etc/pve/user.cfg"
+        text = path.read_text() if path.exists() else ""
+        write_atomic(path, text + f"pool:{name}::{','.join(map(str, vmids))}::\n")
+
     def write_override(self, yaml_text: str) -> None:
         write_atomic(
             self.root / "etc/pve-gpu-hook/config.yaml", textwrap.dedent(yaml_text).lstrip("\n")

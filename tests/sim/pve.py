@@ -348,6 +348,30 @@ class Pve:
                 ids.update(int(f.stem) for f in d.glob("*.conf") if f.stem.isdigit())
         return sorted(ids)
 
+    def pool_members(self, pool: str) -> list[int]:
+        """A resource pool's guests (pve-manager PVE/API2Tools.pm get_resource_pool_guest_members:
+        the pool's VMIDs from user.cfg that .vmlist knows; pve-access-control
+        PVE/AccessControl.pm parse_user_config: ``pool:<name>:<comment>:<vmids>:<storages>:``,
+        a VMID already in another pool ignored). vzdump dies when the pool does not exist."""
+        path = self.p("etc/pve/user.cfg")
+        text = path.read_text() if path.exists() else ""
+        seen: set[int] = set()
+        found: set[int] | None = None
+        for line in text.splitlines():
+            fields = [f.strip() for f in line.strip().split(":")]
+            if len(fields) < 2 or fields[0] != "pool":
+                continue
+            vmids = {
+                int(v) for v in re.split(r"[,;\s]+", fields[3] if len(fields) > 3 else "") if v
+            } - seen
+            seen |= vmids
+            if fields[1] == pool:
+                found = vmids
+        if found is None:
+            raise PveError(f"pool '{pool}' does not exist")
+        known = set(self.local_guests()) | {int(k) for k in self.vmlist().get("ids", {})}
+        return sorted(found & known)
+
     def read_config(self, kind: str, vmid: int) -> Config:
         path = self.conf_path(kind, vmid)
         try:
