@@ -251,3 +251,18 @@ def test_handover_disable(tmp_path: Path) -> None:
     qm = node.root / "usr/sbin/qm"
     assert os.spawnv(os.P_WAIT, str(qm), [str(qm), "start", "102"]) != 0  # PVE's own refusal
     assert node.running_guests() == {104} and commands(node, "shutdown") == []
+
+
+def test_scan_shows_which_guests_have_the_hand_over(tmp_path: Path) -> None:
+    node = hand_over_node(tmp_path)
+    assert cli(node, "handover", "enable", "103").returncode == 0
+    data = json.loads(cli(node, "scan", "--output-format", "json").stdout)
+    claims = [c for d in data["devices"] for c in d["claims"]]
+    assert {c["vmid"]: c["handover"] for c in claims} == {
+        102: False,
+        103: True,
+        104: False,
+        105: False,
+    }
+    text = cli(node, "scan").stdout
+    assert "VM 103 (hand-over)" in text and "VM 102 (hand-over)" not in text
