@@ -20,14 +20,14 @@ from enum import StrEnum
 from pvegpuhook import act, paths, runtime, timing
 from pvegpuhook.errors import EXIT_USAGE, ConfigError, GpuHookError
 from pvegpuhook.inventory import Inventory, load_guest
-from pvegpuhook.log import Log
+from pvegpuhook.log import HANDOVER, Log
 from pvegpuhook.model import Guest, GuestKind, Holder, Need
 from pvegpuhook.plan import HandoverDecision, HandoverVerdict, Stop, decide_handover
 from pvegpuhook.records import duration
 from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
 
-PHASE = "handover"  # the log file's phase for every hand-over line, whichever front
+PHASE = HANDOVER  # the log file's phase for every hand-over line, whichever front
 
 
 class Action(StrEnum):

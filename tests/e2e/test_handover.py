@@ -266,3 +266,18 @@ def test_scan_shows_which_guests_have_the_hand_over(tmp_path: Path) -> None:
     }
     text = cli(node, "scan").stdout
     assert "VM 103 (hand-over)" in text and "VM 102 (hand-over)" not in text
+
+
+def test_a_hand_over_during_a_backup_job_is_not_the_jobs(tmp_path: Path) -> None:
+    """status reads the last job from the log: a refused hand-over in the middle of a job is no
+    failure of that job."""
+    node = seed_node(tmp_path, FAST + "protect: [104]\n")
+    (node.root / "var/log/pve-gpu-hook.log").write_text(
+        "2026-11-30T01:00:00+00:00 job-start - called: job-start\n"
+    )
+    assert cli(node, "start", "102").returncode == 1
+    with (node.root / "var/log/pve-gpu-hook.log").open("a") as log:
+        log.write("2026-11-30T01:00:09+00:00 job-end - called: job-end\n")
+    data = json.loads(cli(node, "status", "--output-format", "json").stdout)
+    assert data["last_job"]["result"] == "ok", data["last_job"]
+    assert not any("handover" in str(a) for a in data["last_job"]["actions"])
