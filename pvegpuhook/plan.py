@@ -339,6 +339,81 @@ def _decide_restart_in_stop_mode(
     return decision
 
 
+# ---- handing a GPU over to a guest the admin starts --------------------------------------------
+
+
+class HandoverVerdict(StrEnum):
+    RUNNING = "running"  # it runs already, with its devices: nothing to do
+    START = "start"  # shut these holders down (maybe none), then start it
+    REFUSE = "refuse"  # stop nobody: a holder must not stop, or PVE would not start the guest
+
+
+class HandoverDecision:
+    """Who gives a guest's devices up before the admin's start of it; decided in full before
+    anybody is stopped, so that a refusal leaves every guest as it was."""
+
+    __slots__ = ("guest", "verdict", "reason", "stops", "refusal")
+
+    def __init__(self, guest: Guest, verdict: HandoverVerdict, reason: str = "") -> None:
+        self.guest = guest
+        self.verdict = verdict
+        self.reason = reason
+        self.stops: list[Stop] = []
+        self.refusal: Refusal | None = None
+
+
+def decide_handover(
+    guest: Guest,
+    *,
+    running: bool,
+    needs: list[Need],
+    holders: list[Holder],
+    protect: frozenset[int],
+    starting: bool = False,
+) -> HandoverDecision:
+    """The hand-over of every unit ``guest`` claims at its next start (its ``needs``: a VM's
+    passthrough lines with pending changes applied, mapping pools picked as PVE picks them; a
+    CT's device nodes) from the running ``holders``. Holders are not started again: the admin
+    chose this guest. ``protect``ed, locked and starting holders are never stopped.
+    ``starting``: PVE is starting it now (its guest hookscript's ``pre-start``), its own checks
+    passed."""
+
+    def refuse(reason: str) -> HandoverDecision:
+        return HandoverDecision(guest, HandoverVerdict.REFUSE, reason)
+
+    if running:
+        return HandoverDecision(guest, HandoverVerdict.RUNNING, f"{guest.label} runs already")
+    if guest.template and not starting:
+        return refuse(f"{guest.label} is a template: PVE starts no template")
+    # a hibernated VM (lock: suspended) is resumed by its start (qemu-server vm_start)
+    if guest.lock and guest.lock != "suspended" and not starting:
+        return refuse(f"{guest.label} is locked ({guest.lock}): PVE would not start it")
+    if not needs:
+        return HandoverDecision(guest, HandoverVerdict.START, "no passthrough device")
+    plan = plan_free(guest, needs, holders, protect)
+    if plan.refusal is not None:
+        refusal = plan.refusal
+        decision = refuse(
+            f"cannot free {refusal.address}: {refusal.holder.guest.label} {refusal.reason}"
+        )
+        decision.refusal = refusal
+        return decision
+    for need, pick in zip(needs, plan.picks, strict=True):
+        if pick is None:
+            return refuse(f"{need.source}: none of its devices is available on this node")
+    for stop in plan.stops:  # its start reserved the device: it cannot be stopped half-started
+        if stop.holder.starting:
+            return refuse(
+                f"cannot free {stop.address}: {stop.holder.guest.label} is starting right now "
+                "(try again once it runs)"
+            )
+    decision = HandoverDecision(guest, HandoverVerdict.START)
+    decision.stops = plan.stops
+    if not plan.stops:
+        decision.reason = "every device it needs is free"
+    return decision
+
+
 # ---- starting recorded guests again -------------------------------------------------------------
 
 
