@@ -21,8 +21,8 @@ from pvegpuhook import __version__
 from pvegpuhook.errors import EXIT_USAGE, GpuHookError
 from pvegpuhook.log import clean
 
-# in the order an admin meets them: look, predict, repair, set up
-COMMANDS = ("status", "scan", "dry-run", "recover", "register", "unregister")
+# in the order an admin meets them: look, predict, repair, act, set up
+COMMANDS = ("status", "scan", "dry-run", "recover", "start", "register", "unregister", "handover")
 
 
 class HelpFormatter(argparse.HelpFormatter):

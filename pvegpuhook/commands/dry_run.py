@@ -2,24 +2,30 @@
 
 Runs no command and writes nothing. JSON shape (``--output-format json``)::
 
-    {"format": 1, "mode": "stop", "restart": "after-guest", "ok": true,
+    {"format": 1, "mode": "stop", "restart": "job-aware", "ok": true,
      "guests": [{"vmid": 102, "type": "qemu", "name": "gpu2", "mode": "stop",
                  "devices": ["0000:01:00.0"], "stops": [{"vmid": 104, "address": "0000:01:00.0"}],
-                 "restarted_after": [104], "outcome": "ok", "reason": ""}],
-     "restarted_at_job_end": [], "down_for_backups": {"104": 3}, "warnings": []}
+                 "restarted_after": [], "outcome": "ok", "reason": ""}, ...],
+     "restarted_at_job_end": [], "down_for_backups": {"104": 3},
+     "holders": {"104": {"cycles": 1, "down_seconds": 840, "during": [102, 103, 105]}},
+     "warnings": []}
+
+``restarted_after``: holders started again after this guest's backup; ``down_seconds``: the
+expected time down, from the guests' previous backup durations (10 minutes for a guest
+without one).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from pvegpuhook import completion, runtime
+from pvegpuhook import completion, runtime, vzdumpjob
 from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, ConfigError, GpuHookError
 from pvegpuhook.inventory import Inventory, all_guests
-from pvegpuhook.model import guest_label
+from pvegpuhook.model import Guest, Need
 from pvegpuhook.output import Table, add_output_options, emit
-from pvegpuhook.plan import JobForecast, forecast_job
+from pvegpuhook.plan import GuestForecast, JobForecast, forecast_job
 from pvegpuhook.settings import load_settings
 from pvegpuhook.vmid import parse_vmid
 
@@ -106,11 +112,23 @@ def run(args: argparse.Namespace) -> int:
         protect=settings.protect,
         restart=settings.restart,
         ha={vmid for vmid, state in inventory.ha_states().items() if state == "started"},
+        durations=_durations(order),
+        keep_down_max=settings.keep_down_max,
     )
     notes.extend(f"warning: {w}" for w in warnings)
     data = _as_data(forecast, args.mode, settings.restart, notes)
     emit(args, data, _tables(forecast), notes + _summary(forecast))
     return EXIT_OK if forecast.ok else EXIT_ATTENTION
+
+
+def _durations(order: list[tuple[Guest, bool, list[Need]]]) -> dict[int, float]:
+    """Each guest's previous backup, from vzdump's per-guest logs (as the hook reads them)."""
+    found = {}
+    for guest, _, _ in order:
+        seconds = vzdumpjob.last_backup_seconds(guest.kind, guest.vmid)
+        if not isinstance(seconds, vzdumpjob.Unknown):
+            found[guest.vmid] = float(seconds)
+    return found
 
 
 def _as_data(forecast: JobForecast, mode: str, restart: str, notes: list[str]) -> dict[str, object]:
@@ -134,15 +152,39 @@ def _as_data(forecast: JobForecast, mode: str, restart: str, notes: list[str]) -
         ],
         "restarted_at_job_end": forecast.restarted_at_end,
         "down_for_backups": {str(k): v for k, v in sorted(forecast.down_for.items())},
+        "holders": {
+            str(vmid): {
+                "cycles": cost.cycles,
+                "down_seconds": round(cost.down_seconds),
+                "during": cost.during,
+            }
+            for vmid, cost in sorted(forecast.holders.items())
+        },
         "warnings": notes,
     }
+
+
+def _back(forecast: JobForecast, step: GuestForecast) -> str:
+    """When the holders stopped for ``step`` run again."""
+    whens = []
+    for stop in step.stops:
+        vmid = stop.holder.vmid
+        later = forecast.guests[forecast.guests.index(step) :]
+        back = next((g for g in later if vmid in g.restarted), None)
+        if back is None:
+            whens.append("at job end")
+        elif back is step:
+            whens.append("after this backup")
+        else:
+            whens.append(f"after {back.guest.label}")
+    return ", ".join(dict.fromkeys(whens))
 
 
 def _tables(forecast: JobForecast) -> list[Table]:
     rows = []
     for g in forecast.guests:
         stops = ", ".join(s.holder.guest.label for s in g.stops)
-        back = ("after this backup" if g.restarted else "at job end") if g.stops else ""
+        back = _back(forecast, g)
         outcome = g.outcome if not g.reason else f"{g.outcome}: {g.reason}"
         rows.append(
             {
@@ -166,12 +208,27 @@ def _tables(forecast: JobForecast) -> list[Table]:
 
 
 def _summary(forecast: JobForecast) -> list[str]:
+    """Per holder what the night costs it, in words: cycles, time down, whose backups."""
     lines = []
     labels = {s.holder.vmid: s.holder.guest.label for g in forecast.guests for s in g.stops}
-    for vmid, count in sorted(forecast.down_for.items()):
-        label = labels.get(vmid, guest_label("qemu", vmid))
-        lines.append(f"{label} is down during {count} guest backup(s)")
+    for vmid, cost in sorted(forecast.holders.items()):
+        times = {1: "once", 2: "twice"}.get(cost.cycles, f"{cost.cycles} times")
+        during = ", ".join(str(v) for v in cost.during)
+        lines.append(
+            f"{labels.get(vmid, cost.label)}: shut down {times}, down about "
+            f"{_about(cost.down_seconds)}, during the backups of {during}"
+        )
     if forecast.restarted_at_end:
         names = ", ".join(labels.get(v, str(v)) for v in forecast.restarted_at_end)
         lines.append(f"started again at job end: {names}")
     return lines
+
+
+def _about(seconds: float) -> str:
+    """An expected duration, rounded as an estimate deserves."""
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return "a minute"
+    if minutes < 120:
+        return f"{minutes} min"
+    return f"{seconds / 3600:.1f} h"

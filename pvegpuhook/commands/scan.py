@@ -27,7 +27,9 @@ JSON shape of ``scan`` (keys sorted by ``emit``)::
                               "source": "hostpci0" | "args" | "dev0 (line 7)" | ...,
                               "address": "0000:01:00", # as the config names it, normalised
                               "mapping": "gpu" | null, "onboot": bool, "template": bool,
-                              "running": bool | null}],  # null: unknown (another node)
+                              "running": bool | null,  # null: unknown (another node)
+                              "handover": bool}],  # its start shuts the holders down
+                                                   # (pve-gpu-hook handover enable)
                   "held_by": [104]}],                  # running guests using it now
      "warnings": [str, ...]}
 
@@ -65,6 +67,7 @@ from pvegpuhook import completion, pci
 from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_OK, EXIT_USAGE, GpuHookError
 from pvegpuhook.findings import Finding, findings, join_and
+from pvegpuhook.handover import is_ours
 from pvegpuhook.inventory import Inventory
 from pvegpuhook.model import Claim, ClaimKind, Guest, GuestKind, Need, guest_label
 from pvegpuhook.nodeview import NodeView, cluster_views, local_view
@@ -162,6 +165,7 @@ def node_report(view: NodeView, found: list[Finding]) -> Json:
                 "onboot": guest.onboot,
                 "template": guest.template,
                 "running": view.is_running(guest.vmid),
+                "handover": is_ours(guest.config.values().get("hookscript")),
             }
         )
     for holder in view.holders:
@@ -217,7 +221,8 @@ def node_report(view: NodeView, found: list[Finding]) -> Json:
 
 
 def claimed_by(claims: list[Json]) -> str:
-    """``VM 102, VM 104*, VM 106 (mdev), CT 200 (shared)`` — one item per guest, * = running."""
+    """``VM 102 (hand-over), VM 104*, VM 106 (mdev), CT 200 (shared)`` — one item per guest,
+    * = running; hand-over: its start shuts the holders down."""
     items: list[str] = []
     seen: set[object] = set()
     for claim in claims:
@@ -234,6 +239,8 @@ def claimed_by(claims: list[Json]) -> str:
             extras.append(claim["kind"])
         if claim["mapping"]:
             extras.append(f"mapping {claim['mapping']}")
+        if claim.get("handover"):
+            extras.append("hand-over")
         if extras:
             text += f" ({', '.join(extras)})"
         items.append(text)
