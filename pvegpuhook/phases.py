@@ -420,7 +420,12 @@ def restart_after_backup(log: Log, vmid: int) -> int:
         # job-aware: also the holders this job keeps down (those whose shutdown timed out
         # still run: they are watched, and left to job-end)
         kept = record.status == RecordStatus.STOPPED and upid is not None and record.upid == upid
-        return record.for_vmid == vmid or (aware and kept)
+        # a holder that powered off after its shutdown timed out starts with them, in the same
+        # order (fixed devices first): else a mapped guest started now may take its device
+        late = record.status == RecordStatus.STOP_FAILED and not runtime.running(
+            record.kind, record.vmid
+        )
+        return record.for_vmid == vmid or late or (aware and kept)
 
     candidates = [r for r in store.records() if ours(r)]
     if not candidates:
