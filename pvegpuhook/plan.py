@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pvegpuhook.model import RESERVED, Claim, Guest, GuestKind, Holder, Need
+from pvegpuhook.model import RESERVED, Claim, Guest, GuestKind, Holder, Need, start_failure
 
 UNORDERED = 1 << 62  # PVE starts guests without a startup order after those with one
 
@@ -36,12 +36,14 @@ class Refusal:
 
 
 class FreePlan:
-    __slots__ = ("target", "stops", "refusal")
+    __slots__ = ("target", "stops", "refusal", "picked")
 
     def __init__(self, target: Guest) -> None:
         self.target = target
         self.stops: list[Stop] = []
         self.refusal: Refusal | None = None
+        # the alternative of each need the target gets once the stops are done (PVE's choice)
+        self.picked: list[tuple[Need, tuple[Claim, ...]]] = []
 
 
 def _blockers(alternative: tuple[Claim, ...], holders: list[Holder]) -> dict[int, Stop]:
@@ -60,6 +62,15 @@ def _blockers(alternative: tuple[Claim, ...], holders: list[Holder]) -> dict[int
 def same_function(a: str, b: str) -> bool:
     """Whether two addresses (a function or a whole device) name a common PCI function."""
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def held_alternative(need: Need, held: list[Claim]) -> int | None:
+    """The index of the alternative of ``need`` whose functions a running guest holds (``held``:
+    its holder's claims, read from its QEMU), or None."""
+    for index, alternative in enumerate(need.alternatives):
+        if all(any(same_function(c.address, h.address) for h in held) for c in alternative):
+            return index
+    return None
 
 
 def _reserved(alternative: tuple[Claim, ...], holders: list[Holder], leaving: set[int]) -> bool:
@@ -124,6 +135,7 @@ def plan_free(
                 plan.refusal = first_refusal
             continue
         chosen.update(best[2])
+        plan.picked.append((need, alternatives[best[1]]))
     plan.stops = sorted(chosen.values(), key=lambda s: s.holder.vmid)
     return plan
 
@@ -132,15 +144,24 @@ def plan_free(
 
 
 class Verdict(StrEnum):
-    NOTHING = "nothing"  # nothing to free: the backup goes on as it would without the hook
+    # nothing to free: the backup goes on as it would without the hook (also when it fails
+    # whatever the hook does: see BackupDecision.failure)
+    NOTHING = "nothing"
     FREE = "free"  # shut these holders down first
     REFUSE = "refuse"  # the backup fails: a holder must not stop, or vzdump refuses the guest
 
 
 class BackupDecision:
-    """What happens at one guest's backup: its effective mode, the verdict and why."""
+    """What happens at one guest's backup: its effective mode, the verdict and why.
 
-    __slots__ = ("guest", "mode", "verdict", "reason", "stops", "refusal", "template")
+    ``failure``: vzdump will fail this backup whatever the hook does (PVE refuses to start the
+    VM with its devices): the verdict is then NOTHING, so that nobody is stopped for it.
+    ``picked``: the alternative of each need the guest gets (see :class:`FreePlan`).
+    """
+
+    __slots__ = (
+        "guest", "mode", "verdict", "reason", "stops", "refusal", "template", "failure", "picked",
+    )  # fmt: skip
 
     def __init__(self, guest: Guest, mode: str, verdict: Verdict, reason: str = "") -> None:
         self.guest = guest
@@ -150,6 +171,8 @@ class BackupDecision:
         self.stops: list[Stop] = []
         self.refusal: Refusal | None = None
         self.template = False  # backed up without its devices
+        self.failure: str | None = None
+        self.picked: list[tuple[Need, tuple[Claim, ...]]] = []
 
 
 def decide_backup(
@@ -174,18 +197,25 @@ def decide_backup(
         )
     if guest.kind != GuestKind.QEMU:
         return BackupDecision(guest, mode, Verdict.NOTHING, "vzdump never starts a stopped CT")
+    if guest.template and needs:
+        decision = BackupDecision(
+            guest, mode, Verdict.NOTHING, "template: backed up without its devices"
+        )
+        decision.template = True
+        return decision
+    failed = start_failure(needs)
+    if failed is not None and (not running or mode == "stop"):
+        # a stopped VM is started for its backup, a running one too in stop mode
+        why = f"{failed.source}: {failed.failure}"
+        decision = BackupDecision(guest, mode, Verdict.NOTHING, f"vzdump will fail: {why}")
+        decision.failure = why
+        return decision
     if running:
         return BackupDecision(
             guest, mode, Verdict.NOTHING, "running: it gives its devices up and takes them back"
         )
     if not needs:
         return BackupDecision(guest, mode, Verdict.NOTHING, "no passthrough device")
-    if guest.template:
-        decision = BackupDecision(
-            guest, mode, Verdict.NOTHING, "template: backed up without its devices"
-        )
-        decision.template = True
-        return decision
     plan = plan_free(guest, needs, holders, protect)
     if plan.refusal is not None:
         refusal = plan.refusal
@@ -198,9 +228,11 @@ def decide_backup(
         decision.refusal = refusal
         return decision
     if not plan.stops:
-        return BackupDecision(guest, mode, Verdict.NOTHING, "every device it needs is free")
-    decision = BackupDecision(guest, mode, Verdict.FREE)
-    decision.stops = plan.stops
+        decision = BackupDecision(guest, mode, Verdict.NOTHING, "every device it needs is free")
+    else:
+        decision = BackupDecision(guest, mode, Verdict.FREE)
+        decision.stops = plan.stops
+    decision.picked = plan.picked
     return decision
 
 
@@ -273,24 +305,22 @@ def plan_restart(
 class Forecast(StrEnum):
     OK = "ok"
     FAIL = "fail"
-    SKIP = "skip"
 
 
 class GuestForecast:
     """What the hook (and vzdump) will do for one guest of a job."""
 
-    __slots__ = ("decision", "addresses", "restarted", "outcome")
+    __slots__ = ("decision", "addresses", "restarted", "outcome", "needs")
 
-    def __init__(self, decision: BackupDecision, addresses: list[str]) -> None:
+    def __init__(
+        self, decision: BackupDecision, addresses: list[str], needs: list[Need] | None = None
+    ) -> None:
         self.decision = decision
         self.addresses = addresses
+        self.needs = needs or []
         self.restarted: list[int] = []  # holders started again at this guest's log-end
-        if decision.verdict == Verdict.REFUSE:
-            self.outcome = Forecast.FAIL
-        elif decision.template:
-            self.outcome = Forecast.SKIP
-        else:
-            self.outcome = Forecast.OK
+        failed = decision.verdict == Verdict.REFUSE or decision.failure is not None
+        self.outcome = Forecast.FAIL if failed else Forecast.OK
 
     @property
     def guest(self) -> Guest:
@@ -306,7 +336,10 @@ class GuestForecast:
 
     @property
     def reason(self) -> str:
-        return self.decision.reason if self.outcome != Forecast.OK else ""
+        """Why it fails, or what an admin might not expect of a good one (a template)."""
+        if self.outcome == Forecast.FAIL or self.decision.template:
+            return self.decision.reason
+        return ""
 
 
 class JobForecast:
@@ -348,7 +381,7 @@ def forecast_job(
             protect=protect,
             ha_started=guest.vmid in ha,
         )
-        step = GuestForecast(decision, [c.address for need in needs for c in need.claims()])
+        step = GuestForecast(decision, [c.address for n in needs for c in n.claims()], needs)
         forecast.guests.append(step)
         for stop in decision.stops:
             running.discard(stop.holder.vmid)
