@@ -314,7 +314,7 @@ def health_findings(view: NodeView) -> list[Finding]:
         functions = view.sysfs.functions(device)
         if not functions:
             continue
-        labels = _labels(view, sorted(vmids))
+        labels = join_and([f"{view.guests[v].kind.word} {v}" for v in sorted(vmids)])
         message = health_problem(view.sysfs, device, functions[0])
         if message is not None:
             found.append(Finding(f"{message} (passed through by {labels})", *sorted(vmids)))

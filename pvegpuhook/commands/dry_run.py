@@ -45,9 +45,9 @@ import argparse
 from pvegpuhook import completion, pci, runtime
 from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, ConfigError, GpuHookError
-from pvegpuhook.findings import health_problem
+from pvegpuhook.findings import health_problem, join_and
 from pvegpuhook.inventory import Inventory, all_guests
-from pvegpuhook.model import Holder, guest_label
+from pvegpuhook.model import Holder, guest_label, start_failure
 from pvegpuhook.output import Table, add_output_options, emit
 from pvegpuhook.plan import (
     Forecast,
@@ -123,7 +123,12 @@ def run(args: argparse.Namespace) -> int:
         guest = guests[vmid]
         is_running = runtime.running(guest.kind, vmid)
         needs, problems = inventory.needs(guest, for_start=not is_running)
-        warnings.extend(w for w in problems if w not in warnings)
+        # PVE refusing its start is this guest's reason (with the file and line), not a warning
+        failed = start_failure(needs)
+        said = f"{failed.blame}: {failed.source}: PVE will not start " if failed else None
+        warnings.extend(
+            w for w in problems if w not in warnings and not (said and w.startswith(said))
+        )
         order.append((guest, is_running, needs))
     warnings.extend(w for w in inventory.mapping_warnings if w not in warnings)
     forecast = forecast_job(
@@ -179,23 +184,35 @@ def _gets(step: GuestForecast, picks: Picks) -> list[str]:
 
 def _health(forecast: JobForecast, picks: Picks, sysfs: pci.Sysfs) -> list[str]:
     """GPUs the job starts a VM with, or whose holder it shuts down, that may not come back."""
-    tonight: dict[str, list[str]] = {}  # device → what the job does with it
+    stopped: dict[str, list[str]] = {}  # device → the holders the job shuts down to free it
+    started: dict[str, list[str]] = {}  # device → the VMs whose backup starts with it
     for step in forecast.guests:
-        if step.outcome == Forecast.OK and step.stops:
-            for stop in step.stops:
-                for claim in stop.holder.claims:
-                    what = f"{stop.holder.guest.label} is shut down to free it"
-                    tonight.setdefault(pci.device_of(claim.address), []).append(what)
-        if step.outcome == Forecast.OK and step.mode == "stop" and not step.decision.template:
+        if step.outcome != Forecast.OK:
+            continue
+        for stop in step.stops:
+            for claim in stop.holder.claims:
+                stopped.setdefault(pci.device_of(claim.address), []).append(stop.holder.guest.label)
+        if step.mode == "stop" and not step.decision.template:
             for address in _gets(step, picks):
-                what = f"the backup of {step.guest.label} starts it"
-                tonight.setdefault(pci.device_of(address), []).append(what)
+                started.setdefault(pci.device_of(address), []).append(f"VM {step.guest.vmid}")
     found = []
-    for device, whats in sorted(tonight.items()):
+    for device in sorted(set(stopped) | set(started)):
         functions = sysfs.functions(device)
         problem = health_problem(sysfs, device, functions[0]) if functions else None
-        if problem is not None:
-            found.append(f"{problem} (tonight: {'; '.join(dict.fromkeys(whats))})")
+        if problem is None:
+            continue
+        tonight = []
+        if device in stopped:
+            holders = list(dict.fromkeys(stopped[device]))
+            verb = "is" if len(holders) == 1 else "are"
+            tonight.append(f"{join_and(holders)} {verb} shut down to free it")
+        if device in started:
+            vmids = list(dict.fromkeys(started[device]))
+            what = "the backup of" if len(vmids) == 1 else "the backups of"
+            tonight.append(
+                f"{what} {join_and(vmids)} {'starts' if len(vmids) == 1 else 'start'} it"
+            )
+        found.append(f"{problem} (tonight: {'; '.join(tonight)})")
     return found
 
 
@@ -277,7 +294,10 @@ def _reasons(forecast: JobForecast, picks: Picks) -> list[str]:
     gets: one line each, after the table."""
     lines = []
     for g in forecast.guests:
-        if g.reason:
+        failed = start_failure(g.needs) if g.decision.failure else None
+        if failed is not None:  # where the admin fixes it
+            lines.append(f"{g.guest.label}: {g.outcome}: {g.reason} ({failed.blame})")
+        elif g.reason:
             lines.append(f"{g.guest.label}: {g.outcome}: {g.reason}")
         chosen = picks.get(g.guest.vmid, {})
         for need in g.needs:
