@@ -117,11 +117,55 @@ def start(kind: GuestKind, vmid: int, timeout: int) -> Outcome:
     return Outcome(False, time.monotonic() - began, text or f"exit code {code}")
 
 
+def ha_sid(kind: GuestKind, vmid: int) -> str:
+    return f"{'vm' if kind == GuestKind.QEMU else 'ct'}:{vmid}"
+
+
+def ha_set(kind: GuestKind, vmid: int, state: str) -> Outcome:
+    """``ha-manager set <sid> --state <state>``, confirmed in resources.cfg.
+
+    ``ignored`` takes a guest out of HA's hands (qm/pct then act on it directly); setting it
+    back to ``started`` makes HA start it if it is off (docs/pve-facts.md §9).
+    """
+    from pvegpuhook.pveconf import ha_resources
+
+    began = time.monotonic()
+    code, text = run(
+        [paths.host(paths.HA_MANAGER), "set", ha_sid(kind, vmid), "--state", state], GRACE
+    )
+    ok = wait_until(lambda: ha_resources().get(vmid) == state, time.monotonic() + SETTLE)
+    return Outcome(ok, time.monotonic() - began, "" if ok else (text or f"exit code {code}"))
+
+
+def start_through_ha(kind: GuestKind, vmid: int, state: str, timeout: int) -> Outcome:
+    """Give a guest back to HA in its recorded state; for ``started``, HA starts it: confirmed
+    when it runs here, or when HA placed it on another node (``crs: ha-rebalance-on-start``):
+    then ``detail`` names that node."""
+    from pvegpuhook.pveconf import guest_node, node_name
+
+    began = time.monotonic()
+    given = ha_set(kind, vmid, state)
+    if not given.ok or state != "started":
+        return given
+    here = node_name()
+
+    def placed() -> bool:
+        return runtime.running(kind, vmid) or guest_node(vmid) not in (here, None)
+
+    if not wait_until(placed, began + timeout + GRACE):
+        return Outcome(False, time.monotonic() - began, f"HA did not start it within {timeout} s")
+    elsewhere = guest_node(vmid)
+    moved = f"HA started it on node {elsewhere}" if elsewhere not in (here, None) else ""
+    return Outcome(True, time.monotonic() - began, moved)
+
+
 def rebind(function: str, driver: str) -> str | None:
     """Give a PCI function back to its host driver after a VM's vfio-pci took it.
 
     Returns None when it is bound to ``driver`` (or the request was made), else the problem.
-    Only for functions no running VM holds: the caller checked that.
+    Never for a function a running (or starting) QEMU holds: the kernel would block the write
+    until QEMU lets go, or pull the device from the guest (docs/pve-facts.md §5). The planner
+    checked that; this is the last look before the write.
     """
     device = paths.host("sys/bus/pci/devices", function)
     try:
@@ -130,6 +174,9 @@ def rebind(function: str, driver: str) -> str | None:
         current = None
     if current == driver:
         return None
+    user = _qemu_using(function)
+    if user is not None:
+        return f"{function} is in use by VM {user}: not taken from vfio-pci"
     try:
         if current is not None:
             _sysfs_write(paths.host("sys/bus/pci/drivers", current, "unbind"), function)
@@ -138,6 +185,21 @@ def rebind(function: str, driver: str) -> str | None:
         _sysfs_write(paths.host("sys/bus/pci/drivers", driver, "bind"), function)
     except OSError as error:
         return f"cannot bind {function} to {driver} again: {error.strerror}"
+    return None
+
+
+def _qemu_using(function: str) -> int | None:
+    """A running or starting VM whose QEMU has ``function`` (its reservation or command line)."""
+    from pvegpuhook.claims import vfio_hosts
+    from pvegpuhook.pci import normalize
+
+    for vmid, reserved in runtime.reservations().items():
+        if function in reserved:
+            return vmid
+    for vmid in runtime.vm_candidates():
+        argv = runtime.qemu_cmdline(vmid)
+        if argv and function in {normalize(h) for h in vfio_hosts(argv)}:
+            return vmid
     return None
 
 
@@ -158,3 +220,28 @@ def run_chained(script: str, argv: list[str]) -> int:
     except OSError as error:
         print(f"pve-gpu-hook: cannot run chained hook {script}: {error.strerror}", flush=True)
         return 1
+
+
+def spawn_detached(argv: list[str]) -> str | None:
+    """Start a process that outlives the hook: its own session, stdio on /dev/null, so it holds
+    none of vzdump's pipes and no "Stop" of the task reaches it. None, or why it failed."""
+    import subprocess
+
+    try:
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+            start_new_session=True,
+            env={**COMMAND_ENV, **_seam_env()},
+        )
+    except OSError as error:
+        return f"cannot run {argv[0]}: {error.strerror}"
+    return None
+
+
+def _seam_env() -> dict[str, str]:
+    """The test seam and the import path travel with a detached pve-gpu-hook process."""
+    return {k: v for k, v in os.environ.items() if k in ("PVE_GPU_HOOK_ROOT", "PYTHONPATH")}

@@ -223,7 +223,8 @@ def _boot_findings(view: NodeView) -> list[Finding]:
             elif blocker is not None:
                 blocker_vmid, address = blocker.holder.vmid, blocker.address
             else:
-                got = [c for _, alternative in plan.picked for c in alternative]
+                picked = zip(needs, plan.picks, strict=True)
+                got = [c for n, i in picked if i is not None for c in n.alternatives[i]]
                 taken[guest.vmid] = [c.address for c in got]
                 held = [Claim(c.address, c.units, c.kind, _source(c)) for c in got]
                 running.append(Holder(guest, held))

@@ -21,7 +21,7 @@ from pvegpuhook.model import (
     Need,
     start_failure,
 )
-from pvegpuhook.pveconf import ha_managed, is_number, node_name, parse_guest_config, read_text
+from pvegpuhook.pveconf import ha_resources, is_number, node_name, parse_guest_config, read_text
 
 
 def config_path(kind: GuestKind, vmid: int) -> str:
@@ -84,16 +84,17 @@ class Inventory:
         self.sysfs = pci.Sysfs()
         self.node = node_name()
         self.reader = ClaimReader(self.sysfs, self.node)
-        self._ha: set[int] | None = None
+        self._ha: dict[int, str] | None = None
 
     @property
     def mapping_warnings(self) -> list[str]:
         """Problems of ``pci.cfg`` itself (empty until a mapping was looked up)."""
         return self.reader.mapping_warnings
 
-    def ha_managed(self) -> set[int]:
+    def ha_states(self) -> dict[int, str]:
+        """HA resources: VMID → requested state (``started``, ``ignored``, ...)."""
         if self._ha is None:
-            self._ha = ha_managed()
+            self._ha = ha_resources()
         return self._ha
 
     def needs(self, guest: Guest, *, for_start: bool) -> tuple[list[Need], list[str]]:
@@ -142,6 +143,12 @@ class Inventory:
             holder = self._vm_holder(vmid, argv, reserved.get(vmid, []))
             if holder is not None:
                 result.append(holder)
+        for vmid, (functions, _) in runtime.starting_vms().items():
+            if vmid not in exclude:
+                path = paths.qemu_conf(vmid)
+                guest = Guest(vmid, GuestKind.QEMU, parse_guest_config(read_text(path) or "", path))
+                claims = [self._exclusive(f, RESERVED) for f in functions]
+                result.append(Holder(guest, [c for c in claims if c], starting=True))
         for vmid in runtime.running_cts():
             if vmid in exclude:
                 continue
@@ -153,6 +160,12 @@ class Inventory:
             if claims:
                 result.append(Holder(guest, claims))
         return result
+
+    def _exclusive(self, raw: str, source: str) -> Claim | None:
+        address = pci.normalize(raw)
+        if address is None:
+            return None
+        return Claim(address, self.sysfs.units(address), ClaimKind.EXCLUSIVE, source)
 
     def _vm_holder(self, vmid: int, argv: list[str], reserved: list[str]) -> Holder | None:
         if not reserved and not any(word.startswith("vfio-pci,") for word in argv):
@@ -166,11 +179,9 @@ class Inventory:
         for raw, source in [(r, RESERVED) for r in reserved] + [
             (h, "running") for h in vfio_hosts(argv)
         ]:
-            address = pci.normalize(raw)
-            if address is not None and all(c.address != address for c in claims):
-                claims.append(
-                    Claim(address, self.sysfs.units(address), ClaimKind.EXCLUSIVE, source)
-                )
+            claim = self._exclusive(raw, source)
+            if claim is not None and all(c.address != claim.address for c in claims):
+                claims.append(claim)
         if "hostpci" in text or "vfio" in text:
             # a holder's config problems are not this decision's: its warnings are not reported
             needs, _ = self.reader.vm_needs(guest.config, with_pending=False)

@@ -146,13 +146,15 @@ def start_failure(needs: list[Need]) -> Need | None:
 
 
 class Holder:
-    """A running guest and the claims it holds now."""
+    """A running guest and the claims it holds now; ``starting``: a VM whose start is under way
+    (its devices reserved, its QEMU not running yet)."""
 
-    __slots__ = ("guest", "claims")
+    __slots__ = ("guest", "claims", "starting")
 
-    def __init__(self, guest: Guest, claims: list[Claim]) -> None:
+    def __init__(self, guest: Guest, claims: list[Claim], *, starting: bool = False) -> None:
         self.guest = guest
         self.claims = claims
+        self.starting = starting
 
     @property
     def vmid(self) -> int:

@@ -141,9 +141,8 @@ class NodeView:
                         found[(vmid, need.source)] = index
             elif vmid not in self.running and not any(n.failure for n in needs):
                 plan = plan_free(guest, needs, self.holders, protect)
-                for need, alternative in plan.picked:
-                    if len(need.alternatives) > 1:
-                        index = need.alternatives.index(alternative)
+                for need, index in zip(needs, plan.picks, strict=True):
+                    if len(need.alternatives) > 1 and index is not None:
                         found[(vmid, need.source)] = index
         return found
 

@@ -41,6 +41,8 @@ HA_RESOURCES = "etc/pve/ha/resources.cfg"
 RESERVATIONS = "run/qemu-server/pci-id-reservations"
 QM = "usr/sbin/qm"
 PCT = "usr/sbin/pct"
+HA_MANAGER = "usr/sbin/ha-manager"
+VMLIST = "etc/pve/.vmlist"
 
 
 def shown(relative: str) -> str:

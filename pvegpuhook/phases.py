@@ -21,6 +21,10 @@ from pvegpuhook.restart import restart
 from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 def settings_or_error(log: Log) -> tuple[Settings, ConfigError | None]:
     """The override file's values; when invalid, the defaults plus the error (stop nobody)."""
@@ -70,39 +74,61 @@ def _when(epoch: float | None) -> str:
 
 
 def free_for_backup(log: Log, vmid: int, mode: str, text: str) -> int:
-    """backup-start: free every unit the VM ``vmid`` will claim when vzdump starts it paused."""
+    """backup-start: free every unit the VM ``vmid`` will claim when vzdump starts it (paused,
+    for a stopped VM; again right after its shutdown, for a running VM in stop mode)."""
     guest = Guest(vmid, GuestKind.QEMU, parse_guest_config(text, paths.qemu_conf(vmid)))
-    inventory = Inventory()
     running = runtime.vm_running(vmid)
-    needs, warnings = ([], []) if running else inventory.needs(guest, for_start=True)
+    if running and mode != "stop":
+        return 0  # snapshot/suspend: its QEMU keeps running and keeps its devices
+    inventory = Inventory()
+    needs, warnings = inventory.needs(guest, for_start=True)
     for warning in [*warnings, *inventory.mapping_warnings]:
         log.say(f"warning: {warning}")
     settings, config_error = settings_or_error(log)
+    store = StateStore(report=log.say)
 
     def decide(protect: frozenset[int]) -> BackupDecision:
         # holders are read only when the decision can depend on them
         busy = needs and not guest.template
-        holders = inventory.holders(exclude={vmid}) if busy else []
         return decide_backup(
-            guest, job_mode=mode, running=running, needs=needs, holders=holders, protect=protect
+            guest,
+            job_mode=mode,
+            running=running,
+            needs=needs,
+            holders=inventory.holders() if busy else [],
+            protect=protect,
+            waiting={r.vmid: r.addresses for r in store.records()} if running else {},
         )
 
     decision = decide(settings.protect)
     if decision.verdict == Verdict.NOTHING:
+        _say_moves(log, decision)
         if needs:
             log.file(decision.reason)
         return 0
-    store = StateStore(report=log.say)
     with store.hold(lock_timeout(settings), f"backup-start of VM {vmid}"):
-        decision = decide(settings.protect)  # again under the lock: another run may have acted
+        decision = _settle_starting(log, decision, lambda: decide(settings.protect))
+        if decision.verdict == Verdict.RESTART_FIRST:
+            # they must reserve their devices again before vzdump restarts this VM, or PVE
+            # gives it theirs (the first free device of the mapping)
+            restart(store, settings, log, lambda r: r.vmid in decision.restart_first)
+            decision = decide(settings.protect)
+            if decision.verdict == Verdict.RESTART_FIRST:
+                names = ", ".join(f"VM {v}" for v in decision.restart_first)
+                log.error(
+                    f"VM {vmid}: {names} must get their devices back before vzdump restarts "
+                    "it, and did not start: refusing its stop-mode backup"
+                )
+                return 1
         if decision.verdict == Verdict.NOTHING:
+            _say_moves(log, decision)
             log.file(decision.reason)
             return 0
-        first = decision.refusal.address if decision.refusal else decision.stops[0].address
-        if config_error is not None:
+        refusal = decision.refusal
+        if config_error is not None and decision.verdict == Verdict.FREE:
+            first = decision.stops[0].address
             log.error(f"cannot free {first} for VM {vmid}: {config_error}; stopping nobody")
             return 1
-        refusal = decision.refusal
         if refusal is not None:
             label = refusal.holder.guest.label
             log.error(f"cannot free {refusal.address} for VM {vmid}: {label} {refusal.reason}")
@@ -122,6 +148,39 @@ def free_for_backup(log: Log, vmid: int, mode: str, text: str) -> int:
                 )
                 return 1
         return code
+
+
+def _say_moves(log: Log, decision: BackupDecision) -> None:
+    for move in decision.moves:
+        log.say(f"note: {decision.guest.label} will take {move} at vzdump's restart")
+
+
+def _settle_starting(
+    log: Log, decision: BackupDecision, decide: Callable[[], BackupDecision]
+) -> BackupDecision:
+    """A holder that is starting right now (its devices reserved, its QEMU not up yet) is let
+    finish, then treated like any holder: stopping it half-started is not possible, and PVE's
+    own answer would be 'is currently reserved for use by VMID' (docs/pve-facts.md §5)."""
+    starting = {s.holder.vmid for s in decision.stops if s.holder.starting}
+    if not starting:
+        return decision
+    until = max(runtime.starting_vms().get(v, ([], 0.0))[1] for v in starting)
+    names = ", ".join(f"VM {v}" for v in sorted(starting))
+    log.say(f"{names} is starting right now; waiting for its start to finish")
+    deadline = time.monotonic() + max(0.0, until - time.time()) + act.GRACE
+    act.wait_until(lambda: not starting & set(runtime.starting_vms()), deadline)
+    decision = decide()
+    still = sorted(s.holder.vmid for s in decision.stops if s.holder.starting)
+    if still:
+        stop = next(s for s in decision.stops if s.holder.starting)
+        decision.verdict = Verdict.REFUSE
+        decision.stops = []
+        decision.reason = (
+            f"cannot free {stop.address}: {stop.holder.guest.label} is still starting (its "
+            f"start reserved {stop.address} until "
+            f"{time.strftime('%H:%M:%S', time.localtime(until))})"
+        )
+    return decision
 
 
 def job_identity() -> tuple[str, str | None]:
@@ -144,6 +203,9 @@ def _stop_holders(
                 driver = inventory.sysfs.driver(claim.address)
                 if driver and driver != "vfio-pci":
                     drivers[claim.address] = driver
+        ha_state = inventory.ha_states().get(guest.vmid)
+        if ha_state == "ignored":
+            ha_state = None  # HA leaves it alone: qm/pct act on it directly
         record = Record(
             guest.vmid,
             guest.kind,
@@ -154,10 +216,13 @@ def _stop_holders(
             job=job,
             drivers=drivers,
             upid=upid,
+            ha_state=ha_state,
         )
         crash_point("before-record")
         store.add(record)  # before the guest is touched: a crash leaves the record
         crash_point("after-record")
+        if ha_state is not None and not _take_from_ha(log, store, record, stop.address):
+            return 1
         timeout = settings.shutdown_timeout
         outcome = act.shutdown(guest.kind, guest.vmid, timeout)
         how = "shut down"
@@ -176,16 +241,48 @@ def _stop_holders(
             elif outcome.seconds < timeout:  # refused at once, e.g. "VM is paused"
                 why = f"{guest.label} could not be shut down: {outcome.detail}"
             else:
-                why = f"{guest.label} did not shut down within {timeout} s"
+                # the request stays delivered: it may still power off (docs/pve-facts.md §8)
+                why = (
+                    f"{guest.label} did not shut down within {timeout} s (it may still power "
+                    "off; it is watched, and started again if it does)"
+                )
             log.file(f"{why}: {outcome.detail}")
             log.error(f"cannot free {stop.address} for VM {vmid}: {why}")
             return 1
+        via = (
+            f"; HA resource {act.ha_sid(guest.kind, guest.vmid)} set to ignored for it"
+            if ha_state
+            else ""
+        )
         log.say(
-            f"{guest.label} {how} in {outcome.seconds:.0f} s: it held {stop.address}, "
+            f"{guest.label} {how} in {outcome.seconds:.0f} s{via}: it held {stop.address}, "
             f"needed by VM {vmid}; it will be started again after "
             f"{'this backup' if settings.restart == 'after-guest' else 'the job'}"
         )
     return 0
+
+
+def _take_from_ha(log: Log, store: StateStore, record: Record, address: str) -> bool:
+    """Take an HA resource out of HA's hands before its shutdown (its state is in the record).
+
+    For an HA resource ``qm shutdown`` becomes a CRM stop request, and HA then kills a VM that
+    ignores it although ``force_stop`` is false, or leaves a CT in its ``error`` state
+    (docs/pve-facts.md §9). In state ``ignored`` HA leaves the guest alone, and the hook shuts
+    it down like any guest; the recorded state is set back when it starts again.
+    """
+    sid = act.ha_sid(record.kind, record.vmid)
+    taken = act.ha_set(record.kind, record.vmid, "ignored")
+    if taken.ok:
+        log.file(f"{record.label}: HA resource {sid} (state {record.ha_state}) set to ignored")
+        return True
+    given = act.ha_set(record.kind, record.vmid, str(record.ha_state))  # whatever happened
+    if given.ok:
+        store.drop(record.vmid)  # untouched, and HA's again: nothing to start later
+    log.error(
+        f"cannot free {address} for VM {record.for_vmid}: {record.label} is HA resource {sid}, "
+        f"and it could not be taken out of HA's hands: {taken.detail}"
+    )
+    return False
 
 
 def restart_after_backup(log: Log, vmid: int) -> int:
@@ -206,6 +303,29 @@ def restart_after_backup(log: Log, vmid: int) -> int:
     return 0  # a failed start keeps its record; job-end retries it and fails the job
 
 
+def _watch(log: Log, records: list[Record], settings: Settings) -> None:
+    """Guests whose shutdown timed out still run at the job's end, and may still power off:
+    a detached ``pve-gpu-hook recover --watch`` starts each one that does (the job has ended,
+    nobody else would until the next job)."""
+    import sys
+
+    from pvegpuhook.restart import watch_window
+
+    until = max((r.since or time.time()) + watch_window(settings) for r in records)
+    seconds = max(1, int(until - time.time()))
+    names = ", ".join(r.label for r in records)
+    problem = act.spawn_detached(
+        [sys.executable, "-m", "pvegpuhook", "recover", "--watch", str(seconds)]
+    )
+    if problem is None:
+        log.say(
+            f"{names} did not shut down in time and still run; watched until "
+            f"{time.strftime('%H:%M', time.localtime(until))}: started again if they power off"
+        )
+    else:
+        log.error(f"{names} may still power off, and cannot be watched: {problem}")
+
+
 def restart_leftovers(log: Log) -> int:
     """job-end, job-abort: start every guest still recorded; fail when one stays off."""
     settings, _ = settings_or_error(log)
@@ -213,6 +333,8 @@ def restart_leftovers(log: Log) -> int:
     with store.hold(lock_timeout(settings), f"{log.phase}"):
         report = restart(store, settings, log, lambda r: True)
         store.end_job(job_identity()[0], log.phase, time.time())
+    if report.watching:
+        _watch(log, [r for r, _ in report.watching], settings)
     if report.ok:
         return 0
     kept = "; ".join(f"{r.label}: {why}" for r, why in report.kept)

@@ -36,14 +36,14 @@ class Refusal:
 
 
 class FreePlan:
-    __slots__ = ("target", "stops", "refusal", "picked")
+    __slots__ = ("target", "stops", "refusal", "picks")
 
     def __init__(self, target: Guest) -> None:
         self.target = target
         self.stops: list[Stop] = []
         self.refusal: Refusal | None = None
-        # the alternative of each need the target gets once the stops are done (PVE's choice)
-        self.picked: list[tuple[Need, tuple[Claim, ...]]] = []
+        # per need, the index of the alternative PVE will take (None: none can be made free)
+        self.picks: list[int | None] = []
 
 
 def _blockers(alternative: tuple[Claim, ...], holders: list[Holder]) -> dict[int, Stop]:
@@ -133,9 +133,10 @@ def plan_free(
         if best is None:
             if first_refusal is not None and plan.refusal is None:
                 plan.refusal = first_refusal
+            plan.picks.append(None)
             continue
         chosen.update(best[2])
-        plan.picked.append((need, alternatives[best[1]]))
+        plan.picks.append(need.alternatives.index(alternatives[best[1]]))
     plan.stops = sorted(chosen.values(), key=lambda s: s.holder.vmid)
     return plan
 
@@ -148,6 +149,7 @@ class Verdict(StrEnum):
     # whatever the hook does: see BackupDecision.failure)
     NOTHING = "nothing"
     FREE = "free"  # shut these holders down first
+    RESTART_FIRST = "restart-first"  # start these waiting guests first: they reserve their device
     REFUSE = "refuse"  # the backup fails: a holder must not stop, or vzdump refuses the guest
 
 
@@ -156,12 +158,22 @@ class BackupDecision:
 
     ``failure``: vzdump will fail this backup whatever the hook does (PVE refuses to start the
     VM with its devices): the verdict is then NOTHING, so that nobody is stopped for it.
-    ``picked``: the alternative of each need the guest gets (see :class:`FreePlan`).
+    ``picks``: per need, the index of the alternative the guest gets (see :class:`FreePlan`).
     """
 
     __slots__ = (
-        "guest", "mode", "verdict", "reason", "stops", "refusal", "template", "failure", "picked",
-    )  # fmt: skip
+        "guest",
+        "mode",
+        "verdict",
+        "reason",
+        "stops",
+        "refusal",
+        "template",
+        "restart_first",
+        "moves",
+        "failure",
+        "picks",
+    )
 
     def __init__(self, guest: Guest, mode: str, verdict: Verdict, reason: str = "") -> None:
         self.guest = guest
@@ -171,8 +183,10 @@ class BackupDecision:
         self.stops: list[Stop] = []
         self.refusal: Refusal | None = None
         self.template = False  # backed up without its devices
+        self.restart_first: list[int] = []  # waiting guests to start before vzdump's restart
+        self.moves: list[str] = []  # devices a running mapped guest moves to at vzdump's restart
         self.failure: str | None = None
-        self.picked: list[tuple[Need, tuple[Claim, ...]]] = []
+        self.picks: list[int | None] = []
 
 
 def decide_backup(
@@ -184,11 +198,14 @@ def decide_backup(
     holders: list[Holder],
     protect: frozenset[int],
     ha_started: bool = False,
+    waiting: dict[int, list[str]] | None = None,
 ) -> BackupDecision:
     """The decision for ``guest`` in a job of mode ``job_mode``, on the node as given.
 
-    ``needs``: its passthrough needs as its next start sees them; ``holders``: the running
-    guests with what they hold; ``ha_started``: an HA resource in state ``started``.
+    ``needs``: its passthrough needs as its next start sees them (pending changes applied);
+    ``holders``: the running guests with what they hold (the guest itself too, when it runs);
+    ``ha_started``: an HA resource in state ``started``; ``waiting``: guests the hook stopped
+    and has not started again, with the addresses they held.
     """
     mode = job_mode if running else "stop"  # vzdump backs up a guest that is off in stop mode
     if job_mode == "stop" and ha_started:
@@ -211,9 +228,11 @@ def decide_backup(
         decision.failure = why
         return decision
     if running:
-        return BackupDecision(
-            guest, mode, Verdict.NOTHING, "running: it gives its devices up and takes them back"
-        )
+        if mode != "stop" or not needs:
+            return BackupDecision(
+                guest, mode, Verdict.NOTHING, "running: it keeps its devices during its backup"
+            )
+        return _decide_restart_in_stop_mode(guest, needs, holders, protect, waiting or {})
     if not needs:
         return BackupDecision(guest, mode, Verdict.NOTHING, "no passthrough device")
     plan = plan_free(guest, needs, holders, protect)
@@ -232,7 +251,71 @@ def decide_backup(
     else:
         decision = BackupDecision(guest, mode, Verdict.FREE)
         decision.stops = plan.stops
-    decision.picked = plan.picked
+    decision.picks = plan.picks
+    return decision
+
+
+def _decide_restart_in_stop_mode(
+    guest: Guest,
+    needs: list[Need],
+    holders: list[Holder],
+    protect: frozenset[int],
+    waiting: dict[int, list[str]],
+) -> BackupDecision:
+    """A running VM backed up in stop mode: vzdump shuts it down and starts it again paused
+    right away, and that start applies its pending changes and picks mapping alternatives anew
+    (docs/pve-facts.md §2, §5). It must come back with what it held, taking nobody's device:
+    the hook acts here (backup-start) or never — by pre-restart it already runs again."""
+    own = next((h for h in holders if h.vmid == guest.vmid), None)
+    others = [h for h in holders if h.vmid != guest.vmid]
+    plan = plan_free(guest, needs, others, frozenset())  # its own reservations go at its shutdown
+    held = [c.address for c in own.claims] if own is not None else []
+    decision = BackupDecision(guest, "stop", Verdict.NOTHING, "running: vzdump restarts it")
+    for need, pick in zip(needs, plan.picks, strict=True):
+        if pick is None or len(need.alternatives) < 2:
+            continue
+        mine = next(
+            (
+                i
+                for i, alternative in enumerate(need.alternatives)
+                if any(same_function(c.address, a) for c in alternative for a in held)
+            ),
+            None,
+        )
+        if mine is None or pick == mine:
+            continue
+        taken = [c.address for c in need.alternatives[pick]]
+        owners = sorted(
+            vmid
+            for vmid, addresses in waiting.items()
+            if any(same_function(t, a) for t in taken for a in addresses)
+        )
+        if owners:
+            decision.restart_first.extend(v for v in owners if v not in decision.restart_first)
+        else:
+            decision.moves.append(
+                f"{', '.join(taken)} (mapping {need.mapping}: PVE takes the first free device; "
+                f"it held {', '.join(c.address for c in need.alternatives[mine])})"
+            )
+    blocker = (
+        plan.refusal.holder if plan.refusal else (plan.stops[0].holder if plan.stops else None)
+    )
+    if blocker is not None:
+        address = plan.refusal.address if plan.refusal else plan.stops[0].address
+        why = (
+            "its hostpci change waiting in [PENDING] applies at vzdump's restart"
+            if guest.config.has_pending("hostpci")
+            else "vzdump's restart would take it"
+        )
+        decision.verdict = Verdict.REFUSE
+        decision.reason = (
+            f"{why}, but {address} is held by {blocker.guest.label}: refusing the stop-mode "
+            "backup, which would leave one of them off (use snapshot mode, or apply the change "
+            "while the other guest is off)"
+        )
+    elif decision.restart_first:
+        decision.verdict = Verdict.RESTART_FIRST
+        decision.reason = "guests stopped earlier must get their device back before its restart"
     return decision
 
 
@@ -244,7 +327,8 @@ class RestartAction(StrEnum):
     DROP = "drop"  # already running again: forget the record
     BLOCKED = "blocked"  # another running guest holds its units now
     MISSING = "missing"  # its config is gone: keep the record for the admin
-    WAIT = "wait"  # an interrupted shutdown may still be under way: decide later
+    MOVED = "moved"  # it lives on another node now (HA placed it there): nothing to do here
+    WAIT = "wait"  # running, but its shutdown may still take effect: watch it, decide later
 
 
 class RestartStep:
@@ -270,8 +354,9 @@ def plan_restart(
     orders: dict[int, int | None],
     missing: set[int],
     blocked: dict[int, str],
-    settling: set[int] | frozenset[int] = frozenset(),
+    settling: dict[int, str] | set[int] | frozenset[int] = frozenset(),
     ranks: dict[int, int] | None = None,
+    moved: dict[int, str] | None = None,
 ) -> list[RestartStep]:
     """Start the guests the hook stopped, in ``startup`` order and then VMID order (as PVE
     boots them).
@@ -279,14 +364,22 @@ def plan_restart(
     ``ranks`` go first: guests with a PCI mapping take the first free alternative when they
     start, so they start after the guests with fixed devices, in the order of the alternative
     each had — then every guest gets the device it had before. ``settling``: running guests
-    whose recorded shutdown was interrupted recently; they may still go down, so their record
-    must stay until that is known.
+    whose shutdown was interrupted or timed out recently; they may still go down, so their
+    record must stay until that is known. ``moved``: guests now on another node (vmid → node).
     """
     ranks = ranks or {}
+    moved = moved or {}
     steps = []
     for vmid in sorted(vmids, key=lambda v: restart_order(v, orders, ranks)):
-        if vmid in running and vmid in settling:
-            why = "its interrupted shutdown may still be under way"
+        if vmid in moved:
+            why = f"now lives on node {moved[vmid]} (HA or a migration placed it there)"
+            steps.append(RestartStep(vmid, RestartAction.MOVED, why))
+        elif vmid in running and vmid in settling:
+            why = (
+                settling[vmid]
+                if isinstance(settling, dict)
+                else "its interrupted shutdown may still be under way"
+            )
             steps.append(RestartStep(vmid, RestartAction.WAIT, why))
         elif vmid in running:
             steps.append(RestartStep(vmid, RestartAction.DROP, "already running"))
@@ -371,6 +464,7 @@ def forecast_job(
     running = {h.vmid for h in holders}
     running.update(g.vmid for g, is_running, _ in order if is_running)
     stopped_for: dict[int, int] = {}  # holder → the guest it was stopped for
+    held = {h.vmid: [c.address for c in h.claims] for h in holders}
     for guest, _, needs in order:
         decision = decide_backup(
             guest,
@@ -380,9 +474,14 @@ def forecast_job(
             holders=[h for h in holders if h.vmid in running],
             protect=protect,
             ha_started=guest.vmid in ha,
+            waiting={v: held.get(v, []) for v in stopped_for},
         )
         step = GuestForecast(decision, [c.address for n in needs for c in n.claims()], needs)
         forecast.guests.append(step)
+        for vmid in decision.restart_first:  # started again before this guest's restart
+            step.restarted.append(vmid)
+            del stopped_for[vmid]
+            running.add(vmid)
         for stop in decision.stops:
             running.discard(stop.holder.vmid)
             stopped_for[stop.holder.vmid] = guest.vmid
@@ -390,7 +489,7 @@ def forecast_job(
             forecast.down_for[vmid] = forecast.down_for.get(vmid, 0) + 1
         if restart == "after-guest":
             back = sorted(v for v, w in stopped_for.items() if w == guest.vmid)
-            step.restarted = back
+            step.restarted += back
             for vmid in back:
                 del stopped_for[vmid]
                 running.add(vmid)

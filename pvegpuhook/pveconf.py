@@ -355,23 +355,50 @@ def load_pci_mapping() -> tuple[dict[str, PciMapping], list[str]]:
     return parse_pci_mapping(text, path)
 
 
-def parse_ha_resources(text: str) -> set[int]:
-    """VMIDs of HA-managed guests (``vm: 104`` / ``ct: 200`` headers)."""
-    managed: set[int] = set()
+def parse_ha_resources(text: str) -> dict[int, str]:
+    """HA resources (``vm: 104`` / ``ct: 200`` sections) → their requested state.
+
+    A missing state or ``enabled`` means ``started`` (pve-ha-manager HA/Config.pm
+    read_and_check_resources_config); other states (``stopped``, ``disabled``, ``ignored``) as
+    written. See docs/pve-facts.md §9 for which of them count as "managed" where.
+    """
+    states: dict[int, str] = {}
+    current: int | None = None
     for raw in text.splitlines():
-        if not raw or raw[0].isspace():
+        if not raw.strip() or raw.lstrip().startswith("#"):
             continue
+        if raw[0].isspace():
+            key, _, value = raw.strip().partition(" ")
+            if current is not None and key == "state":
+                state = value.strip()
+                states[current] = "started" if state in ("", "enabled") else state
+            continue
+        current = None
         kind, _, rest = raw.partition(":")
         sid = rest.strip()
         if kind.strip() in ("vm", "ct", "service") and sid:
             number = sid.rpartition(":")[2]
             if is_number(number):
-                managed.add(int(number))
-    return managed
+                current = int(number)
+                states[current] = "started"
+    return states
 
 
-def ha_managed() -> set[int]:
+def ha_resources() -> dict[int, str]:
+    """This cluster's HA resources: VMID → requested state."""
     return parse_ha_resources(read_text(paths.host(paths.HA_RESOURCES)) or "")
+
+
+def guest_node(vmid: int) -> str | None:
+    """The node a guest lives on, from the cluster's ``/etc/pve/.vmlist`` (None: unknown)."""
+    import json
+
+    try:
+        data = json.loads(read_text(paths.host(paths.VMLIST)) or "")
+        node = data["ids"][str(vmid)]["node"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return node if isinstance(node, str) else None
 
 
 def node_name() -> str:

@@ -1,7 +1,9 @@
 """Start the recorded guests again: read → plan (pure) → act → record, for the hook and ``recover``.
 
 The caller holds the state store. Each start is confirmed before its record is dropped; a guest
-that does not come back keeps its record, marked ``start-failed``, and is reported.
+that does not come back keeps its record, marked ``start-failed``, and is reported. A guest whose
+shutdown request timed out may still power off later (docs/pve-facts.md §8): while that can
+happen its record stays and it is watched, never forgotten.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import StateError
 from pvegpuhook.inventory import Inventory, load_guest
 from pvegpuhook.log import Log
-from pvegpuhook.model import Guest, GuestKind, Holder, Need
+from pvegpuhook.model import Claim, ClaimKind, Guest, GuestKind, Holder, Need
 from pvegpuhook.plan import RestartAction, RestartStep, Stop, plan_free, plan_restart, same_function
+from pvegpuhook.pveconf import guest_node, node_name
 from pvegpuhook.records import Record, RecordStatus
 from pvegpuhook.settings import Settings
 from pvegpuhook.state import StateStore
@@ -32,17 +35,33 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def watch_window(settings: Settings) -> float:
+    """Seconds after a record's ``since`` during which its guest, whose shutdown timed out, may
+    still go down by itself and is watched (``shutdown_watch``; docs/pve-facts.md §8)."""
+    return float(settings.shutdown_watch)
+
+
 def first_conflict(
-    guest: Guest, needs: list[Need], inventory: Inventory, holders: list[Holder]
+    guest: Guest,
+    needs: list[Need],
+    inventory: Inventory,
+    holders: list[Holder],
+    recorded: list[str],
 ) -> Stop | None:
-    """A running guest that would keep ``guest`` (with these needs, if a VM) from starting now."""
+    """A running guest that would keep ``guest`` (with these needs, if a VM) from starting now.
+
+    For a CT, also the addresses its record names: once a VM's start bound its GPU to vfio-pci,
+    the CT's device nodes no longer lead to that GPU, but the CT still needs it.
+    """
     if guest.kind == GuestKind.QEMU:
         # the same rule as for a backup, mappings included
         plan = plan_free(guest, needs, holders, frozenset())
         if plan.refusal is not None:
             return Stop(plan.refusal.holder, plan.refusal.address)
         return plan.stops[0] if plan.stops else None
-    claims = inventory.claims_of_stopped(guest)
+    claims = inventory.claims_of_stopped(guest) + [
+        Claim(a, inventory.sysfs.units(a), ClaimKind.SHARED, "record") for a in recorded
+    ]
     for holder in holders:
         for claim in claims:
             for held in holder.claims:
@@ -56,22 +75,36 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
     running = {r.vmid for r in records if runtime.running(r.kind, r.vmid)}
     orders: dict[int, int | None] = {}
     missing: set[int] = set()
+    moved: dict[int, str] = {}
     blocked: dict[int, str] = {}
-    settle_after = settings.shutdown_timeout + act.GRACE
-    settling = {
-        r.vmid
-        for r in records
-        if r.vmid in running
-        and r.status == RecordStatus.STOPPING
-        and r.since is not None
-        and time.time() - r.since < settle_after
-    }
+    now = time.time()
+    settling: dict[int, str] = {}
+    for r in records:
+        if r.vmid not in running or r.since is None:
+            continue
+        if (
+            r.status == RecordStatus.STOPPING
+            and now - r.since < settings.shutdown_timeout + act.GRACE
+        ):
+            settling[r.vmid] = "its interrupted shutdown may still be under way"
+        elif r.status == RecordStatus.STOP_FAILED and now - r.since < watch_window(settings):
+            until = time.strftime("%H:%M", time.localtime(r.since + watch_window(settings)))
+            settling[r.vmid] = (
+                "its shutdown timed out, but the request may still take effect; "
+                f"watched until {until}"
+            )
     ranks: dict[int, int] = {}
     holders = None
+    here = None
     for record in records:
         guest = load_guest(record.vmid, record.kind)
         if guest is None:
-            missing.add(record.vmid)
+            node = guest_node(record.vmid)
+            here = here or node_name()
+            if node is not None and node != here:
+                moved[record.vmid] = node
+            else:
+                missing.add(record.vmid)
             continue
         orders[record.vmid] = guest.startup_order
         needs, _ = inventory.needs(guest, for_start=True)
@@ -80,14 +113,18 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
             continue
         if holders is None:
             holders = inventory.holders()
-        conflict = first_conflict(guest, needs, inventory, holders)
+        conflict = first_conflict(guest, needs, inventory, holders, record.addresses)
         if conflict is not None:
-            blocked[record.vmid] = f"{conflict.address} is held by {conflict.holder.guest.label}"
+            starting = " (starting)" if conflict.holder.starting else ""
+            blocked[record.vmid] = (
+                f"{conflict.address} is held by {conflict.holder.guest.label}{starting}"
+            )
     return plan_restart(
         [r.vmid for r in records],
         running=running,
         orders=orders,
         missing=missing,
+        moved=moved,
         blocked=blocked,
         settling=settling,
         ranks=ranks,
@@ -114,6 +151,8 @@ class RestartReport:
         self.started: list[Record] = []
         self.dropped: list[Record] = []
         self.kept: list[tuple[Record, str]] = []  # record, why it is still there
+        # running, but its shutdown may still take effect: record, why it is watched
+        self.watching: list[tuple[Record, str]] = []
 
     @property
     def ok(self) -> bool:
@@ -140,7 +179,17 @@ def restart(
             report.dropped.append(record)
             if not dry_run:
                 log.file(f"{record.label} is running; record dropped")
+                _give_back_to_ha(record, log)
                 _forget(store, record, log)
+        elif step.action == RestartAction.MOVED:
+            report.dropped.append(record)
+            if not dry_run:
+                log.say(f"{record.label} {step.reason}; record dropped")
+                _forget(store, record, log)
+        elif step.action == RestartAction.WAIT and record.status == RecordStatus.STOP_FAILED:
+            report.watching.append((record, step.reason))
+            if not dry_run:
+                log.file(f"{record.label} not started again: {step.reason}; record kept")
         elif step.action in (RestartAction.BLOCKED, RestartAction.MISSING, RestartAction.WAIT):
             report.kept.append((record, step.reason))
             if not dry_run:
@@ -161,12 +210,20 @@ def _start(
         log.file(problem or f"{function} given back to {driver} for {label}")
         if problem:
             log.say(f"warning: {label}: {problem}; it may start without that device")
-    outcome = act.start(record.kind, record.vmid, settings.start_timeout)
+    if record.ha_state is not None:
+        outcome = act.start_through_ha(
+            record.kind, record.vmid, record.ha_state, settings.start_timeout
+        )
+        how = f" (HA resource {act.ha_sid(record.kind, record.vmid)}: {record.ha_state} again)"
+    else:
+        outcome = act.start(record.kind, record.vmid, settings.start_timeout)
+        how = ""
     if outcome.ok:
         crash_point("after-start")
         _note_start(store, record, log, ok=True)
         away = f"{duration(time.time() - record.since)} off" if record.since else "a while off"
-        log.say(f"{label} started again after {away} (took {outcome.seconds:.0f} s)")
+        where = f"; {outcome.detail}" if outcome.detail else ""
+        log.say(f"{label} started again{how} after {away} (took {outcome.seconds:.0f} s){where}")
         report.started.append(record)
         _forget(store, record, log)
         return
@@ -178,6 +235,22 @@ def _start(
         store.mark(record.vmid, RecordStatus.START_FAILED, outcome.detail)
     except StateError as error:  # the record itself is still there, marked or not
         log.file(f"cannot mark the record of {label}: {error}")
+
+
+def _give_back_to_ha(record: Record, log: Log) -> None:
+    """A guest taken out of HA's hands for its shutdown runs again (or never went down): HA
+    manages it again, in the state it had."""
+    if record.ha_state is None:
+        return
+    outcome = act.ha_set(record.kind, record.vmid, record.ha_state)
+    if outcome.ok:
+        log.say(f"{record.label} is managed by HA again (state {record.ha_state})")
+    else:
+        log.error(
+            f"{record.label}: cannot set its HA state back to {record.ha_state}: "
+            f"{outcome.detail}; run 'ha-manager set {act.ha_sid(record.kind, record.vmid)} "
+            f"--state {record.ha_state}'"
+        )
 
 
 def _note_start(store: StateStore, record: Record, log: Log, *, ok: bool) -> None:
@@ -195,3 +268,42 @@ def _forget(store: StateStore, record: Record, log: Log) -> None:
         store.drop(record.vmid)
     except StateError as error:
         log.error(f"{record.label} runs, but its record stays: {error}")
+
+
+WATCH_POLL = 2.0
+
+
+def watch(store: StateStore, settings: Settings, log: Log, seconds: float) -> RestartReport:
+    """Watch the guests whose shutdown timed out for ``seconds``: start each one that powers
+    off, and drop the record of each one still running when its window ends. The lock is held
+    only while acting, so jobs and ``recover`` are not kept waiting."""
+    deadline = time.monotonic() + seconds
+    final = RestartReport()
+
+    def watched(record: Record) -> bool:
+        return record.status == RecordStatus.STOP_FAILED
+
+    while True:
+        pending = [r for r in store.records() if watched(r)]
+        if not pending:
+            return final
+        down = [r for r in pending if not runtime.running(r.kind, r.vmid)]
+        expired = [
+            r for r in pending if r.since is None or time.time() - r.since >= watch_window(settings)
+        ]
+        if down or expired or time.monotonic() >= deadline:
+            ending = time.monotonic() >= deadline
+            acting = {r.vmid for r in (down + expired)}
+
+            def select(record: Record, acting: set[int] = acting, ending: bool = ending) -> bool:
+                return watched(record) and (ending or record.vmid in acting)
+
+            with store.hold(settings.start_timeout + act.GRACE, "recover --watch"):
+                report = restart(store, settings, log, select)
+            final.started += report.started
+            final.dropped += report.dropped
+            final.kept += report.kept
+            if time.monotonic() >= deadline:
+                final.watching = report.watching
+                return final
+        time.sleep(WATCH_POLL)

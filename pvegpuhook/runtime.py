@@ -69,13 +69,38 @@ def running_cts() -> list[int]:
 def reservations() -> dict[int, list[str]]:
     """Live entries of PVE's PCI reservation file: vmid → reserved functions.
 
-    ``<pci-id> <vmid> pid:<pid>`` is live while that pid lives; ``time:<epoch>`` until that time.
+    ``<pci-id> <vmid> pid:<pid>`` is live while that pid lives; ``time:<epoch>`` until that time
+    (a start in progress: docs/pve-facts.md §5).
     """
-    text = read_text(paths.host(paths.RESERVATIONS))
     result: dict[int, list[str]] = {}
+    for address, vmid, _ in _live_reservations():
+        result.setdefault(vmid, []).append(address)
+    return result
+
+
+def starting_vms() -> dict[int, tuple[list[str], float]]:
+    """VMs that are starting right now: a live ``time:`` reservation and no QEMU yet.
+
+    PVE's reserve_pci_usage writes ``time:`` entries before QEMU runs (vm_start, from HA, onboot
+    or an admin); another start of those devices then fails ``is currently reserved``.
+    vmid → (reserved functions, when the reservation expires).
+    """
+    found: dict[int, tuple[list[str], float]] = {}
+    for address, vmid, until in _live_reservations():
+        if until is None or vm_running(vmid):
+            continue
+        functions, expiry = found.get(vmid, ([], 0.0))
+        found[vmid] = ([*functions, address], max(expiry, until))
+    return found
+
+
+def _live_reservations() -> list[tuple[str, int, float | None]]:
+    """(function, vmid, expiry of a ``time:`` entry or None for ``pid:``) of live entries."""
+    text = read_text(paths.host(paths.RESERVATIONS))
     if not text:
-        return result
+        return []
     now = time.time()
+    entries = []
     for line in text.splitlines():
         parts = line.split()
         if len(parts) != 3 or not is_number(parts[1]):
@@ -83,15 +108,13 @@ def reservations() -> dict[int, list[str]]:
         address, vmid, holder = parts[0].lower(), int(parts[1]), parts[2]
         kind, _, value = holder.partition(":")
         if kind == "pid":
-            if not is_number(value) or not os.path.exists(paths.host("proc", value, "cmdline")):
-                continue
+            if is_number(value) and os.path.exists(paths.host("proc", value, "cmdline")):
+                entries.append((address, vmid, None))
         elif kind == "time":
             try:
-                if float(value) < now:
-                    continue
+                until = float(value)
             except ValueError:
                 continue
-        else:
-            continue
-        result.setdefault(vmid, []).append(address)
-    return result
+            if until >= now:
+                entries.append((address, vmid, until))
+    return entries

@@ -71,6 +71,19 @@ OPTIONS: tuple[Option, ...] = (
         "``pve-gpu-hook recover`` show it.",
     ),
     Option(
+        "shutdown_watch",
+        "a whole number of seconds (0-86400)",
+        1800,
+        "Seconds a holder whose shutdown timed out is watched: if it powers off late, it is "
+        "started again (0: not watched).",
+        "A guest that did not shut down within ``shutdown_timeout`` still got the request, and "
+        "may power off minutes later (a Windows guest installing updates). For this long after "
+        "the request the hook keeps its record and watches it: when it powers off it is started "
+        "again — by the phase that runs then, or after the job by a ``pve-gpu-hook recover "
+        "--watch`` the hook leaves running. Once this time is over, a guest that still runs is "
+        "as it was before the job, and its record is dropped. 0 drops it at once.",
+    ),
+    Option(
         "protect",
         "a list of VMIDs",
         [],
@@ -107,6 +120,7 @@ class Settings:
         "shutdown_timeout",
         "force_stop",
         "start_timeout",
+        "shutdown_watch",
         "protect",
         "restart",
         "source",
@@ -117,6 +131,7 @@ class Settings:
         self.shutdown_timeout = 180
         self.force_stop = False
         self.start_timeout = 120
+        self.shutdown_watch = 1800
         self.protect: frozenset[int] = frozenset()
         self.restart = "after-guest"
         self.source: str | None = None  # the file the values came from, None for defaults
@@ -127,6 +142,7 @@ class Settings:
             "shutdown_timeout": self.shutdown_timeout,
             "force_stop": self.force_stop,
             "start_timeout": self.start_timeout,
+            "shutdown_watch": self.shutdown_watch,
             "protect": sorted(self.protect),
             "restart": self.restart,
         }
@@ -240,6 +256,10 @@ def _apply(settings: Settings, key: str, value: object, path: str, line: int) ->
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 86400:
             raise wrong()
         setattr(settings, key, value)
+    elif key == "shutdown_watch":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 86400:
+            raise wrong()
+        settings.shutdown_watch = value
     elif key == "force_stop":
         if not isinstance(value, bool):
             raise wrong()

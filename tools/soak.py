@@ -17,7 +17,15 @@ from the generator's own model, not from the library:
 4. no state record is left, except for guests with an injected start failure;
 5. every failed backup names pve-gpu-hook or a known reason (HA refusal, abort, injected start
    failure), and QEMU's/PVE's device conflict errors never appear;
-6. the hook never crashed (no "internal error", no traceback, no hung call).
+6. the hook never crashed (no "internal error", no traceback, no hung call);
+7. every HA resource is in the requested state it had before the job (unless the admin toggled);
+8. nothing was unbound from vfio-pci while a running QEMU used it (the kernel's complaint);
+9. a guest running before and after the job holds the same PCI functions, unless the hook said
+   in the task log that PVE moves it ("will take ...").
+
+The random mix includes HA VMs and CTs, holders that ignore their shutdown and power off later
+(watched for ``shutdown_watch`` seconds: the checks wait for that), guests an admin starts right
+before a job (still starting when it begins), mapping pools and containers.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +61,7 @@ FIRST_GROUP = 30  # IOMMU group of GPU 0; GPU i is in group FIRST_GROUP + i
 MDEV_TYPE = "nvidia-35"
 SHUTDOWN_TIMEOUT = 1  # s: a holder ignoring its shutdown costs this much per attempt
 START_TIMEOUT = 2
+SHUTDOWN_WATCH = 3  # s a holder whose shutdown timed out is watched for a late power-off
 
 # a failed backup must say why in one of these words (invariant 5)
 KNOWN_FAILURES = (
@@ -127,6 +137,7 @@ class JobSpec:
     abort_during: int | None = None
     crash_after: tuple[str, int | None] | None = None
     toggle: int | None = None  # before the job the admin starts or stops this guest by hand
+    starting: int | None = None  # the admin starts this guest right before the job (slowly)
 
 
 @dataclass
@@ -295,6 +306,8 @@ def make_faults(rng: random.Random, guest: Guest) -> dict[str, object]:
     faults: dict[str, object] = {}
     if rng.random() < 0.015:  # costs shutdown_timeout plus a settle second per attempt
         faults["ignore_shutdown"] = True
+        if rng.random() < 0.5:  # the request stays delivered: it goes down later anyway
+            faults["late_poweroff"] = round(rng.uniform(0.2, SHUTDOWN_WATCH - 1.5), 1)
     if rng.random() < 0.01:
         faults["start_fails"] = True  # rare: it leaves a guest off on purpose
     if rng.random() < 0.15:
@@ -324,6 +337,8 @@ def make_jobs(rng: random.Random, vmids: list[int]) -> list[JobSpec]:
             job.crash_after = (phase, None if phase == "job-start" else rng.choice(members))
         if rng.random() < 0.15:
             job.toggle = rng.choice(vmids)
+        elif rng.random() < 0.08:
+            job.starting = rng.choice(vmids)
         jobs.append(job)
     return jobs
 
@@ -355,6 +370,7 @@ def make_scenario(seed: int, number: int) -> Scenario:
     restart = rng.choice(["after-guest", "after-job"])
     override = (
         f"shutdown_timeout: {SHUTDOWN_TIMEOUT}\nstart_timeout: {START_TIMEOUT}\n"
+        f"shutdown_watch: {SHUTDOWN_WATCH}\n"
         f"force_stop: {'true' if force_stop else 'false'}\nrestart: {restart}\n"
         + (f"protect: [{', '.join(map(str, sorted(protect)))}]\n" if protect else "")
     )
@@ -440,6 +456,34 @@ def toggle(node: FakeNode, sc: Scenario, vmid: int) -> str:
     if guest.ha:
         node.pve.ha_set_state(guest.sid, "started")
     return f"admin started {vmid}"
+
+
+def start_slowly(node: FakeNode, sc: Scenario, vmid: int) -> subprocess.Popen[bytes] | None:
+    """The admin (or HA, or onboot) starts a stopped guest right before the job; it is still
+    starting (its devices reserved, no QEMU yet) when the job begins."""
+    guest = sc.guests[vmid]
+    if node.is_running(vmid) or guest.template or guest.ha:
+        return None
+    node.set_fault(vmid, start_delay=0.8)
+    process = node.start_async(vmid)
+    deadline = time.monotonic() + 5
+    while guest.kind == "qemu" and time.monotonic() < deadline:
+        if any(r.get("vmid") == vmid for r in node.reservations().values()) or (
+            process.poll() is not None
+        ):
+            break
+        time.sleep(0.02)
+    return process
+
+
+def wait_for_watches(node: FakeNode) -> None:
+    """A holder whose shutdown timed out is watched for SHUTDOWN_WATCH seconds after the job
+    (``recover --watch``): its record goes once it is started again or the watch ended."""
+    deadline = time.monotonic() + SHUTDOWN_WATCH + 20
+    while any(r.get("status") == "stop-failed" for r in records(node)):
+        if time.monotonic() > deadline:
+            raise TimeoutError("a watched holder's record outlived its watch")
+        time.sleep(0.1)
 
 
 def after_crash(node: FakeNode, job: JobSpec, before: set[int]) -> tuple[str, list[str]]:
@@ -545,6 +589,41 @@ class Checker:
         problems += [f"(6) {error}" for error in outcome.errors]
         return problems
 
+    def held(self) -> dict[int, set[str]]:
+        """Reserved PCI functions of every running VM."""
+        held: dict[int, set[str]] = {}
+        for address, entry in self.node.reservations().items():
+            if "pid" in entry:
+                held.setdefault(entry["vmid"], set()).add(address)
+        return held
+
+    def check_fidelity(
+        self,
+        outcome: JobOutcome,
+        ha_before: dict[str, dict[str, str]],
+        held_before: dict[int, set[str]],
+        job: JobSpec,
+    ) -> list[str]:
+        problems: list[str] = []
+        # 7: HA resources as they were
+        for sid, props in self.node.pve.ha_resources().items():
+            was = ha_before.get(sid, {}).get("state")
+            if job.toggle is None and props.get("state") != was:
+                problems.append(f"(7) HA resource {sid} is {props.get('state')}, was {was}")
+        # 8: the kernel's view
+        for fault in self.node.kernel_faults():
+            problems.append(f"(8) {' '.join(fault)}")
+        # 9: every guest holds what it held, or the hook said why not
+        held_after = self.held()
+        for vmid, functions in sorted(held_before.items()):
+            after = held_after.get(vmid)
+            said = any("will take" in line and f"VM {vmid}" in line for line in outcome.log)
+            if after is not None and after != functions and not said:
+                problems.append(
+                    f"(9) VM {vmid} held {sorted(functions)} and holds {sorted(after)} now"
+                )
+        return problems
+
     def check_stops(self, outcome: JobOutcome, before: set[int], calls: list[dict]) -> list[str]:
         sc = self.sc
         problems: list[str] = []
@@ -603,7 +682,12 @@ def run_checked_job(
 ) -> list[str]:
     sc, node = checker.sc, checker.node
     note = toggle(node, sc, job.toggle) if job.toggle is not None else ""
-    before = node.running_guests()
+    starting = start_slowly(node, sc, job.starting) if job.starting is not None else None
+    if starting is not None:
+        note = f"admin starts {job.starting} slowly"
+    before = node.running_guests() | ({job.starting} if starting is not None else set())
+    ha_before = node.pve.ha_resources()
+    held_before = checker.held()
     seen = len(node.calls())
     outcome = run_job(
         node,
@@ -613,13 +697,19 @@ def run_checked_job(
         abort_during=job.abort_during,
         crash_after=job.crash_after,
     )
-    extra, problems = after_crash(node, job, before) if outcome.crashed else ("", [])
+    problems: list[str] = []
+    if starting is not None and starting.wait(60) != 0:
+        before.discard(job.starting)  # PVE refused the admin's start: it never ran
+    extra, crash_problems = after_crash(node, job, before) if outcome.crashed else ("", [])
+    problems += crash_problems
     try:
         node.wait_settled(timeout=60)  # HA workers finish what the hook asked for
+        wait_for_watches(node)  # holders whose shutdown timed out may still power off
     except TimeoutError as error:
         problems.append(f"(6) {error}")
     calls = node.calls()[seen:]
     problems += checker.check(outcome, before, node.running_guests(), calls, extra)
+    problems += checker.check_fidelity(outcome, ha_before, held_before, job)
     result.jobs += 1
     result.backed_up += sum(g.ok for g in outcome.guests.values())
     result.holders_stopped += sum(verb == "shutdown" for verb, _ in hook_stops(calls))  # + its stop

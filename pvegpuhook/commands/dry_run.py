@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     for vmid in wanted:
         guest = guests[vmid]
         is_running = runtime.running(guest.kind, vmid)
-        needs, problems = inventory.needs(guest, for_start=not is_running)
+        # a stop-mode backup restarts a running VM: that start applies its pending changes
+        needs, problems = inventory.needs(guest, for_start=not is_running or args.mode == "stop")
         # PVE refusing its start is this guest's reason (with the file and line), not a warning
         failed = start_failure(needs)
         said = f"{failed.blame}: {failed.source}: PVE will not start " if failed else None
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         protect=settings.protect,
         restart=settings.restart,
-        ha=inventory.ha_managed(),
+        ha={vmid for vmid, state in inventory.ha_states().items() if state == "started"},
     )
     picks = _picks(forecast, inventory.holders())
     warnings.extend(w for w in _health(forecast, picks, inventory.sysfs) if w not in warnings)
@@ -158,8 +159,9 @@ def _picks(forecast: JobForecast, holders: list[Holder]) -> Picks:
     picks: Picks = {}
     for step in forecast.guests:
         chosen = picks.setdefault(step.guest.vmid, {})
-        for need, alternative in step.decision.picked:
-            chosen[need.source] = need.alternatives.index(alternative)
+        for need, index in zip(step.needs, step.decision.picks, strict=False):
+            if index is not None:
+                chosen[need.source] = index
         holder = by_vmid.get(step.guest.vmid)
         if holder is not None and not chosen:
             for need in step.needs:
@@ -310,7 +312,7 @@ def _reasons(forecast: JobForecast, picks: Picks) -> list[str]:
                 for n, alt in enumerate(need.alternatives)
                 if n != index
             ]
-            how = "gets" if g.decision.picked else "holds"
+            how = "gets" if g.decision.picks else "holds"
             lines.append(
                 f"{g.guest.label} {how} {gets} of mapping {need.mapping} ({need.source}; "
                 f"alternative {index + 1} of {len(need.alternatives)}; the others: "

@@ -8,7 +8,7 @@ from pvegpuhook import completion, runtime
 from pvegpuhook.commands import seconds_arg, vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, GpuHookError
 from pvegpuhook.log import Log, clean
-from pvegpuhook.restart import restart
+from pvegpuhook.restart import restart, watch
 from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
 
@@ -40,6 +40,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "itself when its backup ends)",
     )
     parser.add_argument(
+        "--watch",
+        type=seconds_arg,
+        metavar="SECONDS",
+        help="keep watching guests whose shutdown timed out for up to SECONDS: start each one "
+        "that powers off (the hook starts this at job end when one still runs)",
+    )
+    parser.add_argument(
         "--wait",
         type=seconds_arg,
         default=10.0,
@@ -55,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     wanted = set(args.vmids)
     if args.forget and not wanted:
         raise GpuHookError("--forget needs the VMIDs whose records to drop", EXIT_USAGE)
+    if args.watch is not None:
+        report = watch(store, settings, Log("recover", echo=False), args.watch)
+        return EXIT_ATTENTION if report.kept or report.watching else EXIT_OK
     if args.dry_run:
         return _report(store, settings, wanted, dry_run=True, force=args.force)
     with store.hold(args.wait, "recover"):
@@ -102,6 +112,7 @@ def _report(
     rows += [(r.vmid, r.label, verb) for r in report.started]
     rows += [(r.vmid, r.label, "already running, record dropped") for r in report.dropped]
     rows += [(r.vmid, r.label, f"kept: {why}") for r, why in report.kept]
+    rows += [(r.vmid, r.label, f"kept: {why}") for r, why in report.watching]
     if not rows:
         print("nothing to recover: no guest stopped by pve-gpu-hook is waiting")
         return EXIT_OK
@@ -110,4 +121,4 @@ def _report(
     print(f"{'GUEST'.ljust(width)}  RESULT")
     for _, label, result in sorted(rows):
         print(f"{label.ljust(width)}  {result}")
-    return EXIT_ATTENTION if report.kept else EXIT_OK
+    return EXIT_ATTENTION if report.kept or report.watching else EXIT_OK

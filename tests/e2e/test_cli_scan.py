@@ -422,7 +422,8 @@ def test_control_characters_escaped(tmp_path, monkeypatch, capsys) -> None:
 
 def test_scan_vmid(tmp_path, monkeypatch, capsys) -> None:
     node = seed(tmp_path)
-    node.add_ct(200, dev=["/dev/dri/renderD128"])
+    # by path: renderD128 exists only while the host driver has the GPU, and VM 104 runs on it
+    node.add_ct(200, dev=["/dev/dri/by-path/pci-0000:01:00.0-render"])
     data = scan_json(node, monkeypatch, capsys, "102")
     assert data["guest"] == {
         "vmid": 102,

@@ -141,6 +141,7 @@ def test_all_fine(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "shutdown_timeout": 180,
             "force_stop": False,
             "start_timeout": 120,
+            "shutdown_watch": 1800,
             "protect": [],
             "restart": "after-guest",
         },

@@ -113,6 +113,30 @@ def ha_holder(root: Path) -> tuple[FakeNode, list[int] | None]:
     return node, [102, 105]
 
 
+def ha_states(root: Path) -> tuple[FakeNode, list[int] | None]:
+    """vzdump refuses stop mode by the job's mode and the HA state ``started`` only
+    (pve-manager PVE/VZDump.pm exec_backup_task; pve-ha-manager HA/Config.pm vm_is_ha_managed)."""
+    node = seed_node(root)
+    node.set_ha(102)  # a stopped guest: refused in a stop-mode job, backed up in a snapshot job
+    res = node.pve.ha_resources()
+    res["vm:103"] = {"state": "ignored"}  # out of HA's hands: backed up in either mode
+    res["vm:105"] = {"state": "stopped"}  # not "started": not refused either
+    node.pve.write_ha_resources(res)
+    return node, [102, 103, 105]
+
+
+def running_mapped_guest(root: Path) -> tuple[FakeNode, list[int] | None]:
+    """A running mapped VM restarted by vzdump in stop mode picks its device anew."""
+    node = seed_node(root, FAST + "restart: after-job\n")
+    node.stop(104)
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.set_mapping(MAPPING)
+    node.add_vm(107, hostpci=["01:00.0"], running=True)
+    node.add_vm(109, hostpci=["mapping=gpu"], running=True)  # gets 02:00.0
+    node.add_vm(101, hostpci=["01:00.0"])
+    return node, [101, 109]
+
+
 # ---- backups that fail whatever the hook does: the forecast says so, the hook stops nobody ----
 
 
@@ -184,6 +208,8 @@ def running_vm_mapping_broken(root: Path) -> tuple[FakeNode, list[int] | None]:
 
 
 SCENARIOS: dict[str, Scenario] = {
+    "ha-states": ha_states,
+    "running-mapped-guest": running_mapped_guest,
     "missing-device": missing_device,
     "mapping-out-of-date": mapping_out_of_date,
     "mapping-elsewhere": mapping_elsewhere,

@@ -324,7 +324,7 @@ def test_guest_without_gpu_and_container_backups_need_nothing(tmp_path: Path) ->
 
 
 def test_holder_ignoring_shutdown_fails_only_that_backup(tmp_path: Path) -> None:
-    node = seed_node(tmp_path, "shutdown_timeout: 1\nstart_timeout: 5\n")
+    node = seed_node(tmp_path, "shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 0\n")
     node.add_vm(150, name="plain")
     node.set_fault(104, ignore_shutdown=True)
     job = run_job(node, [102, 150])

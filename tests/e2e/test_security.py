@@ -700,7 +700,7 @@ def test_every_subprocess_call_takes_a_list_argv() -> None:
                     f"{name}:{call.lineno}: argv is {ast.unparse(argv) if argv else None}"
                 )
                 checked.append(f"{name}:{function.name}")
-    assert sorted(set(checked)) == ["act.py:run", "act.py:run_chained"]
+    assert sorted(set(checked)) == ["act.py:run", "act.py:run_chained", "act.py:spawn_detached"]
 
 
 def test_only_act_imports_subprocess() -> None:

@@ -226,10 +226,10 @@ def test_running_ct_blocks_the_group(node: FakeNode) -> None:
     assert "vfio 0000:01:00.0: failed to setup container for group 14" in res.stderr
     node.stop(200)
     assert cmd(node, "qm", "start", 102).returncode == 0
-    # And the other way round: the CT cannot start while a VM holds its GPU.
+    # And the other way round: the CT cannot start while a VM holds its GPU: its node is gone
     res = cmd(node, "pct", "start", 200)
     assert res.returncode == 255
-    assert res.stderr.endswith("startup for container '200' failed\n")
+    assert res.stderr.endswith("Device /dev/dri/renderD128 does not exist\n")
 
 
 def test_stale_reservation_of_a_dead_pid_is_taken_over(node: FakeNode) -> None:

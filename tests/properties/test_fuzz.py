@@ -880,6 +880,7 @@ def check_settings(text: str) -> object:
         return error
     assert type(result.shutdown_timeout) is int and 1 <= result.shutdown_timeout <= 86400
     assert type(result.start_timeout) is int and 1 <= result.start_timeout <= 86400
+    assert type(result.shutdown_watch) is int and 0 <= result.shutdown_watch <= 86400
     assert type(result.force_stop) is bool
     assert all(type(v) is int and 100 <= v <= 999999999 for v in result.protect)
     assert result.restart in RESTART_POLICIES
@@ -896,6 +897,8 @@ def test_override_any_text(text: str) -> None:
 def valid_setting(key: object, value: object) -> bool:
     if key in ("shutdown_timeout", "start_timeout"):
         return type(value) is int and 1 <= value <= 86400
+    if key == "shutdown_watch":
+        return type(value) is int and 0 <= value <= 86400
     if key == "force_stop":
         return type(value) is bool
     if key == "protect":

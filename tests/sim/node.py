@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -204,29 +205,10 @@ class FakeNode:
             )
         first = f"{slot}.{functions[0].lstrip('.')}" if functions else f"{slot}.0"
         dev_dir = self.root / f"sys/bus/pci/devices/{first}"
-        if nvidia_minor is not None:
-            info = self.root / f"proc/driver/nvidia/gpus/{first}/information"
-            info.parent.mkdir(parents=True, exist_ok=True)
-            info.write_text(
-                f"Model: \t\t {model}\n"
-                "IRQ:   \t\t 145\n"
-                f"GPU UUID: \t GPU-00000000-0000-0000-0000-{nvidia_minor:012d}\n"
-                "Video BIOS: \t 94.02.42.00.a9\n"
-                "Bus Type: \t PCIe\n"
-                "DMA Size: \t 47 bits\n"
-                "DMA Mask: \t 0x7fffffffffff\n"
-                f"Bus Location: \t {first}\n"
-                f"Device Minor: \t {nvidia_minor}\n"
-                "GPU Excluded:\t No\n"
-            )
         for name in drm:
-            m = re.fullmatch(r"(card|renderD)(\d+)", name)
-            if not m:
+            if not re.fullmatch(r"(card|renderD)(\d+)", name):
                 raise ValueError(f"bad DRM node name {name!r}")
-            node_dir = self.root / f"sys/class/drm/{name}"
-            node_dir.mkdir(parents=True, exist_ok=True)
-            symlink(node_dir / "device", f"../../../bus/pci/devices/{first}")
-            (node_dir / "dev").write_text(f"226:{m.group(2)}\n")
+        self.pve.register_host_nodes(first, list(drm), nvidia_minor, model)
         if vf_of is not None:
             parent = _full_addr(vf_of)
             if not re.search(r"\.[0-7]$", parent):
@@ -365,7 +347,9 @@ class FakeNode:
         """Merge faults for a guest: ignore_shutdown, start_fails, shutdown_delay, start_delay,
         ha_delay, start_paused, cleanup_delay (s between QEMU exit and reservation release),
         kill_caller (one shot: the next ``qm/pct shutdown`` SIGKILLs the pve-gpu-hook process
-        that called it, then shuts down anyway).
+        that called it, then shuts down anyway), late_poweroff (one shot: N s after a shutdown
+        that timed out, the guest powers off anyway), ha_rebalance_to (HA starts the guest on
+        that node instead: its config moves there).
         A value of None removes that fault."""
         path = self.root / "run/fake-pve/faults.json"
         with flocked(self.root / "run/fake-pve/faults.lock"):
@@ -454,6 +438,23 @@ class FakeNode:
             self.pve.ct_start(vmid, skiplock=True, use_faults=False)
         else:
             self.pve.vm_start(vmid, skiplock=True, paused=paused, use_faults=False)
+
+    def start_async(self, vmid: int) -> subprocess.Popen[bytes]:
+        """``qm start`` (or ``pct start``) in the background, faults applied (e.g. start_delay):
+        a guest that is starting right now, as HA, onboot or an admin start it."""
+        prog = "pct" if self.pve.guest_type(vmid) == "lxc" else "qm"
+        return subprocess.Popen(
+            [str(self.root / "usr/sbin" / prog), "start", str(vmid)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def kernel_faults(self) -> list[list[str]]:
+        """What the host's kernel would have suffered from the hook, e.g. a device unbound from
+        vfio-pci while a running QEMU used it (see Pve.check_vfio_unbind)."""
+        self.pve.apply_sysfs_writes()
+        return [c["argv"] for c in self.calls("kernel")]
 
     def stop(self, vmid: int) -> None:
         """Hard stop (no-op when not running)."""

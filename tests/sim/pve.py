@@ -568,10 +568,63 @@ class Pve:
         link = self.pci_dir(addr) / "driver"
         if name is None:
             remove(link)
+        else:
+            self.driver_dir(name)
+            symlink(link, f"../../drivers/{name}")
+            symlink(self.p(f"sys/bus/pci/drivers/{name}/{addr}"), f"../../devices/{addr}")
+        self.sync_host_nodes(addr)
+
+    def register_host_nodes(
+        self, addr: str, drm: list[str], nvidia_minor: int | None, model: str
+    ) -> None:
+        """The device nodes a GPU's host driver creates for it (DRM card/renderD, NVIDIA's
+        /dev/nvidiaN with its /proc/driver/nvidia entry), kept while that driver has it."""
+        path = self.p("var/lib/fake-pve/host-nodes.json")
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[addr] = {"drm": drm, "nvidia": nvidia_minor, "model": model}
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        self.sync_host_nodes(addr)
+
+    def sync_host_nodes(self, addr: str) -> None:
+        """A GPU bound to vfio-pci (or to no driver) has no DRM or NVIDIA nodes: they are the
+        host driver's. PVE binds the whole IOMMU group to vfio-pci at a VM's start and never
+        binds it back (pve-common PVE/SysFSTools.pm pci_dev_bind_to_vfio), so a CT's nodes for
+        that GPU are gone until someone gives it back to its driver."""
+        try:
+            entry = json.loads(self.p("var/lib/fake-pve/host-nodes.json").read_text()).get(addr)
+        except (FileNotFoundError, ValueError):
             return
-        self.driver_dir(name)
-        symlink(link, f"../../drivers/{name}")
-        symlink(self.p(f"sys/bus/pci/drivers/{name}/{addr}"), f"../../devices/{addr}")
+        if not entry:
+            return
+        present = self.linked_driver(addr) not in (None, "vfio-pci")
+        info = self.p(f"proc/driver/nvidia/gpus/{addr}/information")
+        minor = entry.get("nvidia")
+        if minor is not None and present:
+            info.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(
+                info,
+                f"Model: \t\t {entry['model']}\n"
+                "IRQ:   \t\t 145\n"
+                f"GPU UUID: \t GPU-00000000-0000-0000-0000-{minor:012d}\n"
+                "Video BIOS: \t 94.02.42.00.a9\n"
+                "Bus Type: \t PCIe\n"
+                "DMA Size: \t 47 bits\n"
+                "DMA Mask: \t 0x7fffffffffff\n"
+                f"Bus Location: \t {addr}\n"
+                f"Device Minor: \t {minor}\n"
+                "GPU Excluded:\t No\n",
+            )
+        elif minor is not None:
+            remove(info.parent)
+        for name in entry.get("drm", []):
+            node_dir = self.p(f"sys/class/drm/{name}")
+            if present:
+                node_dir.mkdir(parents=True, exist_ok=True)
+                symlink(node_dir / "device", f"../../../bus/pci/devices/{addr}")
+                number = re.sub(r"\D", "", name)
+                (node_dir / "dev").write_text(f"226:{number}\n")
+            else:
+                remove(node_dir)
 
     def driver_dir(self, name: str) -> Path:
         """``sys/bus/pci/drivers/<name>`` with its write-only ``bind``/``unbind`` attributes."""
@@ -601,8 +654,21 @@ class Pve:
                     continue
                 path.write_text("")
                 for addr in requests:
+                    if attribute == "unbind" and name == "vfio-pci":
+                        self.check_vfio_unbind(addr)
                     if self.pci_dir(addr).is_dir():
                         self.set_driver(addr, None if attribute == "unbind" else name)
+
+    def check_vfio_unbind(self, addr: str) -> None:
+        """Unbinding a device from vfio-pci while a running QEMU uses it: the kernel asks user
+        space to release it and the write blocks until QEMU lets go (or the device is pulled
+        from the guest) — a fault of the writer. Logged as a call of the "kernel" that tests
+        and the soak check for."""
+        for vmid in self.running_vms():
+            if addr in self.vm_vfio_devices(vmid)[0]:
+                self.log_call(
+                    ["kernel", "vfio-pci unbind in use", addr, str(vmid)], 1, time.time(), Out()
+                )
 
     def pci_ids(self, addr: str) -> tuple[str, str]:
         d = self.pci_dir(addr)
@@ -734,6 +800,21 @@ class Pve:
                     if m:
                         res[int(m.group(1))] = gpu.name
         return res
+
+    def dev_node_exists(self, path: str) -> bool:
+        """Whether a host device node a CT config names exists now (GPU nodes: while the host
+        driver has the GPU; other nodes are taken to exist)."""
+        path = path.strip()
+        m = re.match(r"^/dev/dri/by-path/pci-([0-9a-f:.]+)-(card|render)$", path)
+        if m:
+            return self.driver(m.group(1)) not in (None, "vfio-pci")
+        m = re.match(r"^/dev/dri/((?:card|renderD)\d+)$", path)
+        if m:
+            return self.p(f"sys/class/drm/{m.group(1)}").is_dir()
+        m = re.match(r"^/dev/nvidia(\d+)$", path)
+        if m:
+            return int(m.group(1)) in self.nvidia_gpus()
+        return True
 
     def dev_path_addrs(self, path: str) -> set[str]:
         path = path.strip()
@@ -925,6 +1006,7 @@ class Pve:
         write_atomic(self.p("etc/pve/ha/resources.cfg"), "\n".join(chunks))
 
     def ha_sid(self, vmid: int) -> str | None:
+        """The HA resource of a guest, whatever its state (``vm:<id>``/``ct:<id>``)."""
         res = self.ha_resources()
         for sid in (f"vm:{vmid}", f"ct:{vmid}"):
             if sid in res:
@@ -932,11 +1014,45 @@ class Pve:
         return None
 
     def ha_state(self, vmid: int) -> str | None:
+        """The resource's requested state; a missing state or ``enabled`` is ``started``
+        (pve-ha-manager HA/Config.pm read_and_check_resources_config)."""
         sid = self.ha_sid(vmid)
         if sid is None:
             return None
         state = self.ha_resources()[sid].get("state", "started")
         return "started" if state == "enabled" else state
+
+    def ha_managed(self, vmid: int) -> bool:
+        """Whether qm/pct hand this guest to HA: a resource not in state ``ignored``, and HA not
+        disarmed in mode ``ignore`` (pve-ha-manager HA/Config.pm vm_is_ha_managed, without a
+        state to match, as qm/pct call it)."""
+        state = self.ha_state(vmid)
+        disarmed = (self.sim / "ha-disarm").is_file() and (
+            self.sim / "ha-disarm"
+        ).read_text().strip() == "ignore"
+        return state is not None and state != "ignored" and not disarmed
+
+    def ha_service_status(self, vmid: int) -> str | None:
+        """The CRM's own state of the service (``error`` after a failed stop), kept apart from
+        the requested state in resources.cfg (HA/Manager.pm's manager status)."""
+        try:
+            data = json.loads((self.sim / "ha-status.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return data.get(str(vmid))
+
+    def set_ha_service_status(self, vmid: int, status: str | None) -> None:
+        with flocked(self.p("run/lock/fake-pve-ha.lock")):
+            path = self.sim / "ha-status.json"
+            try:
+                data = json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):
+                data = {}
+            if status is None:
+                data.pop(str(vmid), None)
+            else:
+                data[str(vmid)] = status
+            write_atomic(path, json.dumps(data, sort_keys=True) + "\n")
 
     def ha_set_state(self, sid: str, state: str) -> None:
         with flocked(self.p("run/lock/fake-pve-ha.lock")):
@@ -946,7 +1062,12 @@ class Pve:
                 self.write_ha_resources(res)
 
     def ha_request(self, action: str, kind: str, vmid: int, timeout: int, out: Out) -> None:
-        """HA-managed start/stop: only ask the CRM and return; a detached worker acts later."""
+        """HA-managed start/stop: only ask the CRM and return; a detached worker acts later.
+
+        PVE: qemu-server API2/Qemu.pm vm_start/vm_shutdown/vm_stop (`hastart` runs
+        ``ha-manager set <sid> --state started``, `hastop` ``ha-manager crm-command stop <sid>
+        <T>``); the CRM then writes ``state stopped`` to resources.cfg (HA/Manager.pm).
+        """
         what = "VM" if kind == "qemu" else "CT"
         out.info(f"Requesting HA {action} for {what} {vmid}")
         sid = ("vm:" if kind == "qemu" else "ct:") + str(vmid)
@@ -954,6 +1075,10 @@ class Pve:
         self.spawn_ha_worker(action, kind, vmid, timeout)
 
     def spawn_ha_worker(self, action: str, kind: str, vmid: int, timeout: int) -> None:
+        self.spawn_worker("ha-worker", action, kind, vmid, timeout)
+
+    def spawn_worker(self, worker: str, action: str, kind: str, vmid: int, timeout: int) -> None:
+        """A detached process acting later on the guest (the HA stack, a guest powering off)."""
         pending = self.sim / "ha-pending"
         pending.mkdir(parents=True, exist_ok=True)
         marker = Path(tempfile.mkstemp(prefix=f"{action}-{vmid}-", dir=pending)[1])
@@ -962,7 +1087,7 @@ class Pve:
                 sys.executable,
                 "-m",
                 "tests.sim.pve",
-                "ha-worker",
+                worker,
                 str(self.root),
                 action,
                 kind,
@@ -982,7 +1107,14 @@ class Pve:
             marker.write_text(f"{proc.pid}\n")
 
     def ha_worker(self, action: str, kind: str, vmid: int, timeout: int) -> None:
-        """What the HA stack does after the request: later, and without the caller."""
+        """What the HA stack does after the request: later, and without the caller.
+
+        PVE: pve-ha-manager HA/LRM.pm exec_resource_agent and HA/Manager.pm: a service in
+        ``error`` is not touched; a start may be placed on another node with
+        ``crs: ha-rebalance-on-start`` (next_state_request_start); a stop calls
+        HA/Resources/PVEVM.pm shutdown, which forces the stop once its timeout passed, or
+        PVECT.pm shutdown, which does not: a CT that ignores it leaves the service in ``error``.
+        """
         faults = self.faults(vmid)
         time.sleep(float(faults.get("ha_delay", DEFAULT_HA_DELAY)))
         out = Out()
@@ -990,24 +1122,63 @@ class Pve:
         sid = ("vm:" if kind == "qemu" else "ct:") + str(vmid)
         code = 0
         try:
-            if action == "start":
-                if not self.is_running(vmid):
+            if self.ha_service_status(vmid) == "error":
+                out.warn(f"service '{sid}' is in error state")
+            elif action == "start":
+                elsewhere = faults.get("ha_rebalance_to")
+                if elsewhere and not self.is_running(vmid):
+                    self.move_guest(kind, vmid, str(elsewhere))
+                    out.info(f"service '{sid}': rebalanced to node '{elsewhere}' on start")
+                elif not self.is_running(vmid):
                     if kind == "qemu":
                         self.vm_start(vmid, out=out)
                     else:
                         self.ct_start(vmid, out=out)
             elif self.is_running(vmid):
-                # HA stops gracefully and forces the stop itself once its timeout passed.
                 delay = float(faults.get("shutdown_delay", 0))
-                if faults.get("ignore_shutdown") or delay > timeout:
-                    delay = timeout
-                time.sleep(delay)
+                ignores = faults.get("ignore_shutdown") or delay > timeout
+                time.sleep(timeout if ignores else delay)
+                if ignores and kind == "lxc":
+                    self.set_ha_service_status(vmid, "error")
+                    raise PveError(f"unable to stop service {sid} (still running)")
                 with self.guest_lock(kind, vmid):
                     self.kill_guest(kind, vmid)
         except PveError as e:
             out.warn(e.message)
             code = e.code
         self.log_call(["ha-worker", action, sid], code, t0, out)
+
+    def late_poweroff(self, vmid: int, kind: str) -> None:
+        """Fault ``late_poweroff: N`` (one shot): the guest goes down N s after its shutdown
+        timed out."""
+        delay = self.take_fault(vmid, "late_poweroff")
+        if delay is not None:
+            self.spawn_worker("late-poweroff", "poweroff", kind, vmid, int(str(delay)))
+
+    def move_guest(self, kind: str, vmid: int, node: str) -> None:
+        """The guest's config moves to another node of the cluster (a migration/relocation)."""
+        source = self.conf_path(kind, vmid)
+        target = self.conf_path(kind, vmid, node)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        with flocked(self.p("run/lock/fake-pve-vmlist.lock")):
+            vmlist = self.vmlist()
+            entry = vmlist["ids"].setdefault(str(vmid), {"type": kind})
+            entry["node"] = node
+            vmlist["version"] = int(vmlist.get("version", 1)) + 1
+            write_atomic(self.p("etc/pve/.vmlist"), json.dumps(vmlist, indent=1) + "\n")
+
+    def late_poweroff_worker(self, kind: str, vmid: int, delay: int) -> None:
+        """A guest whose shutdown request timed out powers off later anyway: the ACPI or
+        guest-agent request stays delivered (qemu-server API2/Qemu.pm vm_shutdown; lxc-stop
+        --nokill, pve-container PVE/LXC.pm vm_stop). qmeventd then runs ``qm cleanup``, which
+        frees the PCI reservations but applies no pending change (notes: qm cleanup)."""
+        time.sleep(delay)
+        t0 = time.time()
+        if self.is_running(vmid):
+            with self.guest_lock(kind, vmid):
+                self.kill_guest(kind, vmid)
+            self.log_call(["guest", "powered off late", str(vmid)], 0, t0, Out())
 
     # ---- QEMU ---------------------------------------------------------------------------------
 
@@ -1379,11 +1550,14 @@ class Pve:
                 if faults.get("ignore_shutdown") or delay > limit:
                     time.sleep(limit)
                     if not force:
+                        self.late_poweroff(vmid, "qemu")
                         raise PveError("VM quit/powerdown failed - got timeout")
                     out.warn("VM still running - terminating now with SIGTERM")
                 else:
                     time.sleep(delay)
             self.kill_guest("qemu", vmid)
+            # _do_vm_stop: vm_stop_cleanup(..., apply_pending=1) (qemu-server PVE/QemuServer.pm)
+            self.apply_pending("qemu", vmid, self.read_config("qemu", vmid))
 
     # ---- LXC ----------------------------------------------------------------------------------
 
@@ -1405,17 +1579,19 @@ class Pve:
             cfg = self.apply_pending("lxc", vmid, cfg)
             faults = self.faults(vmid) if use_faults else {}
             failed = [f'__lxc_start: 2027 Failed to initialize container "{vmid}"']
-            for addr in sorted(self.ct_devices(cfg)):
-                # The host driver lost the device to a VM's vfio: the device node is gone.
-                if self.exclusive_holder(set(self.group_members(addr)), vmid):
-                    raise PveError(f"startup for container '{vmid}' failed", before=failed)
             self.apply_sysfs_writes()
             for key, value in cfg.items:
-                # a passed-through device node exists only while a host driver has the device
+                # PVE adds each devN node of the host to the CT and dies when it is missing
+                # (pve-container PVE/LXC.pm update_lxc_config); a GPU's node exists only while
+                # its host driver has it (see sync_host_nodes)
                 if re.fullmatch(r"dev\d+", key):
                     node = value.split(",")[0].removeprefix("path=")
-                    if any(self.driver(a) in (None, "vfio-pci") for a in self.dev_path_addrs(node)):
+                    if not self.dev_node_exists(node):
                         raise PveError(f"Device {node} does not exist")
+            for addr in sorted(self.ct_devices(cfg)):
+                # a mounted node of a GPU a VM holds: LXC's start fails on it
+                if self.exclusive_holder(set(self.group_members(addr)), vmid):
+                    raise PveError(f"startup for container '{vmid}' failed", before=failed)
             if faults.get("start_fails"):
                 raise PveError(f"startup for container '{vmid}' failed", before=failed)
             time.sleep(float(faults.get("start_delay", 0)))
@@ -1456,6 +1632,7 @@ class Pve:
                 if faults.get("ignore_shutdown") or delay > limit:
                     time.sleep(limit)
                     if not force:
+                        self.late_poweroff(vmid, "lxc")
                         raise PveError(
                             f"command 'lxc-stop -n {vmid} --timeout {limit}' failed: exit code 1"
                         )
@@ -1571,7 +1748,7 @@ def guest_cli(pve: Pve, prog: str, argv: list[str], out: Out) -> int:
     skiplock = is_true(opts.get("skiplock"))
     force = is_true(opts.get("forceStop"))
     timeout = int(opts["timeout"]) if "timeout" in opts else None
-    ha = pve.ha_sid(vmid) is not None
+    ha = pve.ha_managed(vmid)
     running = pve.is_running(vmid)
 
     if cmd == "status":
@@ -1667,15 +1844,22 @@ def ha_cli(pve: Pve, argv: list[str], out: Out) -> int:
             out.info("")
         return 0
     if cmd == "set" and len(argv) >= 4 and argv[2] == "--state":
+        # PVE: pve-ha-manager HA/Manager.pm: ``ignored`` removes the service from the manager
+        # (nothing is done to the guest); set back to ``started`` it is started if it is off; a
+        # service in ``error`` moves on only through ``disabled`` (next_state_error)
         sid, state = argv[1], argv[3]
         if sid not in res:
             raise PveError(f"service '{sid}' is not managed by ha")
-        pve.ha_set_state(sid, state)
+        if state not in ("started", "stopped", "disabled", "ignored"):
+            raise PveError(f"400 Parameter verification failed.\nstate: value '{state}' ...")
+        vmid = int(sid.split(":")[1])
         kind = "qemu" if sid.startswith("vm:") else "lxc"
-        if state in ("started", "stopped"):
-            pve.spawn_ha_worker(
-                "start" if state == "started" else "stop", kind, int(sid.split(":")[1]), 60
-            )
+        error = pve.ha_service_status(vmid) == "error"
+        pve.ha_set_state(sid, state)
+        if state == "ignored" or (error and state != "disabled"):
+            return 0
+        pve.set_ha_service_status(vmid, None)
+        pve.spawn_ha_worker("start" if state == "started" else "stop", kind, vmid, 60)
         return 0
     raise PveError(f"400 unknown command 'ha-manager {cmd}'")
 
@@ -1703,10 +1887,13 @@ def main(prog: str, argv: Sequence[str], root: Path | str) -> int:
     return code
 
 
-def _worker_main(argv: list[str]) -> int:
+def _worker_main(worker: str, argv: list[str]) -> int:
     root, action, kind, vmid, timeout, marker = argv
     try:
-        Pve(root).ha_worker(action, kind, int(vmid), int(timeout))
+        if worker == "late-poweroff":
+            Pve(root).late_poweroff_worker(kind, int(vmid), int(timeout))
+        else:
+            Pve(root).ha_worker(action, kind, int(vmid), int(timeout))
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(marker)
@@ -1714,6 +1901,6 @@ def _worker_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "ha-worker":
-        sys.exit(_worker_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] in ("ha-worker", "late-poweroff"):
+        sys.exit(_worker_main(sys.argv[1], sys.argv[2:]))
     sys.exit(2)

@@ -159,6 +159,7 @@ class _Job:
             call = run_hook_process([*self.hook_cmd, *args], env, self.hook_timeout)
         call.args = list(args)
         self.calls.append(call)
+        self.pve.apply_sysfs_writes()  # the kernel acts on what the hook wrote, at once
         self.log.extend(f"INFO: {line}" for line in call.lines)
         if call.error:
             self.errors.append(f"{' '.join(args)}: {call.error}")

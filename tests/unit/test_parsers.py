@@ -639,8 +639,17 @@ def test_ha_resources() -> None:
         "vm:\n"
         "group: 105\n"
     )
-    assert parse_ha_resources(text) == {104, 200}
-    assert parse_ha_resources("") == set()
+    assert parse_ha_resources(text) == {104: "started", 200: "stopped"}
+    assert parse_ha_resources("") == {}
+    states = (
+        "vm: 101\nvm: 102\n\tstate enabled\nct: 103\n\tstate ignored\nvm: 104\n\tstate disabled\n"
+    )
+    assert parse_ha_resources(states) == {
+        101: "started",  # no state: started
+        102: "started",
+        103: "ignored",
+        104: "disabled",
+    }
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ DEFAULTS = {
     "shutdown_timeout": 180,
     "force_stop": False,
     "start_timeout": 120,
+    "shutdown_watch": 1800,
     "protect": [],
     "restart": "after-guest",
 }
@@ -96,6 +97,8 @@ def test_yaml_comment_only_document_parses_to_defaults() -> None:
         ("shutdown_timeout: 1", "shutdown_timeout", 1),
         ("shutdown_timeout: 86400", "shutdown_timeout", 86400),
         ("start_timeout: 5", "start_timeout", 5),
+        ("shutdown_watch: 0", "shutdown_watch", 0),
+        ("shutdown_watch: 600", "shutdown_watch", 600),
         ("force_stop: true", "force_stop", True),
         ("force_stop: false", "force_stop", False),
         ("protect: [104, 105]", "protect", [104, 105]),
@@ -123,6 +126,7 @@ def test_all_keys_together(tmp_path: Path) -> None:
         "shutdown_timeout": 20,
         "force_stop": True,
         "start_timeout": 10,
+        "shutdown_watch": 1800,
         "protect": [101],
         "restart": "after-job",
     }
@@ -153,6 +157,8 @@ def test_unknown_key_names_file_line_and_key(host_root: Path) -> None:
         ("shutdown_timeout: 1.5", 2, "shutdown_timeout"),
         ("shutdown_timeout:", 2, "shutdown_timeout"),
         ("start_timeout: false", 2, "start_timeout"),
+        ("shutdown_watch: -1", 2, "shutdown_watch"),
+        ("shutdown_watch: 30m", 2, "shutdown_watch"),
         ("start_timeout: [1]", 2, "start_timeout"),
         ('force_stop: "yes"', 2, "force_stop"),
         ("force_stop: 1", 2, "force_stop"),

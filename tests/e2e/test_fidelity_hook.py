@@ -1,0 +1,241 @@
+"""Real-host fidelity of the hook's actions: behaviours of Proxmox VE that a simulator written
+from our own assumptions missed (docs/pve-facts.md §5, §8, §9). Each test runs the real hook on
+the simulator, which models the PVE function named in its comments.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.fronts import FAST, cli, commands, hook, hook_lines, records, seed_node
+from tests.sim.node import FakeNode
+from tests.sim.vzdump import run_job
+
+
+def wait_for(condition: object, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def ha_state(node: FakeNode, vmid: int) -> str | None:
+    return node.pve.ha_state(vmid)
+
+
+# ---- 1. a CT's GPU is never taken back from a running VM ----------------------------------------
+
+
+def ct_on_the_gpu(tmp_path: Path) -> FakeNode:
+    """VM 102 and 103 pass the GPU through; CT 200 uses it through the host driver."""
+    node = seed_node(tmp_path, FAST + "restart: after-job\n")
+    node.stop(104)
+    node.bind_host_driver("0000:01:00.0", "nvidia")
+    node.add_ct(200, hostname="jellyfin", dev=["/dev/dri/renderD128,gid=104"], running=True)
+    return node
+
+
+def test_a_ct_is_not_given_back_a_gpu_a_running_vm_took(tmp_path: Path) -> None:
+    node = ct_on_the_gpu(tmp_path)
+    assert hook(node, "backup-start", "stop", "102").returncode == 0
+    assert 200 not in node.running_guests()
+    node.start(102, paused=True)  # vzdump's paused start binds the GPU to vfio-pci ...
+    node.stop(102)  # ... and PVE never binds it back
+    node.start(103)  # meanwhile an admin (or HA, or onboot) starts VM 103 on the GPU
+    end = hook(node, "job-end")
+    assert end.returncode == 1
+    assert "CT 200 (jellyfin) not started again: 0000:01:00" in end.stdout
+    assert "VM 103" in end.stdout
+    # never unbound from vfio-pci under VM 103's QEMU: the write would block, or pull the GPU
+    assert node.kernel_faults() == []
+    assert node.driver("0000:01:00.0") == "vfio-pci" and node.is_running(103)
+    assert [r["vmid"] for r in records(node)] == [200]
+    node.stop(103)
+    assert cli(node, "recover").returncode == 0
+    assert node.driver("0000:01:00.0") == "nvidia" and node.is_running(200)
+    assert node.kernel_faults() == []
+
+
+# ---- 2. a holder that powers off after its shutdown timed out ---------------------------------
+
+
+def test_a_holder_powering_off_late_is_started_again(tmp_path: Path) -> None:
+    """`qm shutdown` gives up, the request stays delivered, the guest goes down later."""
+    node = seed_node(tmp_path, "shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 60\n")
+    node.set_fault(104, ignore_shutdown=True, late_poweroff=2)
+    job = run_job(node, [102])
+    assert not job.guests[102].ok  # the shutdown timed out: that backup fails clearly
+    assert "it may still power off" in (job.guests[102].error or "")
+    assert commands(node, "stop") == []  # never killed
+    # the record is kept, watched after the job: when 104 goes down it is started again
+    assert [(r["vmid"], r["status"]) for r in records(node)] in ([(104, "stop-failed")], [])
+    assert wait_for(lambda: node.calls("guest")), "the guest never powered off"
+    assert wait_for(lambda: node.is_running(104) and not records(node)), node.calls()
+    assert any(c["argv"][:3] == ["qm", "start", "104"] for c in node.calls())
+
+
+def test_a_container_powering_off_late_is_started_again(tmp_path: Path) -> None:
+    """lxc-stop --nokill has the same shape (pve-container PVE/LXC.pm vm_stop)."""
+    node = ct_on_the_gpu(tmp_path)
+    node.write_override("shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 60\n")
+    node.set_fault(200, ignore_shutdown=True, late_poweroff=2)
+    job = run_job(node, [102])
+    assert not job.guests[102].ok
+    assert wait_for(lambda: node.calls("guest")), "the container never powered off"
+    assert wait_for(lambda: node.is_running(200) and not records(node)), node.calls()
+
+
+def test_a_holder_still_running_after_the_watch_keeps_running(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, "shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 3\n")
+    node.set_fault(104, ignore_shutdown=True)
+    run_job(node, [102])
+    assert wait_for(lambda: not records(node)), records(node)  # dropped once the watch ended
+    assert node.running_guests() == {104}
+    assert commands(node, "stop") == [] and commands(node, "start") == []
+
+
+# ---- 3. HA-managed holders are shut down gracefully, as configured --------------------------
+
+
+def test_ha_holder_is_taken_out_of_has_hands_and_given_back(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.set_ha(104)
+    job = run_job(node, [102])
+    assert job.ok, job.log
+    node.wait_settled()
+    ha_calls = [c[1:] for c in commands(node) if c[0] == "ha-manager"]
+    assert ha_calls == [
+        ["set", "vm:104", "--state", "ignored"],
+        ["set", "vm:104", "--state", "started"],
+    ]
+    assert [c[:3] for c in commands(node, "shutdown")] == [["qm", "shutdown", "104"]]
+    assert node.calls("ha-worker") == [
+        c for c in node.calls("ha-worker") if c["argv"][1] == "start"
+    ]
+    assert node.running_guests() == {104} and ha_state(node, 104) == "started"
+    assert any("set to ignored" in line for line in hook_lines(job))
+    assert records(node) == []
+
+
+def test_ha_vm_ignoring_shutdown_is_not_killed_without_force_stop(tmp_path: Path) -> None:
+    """HA's own stop forces a VM that ignores ACPI (HA/Resources/PVEVM.pm shutdown)."""
+    node = seed_node(tmp_path, "shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 0\n")
+    node.set_ha(104)
+    node.set_fault(104, ignore_shutdown=True)
+    job = run_job(node, [102])
+    node.wait_settled()
+    assert not job.guests[102].ok
+    assert node.running_guests() == {104}  # still running: never killed
+    assert not any(c["argv"][1] == "stop" for c in node.calls("ha-worker"))
+    assert ha_state(node, 104) == "started"  # given back to HA as it was
+    assert records(node) == []
+
+
+def test_ha_container_ignoring_shutdown_is_not_left_in_ha_error(tmp_path: Path) -> None:
+    """HA's stop of a CT does not force it: a timeout leaves the service in error (PVECT.pm)."""
+    node = ct_on_the_gpu(tmp_path)
+    node.write_override("shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 0\n")
+    node.set_ha(200)
+    node.set_fault(200, ignore_shutdown=True)
+    run_job(node, [102])
+    node.wait_settled()
+    assert node.is_running(200)
+    assert node.pve.ha_service_status(200) != "error"
+    assert ha_state(node, 200) == "started"
+
+
+def test_ha_state_is_given_back_by_recover_after_a_crash(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.set_ha(104)
+    node.set_fault(104, kill_caller=True)  # the hook dies during the shutdown
+    run_job(node, [102], crash_after=("backup-start", 102))
+    assert wait_for(lambda: not node.is_running(104))
+    assert ha_state(node, 104) == "ignored"
+    assert cli(node, "recover").returncode == 0
+    node.wait_settled()
+    assert node.is_running(104) and ha_state(node, 104) == "started"
+    assert records(node) == []
+
+
+def test_ha_holder_started_on_another_node_is_resolved_once(tmp_path: Path) -> None:
+    """crs ha-rebalance-on-start: HA may start it elsewhere (HA/Manager.pm)."""
+    node = seed_node(tmp_path, FAST + "restart: after-job\n")
+    node.add_vm(900, node="pve2")  # the cluster has a second node
+    node.set_ha(104)
+    node.set_fault(104, ha_rebalance_to="pve2")
+    job = run_job(node, [102])
+    assert job.ok, job.log
+    assert records(node) == []
+    assert any("HA started it on node pve2" in line for line in hook_lines(job))
+    again = run_job(node, [103])  # the next night does not fail on it
+    assert again.ok, again.log
+
+
+# ---- 6. a GPU added in [PENDING] to a running VM backed up in stop mode ------------------------
+
+
+def test_pending_gpu_on_a_running_vm_fails_its_backup_clearly(tmp_path: Path) -> None:
+    """vzdump's shutdown applies pending changes, then starts it paused with the new GPU
+    (qemu-server _do_vm_stop: vm_stop_cleanup with apply_pending)."""
+    node = seed_node(tmp_path)
+    node.add_gpu("0000:02:00", group=15)
+    node.add_vm(106, name="ws", hostpci=["02:00.0"], running=True)
+    # the admin adds the shared GPU to the running VM: PVE keeps it pending until its next start
+    conf = node.pve.conf_path("qemu", 106)
+    conf.write_text(conf.read_text() + "\n[PENDING]\nhostpci1: 01:00.0\n")
+    job = run_job(node, [106], mode="stop")
+    assert not job.guests[106].ok
+    error = job.guests[106].error or ""
+    assert "pve-gpu-hook: VM 106" in error and "[PENDING]" in error and "VM 104" in error
+    assert node.running_guests() == {104, 106}  # both as before: nobody was stopped
+    assert commands(node, "shutdown") == []
+
+
+# ---- 9. a VM that is starting right now --------------------------------------------------------
+
+
+def test_a_holder_that_is_starting_is_waited_for_then_shut_down(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    node.stop(104)
+    node.set_fault(104, start_delay=2)
+    starting = node.start_async(104)
+    assert wait_for(lambda: any(r.get("vmid") == 104 for r in node.reservations().values()))
+    job = run_job(node, [102])
+    starting.wait(30)
+    assert job.ok, job.log
+    assert not any("is currently reserved" in line for line in job.log)
+    assert any("is starting right now" in line for line in hook_lines(job))
+    assert node.running_guests() == {104}
+    assert records(node) == []
+
+
+# ---- 11. a running mapped guest restarted by vzdump takes the device the hook freed -------------
+
+POOL = """\
+gpu0
+\tmap node=pve1,path=0000:01:00.0,id=10de:2204,iommugroup=14
+\tmap node=pve1,path=0000:02:00.0,id=10de:2204,iommugroup=15
+"""
+
+
+def test_a_mapped_guest_restarted_by_vzdump_keeps_its_device(tmp_path: Path) -> None:
+    """choose_hostpci_devices picks at every start, also vzdump's restart in stop mode
+    (qemu-server PVE/QemuServer/PCI.pm): VM 109 would move to the device freed from 107."""
+    node = seed_node(tmp_path, FAST + "restart: after-job\n")
+    node.stop(104)
+    node.add_gpu("0000:02:00", group=15)
+    node.set_mapping(POOL)
+    node.add_vm(107, name="holder", hostpci=["01:00.0"], running=True)
+    node.add_vm(109, name="mapped", hostpci=["mapping=gpu0"], running=True)  # gets 02:00.0
+    assert node.reservations()["0000:02:00.0"]["vmid"] == 109
+    node.add_vm(101, hostpci=["01:00.0"])
+    job = run_job(node, [101, 109], mode="stop")
+    assert job.ok, job.log
+    assert node.running_guests() == {107, 109}
+    reservations = node.reservations()
+    assert reservations["0000:01:00.0"]["vmid"] == 107
+    assert reservations["0000:02:00.0"]["vmid"] == 109
+    assert records(node) == []
