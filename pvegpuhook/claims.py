@@ -16,6 +16,7 @@ from pvegpuhook.pveconf import (
     is_boolean,
     is_number,
     parse_property_string,
+    printable,
     split_options,
 )
 
@@ -141,8 +142,9 @@ class ClaimReader:
             where = f"{config.path}:{config.line_of(key, with_pending) or '?'}"
             options, error = hostpci_options(value)
             if error is not None:
+                why = printable(error)
                 warnings.append(
-                    f"{where}: {key}: PVE ignores this line ({error}): the VM starts without it"
+                    f"{where}: {key}: PVE ignores this line ({why}): the VM starts without it"
                 )
                 continue
             need = self._hostpci_need(key, options, where, warnings)

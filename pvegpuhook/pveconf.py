@@ -136,6 +136,12 @@ def _shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def printable(text: str) -> str:
+    """``text`` with each character a terminal would not print escaped as repr escapes it, so
+    that a message quoting a config value stays one printable line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def split_options(value: str) -> tuple[str | None, dict[str, str]]:
     """``host,key=v,key2=w`` → (``host``, {key: v}); a first item with ``=`` is an option too."""
     first: str | None = None
@@ -322,7 +328,7 @@ def parse_pci_mapping(text: str, path: str) -> tuple[dict[str, PciMapping], list
             if key == "map":
                 entry, error = _map_entry(value or "", number)
                 if entry is None:
-                    warnings.append(f"{where}: map line ignored: {error}")
+                    warnings.append(f"{where}: map line ignored: {printable(error or '')}")
                 else:
                     mapping.entries.append(entry)
             elif key in ("mdev", "live-migration-capable", "description"):

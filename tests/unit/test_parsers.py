@@ -609,6 +609,13 @@ def test_pci_mapping_alternatives_in_order() -> None:
     ]
 
 
+def test_pci_mapping_warning_escapes_what_a_terminal_does_not_print() -> None:
+    text = "gpu\n\tmap node=pve1,path=0000:01:00.0,id=10de:2204,c\u0085olor=1\n"
+    _, warnings = parse_pci_mapping(text, "/etc/pve/mapping/pci.cfg")
+    assert "invalid key in comma-separated list property: c\\x85olor" in warnings[0]
+    assert all(w.isprintable() for w in warnings)
+
+
 def test_pci_mapping_property_before_header() -> None:
     text = (
         "\tmap node=pve1,path=0000:01:00.0,id=10de:2204\n# comment\n"
@@ -778,6 +785,9 @@ def test_sibling_functions_share_the_group_unit(host: Path) -> None:
         ("hostpci0: 01:00.0,pcie", "duplicate key in comma-separated list property: host"),
         ("hostpci0: 01:00.0,colour=red", "invalid key in comma-separated list property: colour"),
         ("args: -device vfio-pci,host=1:0", "'1:0' is not a PCI address"),
+        # a character no terminal prints is escaped: the warning stays one printable line
+        ("hostpci0: \U00018cd6", "PVE ignores this line (host=\\U00018cd6: not PCI ids"),
+        ("hostpci0: 01:00.0,x\u200by=1", "invalid key in comma-separated list property: x\\u200by"),
     ],
 )
 def test_vm_needs_bad_ids_warn(host: Path, text: str, warned: str) -> None:
@@ -788,6 +798,7 @@ def test_vm_needs_bad_ids_warn(host: Path, text: str, warned: str) -> None:
     assert len(warnings) == 1
     assert warnings[0].startswith(f"{VM_CONF}:1: ")
     assert warned in warnings[0]
+    assert warnings[0].isprintable()
     # a second guest's reading starts with none: warnings are not shared between calls
     assert reader.vm_needs(parse_guest_config("", VM_CONF), with_pending=False) == ([], [])
 
