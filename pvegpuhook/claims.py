@@ -190,11 +190,16 @@ class ClaimReader:
         alternatives = [self._claims(e.paths, kind, key, where, warnings) for e in entries]
         need = Need(key, [a for a in alternatives if a], mapping=name, blame=where)
         if mapping is None or not entries:
-            why = (
-                f"{paths.host(paths.PCI_MAPPING)} has no mapping {name!r}"
-                if mapping is None
-                else f"mapping {name!r} has no map line for node {self.node}"
-            )
+            # pci.cfg is at fault when it has the mapping: blame its line, not the guest's
+            if mapping is None:
+                why = f"{paths.host(paths.PCI_MAPPING)} has no mapping {name!r}"
+            else:
+                need.blame = f"{paths.host(paths.PCI_MAPPING)}:{mapping.line}"
+                why = (
+                    f"PVE ignores mapping {name!r}: {mapping.dropped}"
+                    if mapping.dropped
+                    else f"mapping {name!r} has no map line for node {self.node}"
+                )
             need.failure = f"PCI device mapping not found for '{name}' ({why})"
             return need
         if not self.sysfs.local:

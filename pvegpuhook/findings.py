@@ -24,7 +24,7 @@ def findings(view: NodeView) -> list[Finding]:
             if guest.config.has_pending("hostpci")
         ),
         *(_iommu_findings(view) if view.local else []),
-        *(_mapping_findings(view) if view.local else []),
+        *_mapping_findings(view),
         *_failure_findings(view),
         *_sibling_findings(view),
         *_boot_findings(view),
@@ -69,30 +69,49 @@ def _iommu_findings(view: NodeView) -> list[Finding]:
 
 
 def _mapping_findings(view: NodeView) -> list[Finding]:
-    """Map lines for this node that PVE finds out of date with the hardware (a device gone, an
-    id or IOMMU group changed): PVE refuses to start any VM using that mapping."""
+    """Mappings PVE cannot use on this node, each said once against its ``pci.cfg`` line with
+    the guests it keeps from starting: one PVE ignores whole (no valid map line), one without a
+    map line for this node (only when a guest here uses it), and map lines out of date with the
+    hardware (a device gone, an id or IOMMU group changed)."""
     found: list[Finding] = []
     users: dict[str, set[int]] = {}
     for entry in view.entries:
         if entry.mapping:
             users.setdefault(entry.mapping, set()).add(entry.guest.vmid)
+    for vmid, needs in view.needs.items():  # a need without alternatives has no entry
+        for need in needs:
+            if need.mapping:
+                users.setdefault(need.mapping, set()).add(vmid)
     where = paths.host(paths.PCI_MAPPING)
     for name, mapping in sorted(view.mappings.items()):
-        for line in mapping.for_node(view.node):
+        vmids = sorted(users.get(name, ()))
+        who = f"PVE cannot start {_labels(view, vmids)} (mapping {name!r})" if vmids else ""
+        if mapping.dropped:
+            found.append(
+                Finding(
+                    f"{where}:{mapping.line}: mapping {name!r}: PVE ignores it, "
+                    f"{mapping.dropped}; {who or 'no guest uses it'}",
+                    *vmids,
+                )
+            )
+            continue
+        if not mapping.for_node(view.node) and vmids:
+            found.append(
+                Finding(
+                    f"{where}:{mapping.line}: mapping {name!r} has no map line for node "
+                    f"{view.node}: {who}",
+                    *vmids,
+                )
+            )
+        for line in mapping.for_node(view.node) if view.local else []:  # sysfs needed
             problem = invalid_map_entry(view.sysfs, mapping, line)
             if problem is None:
                 continue
-            vmids = sorted(users.get(name, ()))
-            who = (
-                f"PVE cannot start {_labels(view, vmids)} (mapping {name!r})"
-                if vmids
-                else "no guest uses it"
-            )
             found.append(
                 Finding(
                     f"{where}:{line.line}: mapping {name!r} does not match this node's hardware "
                     f"({problem}): PVE refuses it ('PCI device mapping invalid (hardware probably "
-                    f"changed)'); {who}",
+                    f"changed)'); {who or 'no guest uses it'}",
                     *vmids,
                 )
             )

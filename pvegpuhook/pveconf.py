@@ -234,13 +234,17 @@ class MapEntry:
 
 
 class PciMapping:
-    __slots__ = ("name", "entries", "mdev", "line")
+    """One mapping section of ``pci.cfg``; ``dropped``: why PVE ignores it whole (a guest using
+    it then fails as if it did not exist), None when PVE reads it."""
+
+    __slots__ = ("name", "entries", "mdev", "line", "dropped")
 
     def __init__(self, name: str, line: int) -> None:
         self.name = name
         self.entries: list[MapEntry] = []
         self.mdev = False
         self.line = line
+        self.dropped: str | None = None
 
     def for_node(self, node: str) -> list[MapEntry]:
         return [e for e in self.entries if e.node == node]
@@ -279,7 +283,8 @@ def parse_pci_mapping(text: str, path: str) -> tuple[dict[str, PciMapping], list
     the next blank line (PVE's section config: a line that is not indented before that blank line
     is ignored, not a new mapping). A ``map`` line failing its format is dropped; a mapping left
     without any ``map`` line, or with an invalid name, is dropped whole — a guest using it then
-    fails to start with ``PCI device mapping not found``.
+    fails to start with ``PCI device mapping not found``. A mapping without a ``map`` line is
+    kept with its ``dropped`` reason, for the readers to blame its line rather than the guests'.
     """
     import re
 
@@ -343,12 +348,8 @@ def parse_pci_mapping(text: str, path: str) -> tuple[dict[str, PciMapping], list
                 warnings.append(f"{where}: unknown property {key!r} ignored")
         if not valid:
             continue
-        if not mapping.entries:
-            warnings.append(
-                f"{path}:{mapping.line}: mapping {name!r} has no valid map line: PVE ignores it"
-            )
-            mappings.pop(name, None)
-            continue
+        if not mapping.entries:  # said by whoever reads a guest using it, or scan
+            mapping.dropped = "it has no valid map line"
         mappings[name] = mapping
     return mappings, warnings
 

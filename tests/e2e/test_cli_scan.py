@@ -310,12 +310,11 @@ def test_mapping_warnings(tmp_path, monkeypatch, capsys) -> None:
     node.add_vm(109, hostpci=["mapping=nosuch"])
     node.add_vm(110, hostpci=["mapping=gone"])
     data = scan_json(node, monkeypatch, capsys)
-    assert warnings_with(data, "107.conf:", "'elsewhere'") == [
-        f"{tmp_path}/etc/pve/qemu-server/107.conf:1: hostpci0: PCI device mapping not found for "
-        "'elsewhere' (mapping 'elsewhere' has no map line for node pve1): PVE cannot start VM "
-        "107, nor back it up while it is stopped"
-    ]
     # a pci.cfg line at fault is reported once, against that line, naming its users
+    assert warnings_with(data, "'elsewhere'") == [
+        f"{tmp_path}/etc/pve/mapping/pci.cfg:4: mapping 'elsewhere' has no map line for node "
+        "pve1: PVE cannot start VM 107 (mapping 'elsewhere')"
+    ]
     assert warnings_with(data, "'gone'") == [
         f"{tmp_path}/etc/pve/mapping/pci.cfg:8: mapping 'gone' does not match this node's "
         "hardware (pci device '0000:07:00.0' not found): PVE refuses it ('PCI device mapping "

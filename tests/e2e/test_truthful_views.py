@@ -122,6 +122,46 @@ def test_broken_mapping_is_blamed_on_its_pci_cfg_line(tmp_path: Path) -> None:
     assert not job.guests[120].ok and commands(node, "shutdown") == []
 
 
+def test_mapping_pve_ignores_is_blamed_on_its_pci_cfg_line(tmp_path: Path) -> None:
+    """A mapping whose only map line fails its format (no id=) is dropped by PVE: its users
+    fail with 'mapping not found', and the line to fix is pci.cfg's, said once; a mapping
+    without a line for this node likewise."""
+    node = seed_node(tmp_path)
+    node.set_mapping(
+        "gpu\n\tmap node=pve1,path=0000:01:00.0,iommugroup=14\n"
+        "\nother\n\tmap node=pve2,path=0000:01:00.0,id=10de:2204\n"
+    )
+    node.add_vm(120, hostpci=["mapping=gpu"])
+    node.add_vm(121, hostpci=["mapping=gpu"])
+    node.add_vm(122, hostpci=["mapping=other"])
+    pci_cfg = f"{tmp_path}/etc/pve/mapping/pci.cfg"
+    scan = json.loads(cli(node, "scan", "--output-format", "json").stdout)
+    assert [w for w in scan["warnings"] if "'gpu'" in w or "'other'" in w] == [
+        f"{pci_cfg}:2: mapping 'gpu': map line ignored: id= is missing",
+        f"{pci_cfg}:1: mapping 'gpu': PVE ignores it, it has no valid map line; PVE cannot start "
+        "VM 120 and VM 121 (mapping 'gpu')",
+        f"{pci_cfg}:4: mapping 'other' has no map line for node pve1: PVE cannot start VM 122 "
+        "(mapping 'other')",
+    ]
+    assert not any("qemu-server/12" in w for w in scan["warnings"])  # not the guests' lines
+    code, data = dry_run(node, "120", "122")
+    assert code == 1
+    assert guest(data, 120)["reason"] == (
+        "vzdump will fail: hostpci0: PCI device mapping not found for 'gpu' (PVE ignores mapping "
+        "'gpu': it has no valid map line)"
+    )
+    text = cli(node, "dry-run", "120", "122").stdout
+    assert f"it has no valid map line) ({pci_cfg}:1)" in text
+    assert f"has no map line for node pve1) ({pci_cfg}:4)" in text
+    job = run_job(node, [120], mode="stop")
+    assert not job.guests[120].ok and commands(node, "shutdown") == []
+    assert "PCI device mapping not found for 'gpu'" in (job.guests[120].error or "")
+    said = [line for line in hook_lines(job) if "PVE will not start" in line]
+    assert len(said) == 1 and said[0].startswith(
+        f"INFO: pve-gpu-hook: warning: {pci_cfg}:1: hostpci0: PVE will not start VM 120"
+    )
+
+
 def test_template_is_backed_up_without_its_devices(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     node.add_vm(9000, name="tpl", hostpci=["01:00.0"], template=True)

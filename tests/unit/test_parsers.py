@@ -579,7 +579,11 @@ def test_pci_mapping_alternatives_in_order() -> None:
     """As PVE reads pci.cfg (SectionConfig.pm parse_config, Mapping/PCI.pm): a mapping runs up to
     a blank line, a map line failing its format is dropped, a mapping left without one too."""
     mappings, warnings = parse_pci_mapping(PCI_CFG, "/etc/pve/mapping/pci.cfg")
-    assert sorted(mappings) == ["gpu", "nomdev", "vgpu"]
+    assert sorted(mappings) == ["broken", "gpu", "nomdev", "vgpu"]
+    # kept for its line, with why PVE ignores it: a guest using it is blamed on that line
+    assert (mappings["broken"].dropped, mappings["broken"].line) == ("it has no valid map line", 11)
+    assert mappings["broken"].entries == []
+    assert [m.dropped for n, m in sorted(mappings.items()) if n != "broken"] == [None] * 3
     gpu = mappings["gpu"]
     assert gpu.line == 1
     assert [e.paths for e in gpu.for_node("pve1")] == [
@@ -602,7 +606,6 @@ def test_pci_mapping_alternatives_in_order() -> None:
         "list of full PCI ids (0000:01:00.0;...)",
         "/etc/pve/mapping/pci.cfg:15: mapping 'broken': map line ignored: invalid key in "
         "comma-separated list property: color",
-        "/etc/pve/mapping/pci.cfg:11: mapping 'broken' has no valid map line: PVE ignores it",
         "/etc/pve/mapping/pci.cfg:20: 'notes' ignored: PVE reads it as a line of mapping "
         "'nomdev', which runs up to the next blank line",
         "/etc/pve/mapping/pci.cfg:23: 'bad!name' is not a valid mapping name: ignored",
@@ -859,15 +862,26 @@ def test_mapping_with_mdev(mapped: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "node", "failure"),
+    ("text", "node", "failure", "blame"),
     [
-        ("hostpci0: mapping=nope", "pve1", "pci.cfg has no mapping 'nope'"),
-        ("hostpci0: mapping=gpu", "pve3", "mapping 'gpu' has no map line for node pve3"),
-        ("hostpci0: mapping=broken", "pve1", "pci.cfg has no mapping 'broken'"),
+        ("hostpci0: mapping=nope", "pve1", "pci.cfg has no mapping 'nope'", f"{VM_CONF}:1"),
+        # pci.cfg has the mapping: its line is at fault, not the guest's
+        (
+            "hostpci0: mapping=gpu",
+            "pve3",
+            "mapping 'gpu' has no map line for node pve3",
+            "/etc/pve/mapping/pci.cfg:1",
+        ),
+        (
+            "hostpci0: mapping=broken",
+            "pve1",
+            "PVE ignores mapping 'broken': it has no valid map line",
+            "/etc/pve/mapping/pci.cfg:11",
+        ),
     ],
 )
 def test_unusable_mapping_is_a_need_without_alternatives(
-    mapped: Path, text: str, node: str, failure: str
+    mapped: Path, text: str, node: str, failure: str, blame: str
 ) -> None:
     reader = ClaimReader(pci.Sysfs(), node)
     needs, warnings = reader.vm_needs(parse_guest_config(text, VM_CONF), with_pending=False)
@@ -877,7 +891,7 @@ def test_unusable_mapping_is_a_need_without_alternatives(
     assert needs[0].failure is not None
     assert needs[0].failure.startswith(f"PCI device mapping not found for '{name}' (")
     assert failure in needs[0].failure
-    assert needs[0].blame == f"{VM_CONF}:1"
+    assert needs[0].blame == (blame if blame == f"{VM_CONF}:1" else f"{mapped}{blame}")
 
 
 @pytest.mark.parametrize(
