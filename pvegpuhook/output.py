@@ -219,12 +219,18 @@ def _emit_rich(
             pad_edge=False,
             collapse_padding=True,  # two blanks between columns, as in the plain form
         )
-        for key, header in table.columns:
+        grid = table.cells(plain=False)
+        widths = _fitted_widths(table, grid, console.width) if table.fields else None
+        for index, (key, header) in enumerate(table.columns):
             whole = table.fields and key not in table.wrap
-            rich_table.add_column(Text(clean(header)), no_wrap=whole, overflow="fold")
-        for row in table.cells(plain=False):
+            width = widths[index] if widths else None
+            rich_table.add_column(Text(clean(header)), no_wrap=whole, overflow="fold", width=width)
+        for row in grid:
             rich_table.add_row(*(Text(text) for text in row))
-        if Measurement.get(console, console.options, rich_table).minimum > console.width:
+        too_wide = widths == [] or (
+            Measurement.get(console, console.options, rich_table).minimum > console.width
+        )
+        if too_wide:
             # too narrow for whole cells: the plain form, which the terminal wraps, never cuts
             sys.stdout.flush()
             _write("\n".join(_plain_lines(table, noheader=noheader)) + "\n")
@@ -242,6 +248,34 @@ def _emit_rich(
                 line.stylize("yellow")
             console.print(line)
     return True
+
+
+def _fitted_widths(table: Table, grid: list[list[str]], width: int) -> list[int]:
+    """Each column's width in a terminal ``width`` wide: a column that must not wrap gets its
+    widest cell, one in ``wrap`` at least its longest word and what is left up to its widest
+    cell; [] when whole cells do not fit (rich would cut them: the caller prints plain text).
+    Rich is given these widths, since it shrinks even a no-wrap column once the wrapping ones
+    are at their narrowest."""
+    from rich.cells import cell_len
+
+    headers = table.headers(plain=False)
+    widest: list[int] = []
+    narrowest: list[int] = []
+    for index, (key, _) in enumerate(table.columns):
+        texts = [headers[index], *(row[index] for row in grid)]
+        widest.append(max(cell_len(text) for text in texts))
+        if key in table.wrap:
+            narrowest.append(max(cell_len(w) for text in texts for w in text.split() or [""]))
+        else:
+            narrowest.append(widest[-1])
+    spare = width - sum(narrowest) - len(SEP) * (len(widths := narrowest[:]) - 1)
+    if spare < 0:
+        return []
+    for index in range(len(widths)):  # the wrapping columns, left to right, take what is left
+        extra = min(spare, widest[index] - widths[index])
+        widths[index] += extra
+        spare -= extra
+    return widths
 
 
 def _yaml_safe(data: object) -> object:

@@ -427,6 +427,40 @@ def test_terminal_tables_never_cut_an_address_or_vmid(
             assert any({str(forecast["vmid"]), forecast["outcome"]} <= r for r in rows)
 
 
+LONG_NAME = "a-very-long-guest-name-for-the-windows-gaming-machine"
+
+
+@pytest.mark.parametrize(
+    ("argv", "whole"),
+    [
+        (["scan"], {"0000:01:00", "0000:41:00", "102", "104", "123456789", LONG_NAME}),
+        (["scan", "123456789"], {"0000:01:00.0", "0000:41:00.0", "0000:41:00.1", "123456789"}),
+        (["dry-run", "--all"], {"0000:41:00.0,0000:41:00.1", "102", "104", "123456789"}),
+    ],
+)
+def test_long_names_never_cut_an_address_or_vmid(
+    tmp_path: Path, argv: list[str], whole: set[str]
+) -> None:
+    """A 53-character name and a 9-digit VMID at 80 columns: rich used to shrink every other
+    column to fit the name (``00`` for 0000:01:00, ``12345`` for the VMID); a table whose whole
+    cells do not fit is printed plain, which the terminal wraps."""
+    node = seed_node(tmp_path)
+    node.add_gpu("0000:41:00", group=40, functions=("0", "1"))
+    node.set_mapping(
+        "gpu-pool-with-a-long-name\n"
+        "\tmap node=pve1,path=0000:01:00.0,id=10de:2204,iommugroup=14\n"
+        "\tmap node=pve1,path=0000:41:00.0,id=10de:2204,iommugroup=40\n"
+    )
+    node.add_vm(123456789, name=LONG_NAME, hostpci=["mapping=gpu-pool-with-a-long-name", "41:00.1"])
+    out = run_in_terminal(node, 80, *argv)
+    assert "…" not in out
+    words = set(out.split())
+    assert whole <= words, whole - words
+    if argv[0] == "dry-run":  # one row per guest, the VMID first
+        rows = [line.split()[:2] for line in out.splitlines()]
+        assert ["123456789", LONG_NAME] in rows and ["104", "win11"] in rows
+
+
 def test_piped_output_is_one_awk_field_per_column(demo: FakeNode) -> None:
     for argv in (["scan"], ["dry-run", "--all"]):
         text = cli(demo, *argv).stdout
