@@ -3,23 +3,29 @@
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-DEV_PACKAGES := pytest hypothesis PyYAML rich argcomplete ruff
+DEV_PACKAGES := pytest hypothesis PyYAML rich argcomplete ruff prometheus_client
 
 .PHONY: all test lint demo bench clean venv deb package-test
 
 all: test
 
+# the stamp lists what was installed: a package added to DEV_PACKAGES reaches an existing venv
+DEV_STAMP := $(VENV)/dev-packages.txt
+
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
+
+$(DEV_STAMP): $(VPY) Makefile
 	$(VPY) -m pip install --quiet $(DEV_PACKAGES)
+	echo "$(DEV_PACKAGES)" > $@
 
-venv: $(VPY)
+venv: $(DEV_STAMP)
 
-test: $(VPY) lint
+test: $(DEV_STAMP) lint
 	$(VPY) -m pytest -q tests
 
-lint: $(VPY)
+lint: $(DEV_STAMP)
 	$(VPY) -m ruff check pvegpuhook tests tools
 	$(VPY) -m ruff format --check pvegpuhook tests tools
 
@@ -33,7 +39,7 @@ bench:
 # the soak (tools/soak.py): >= 2,000 random jobs through the simulator, invariants after each;
 # bounded by --max-seconds (default 1500); prints the seed to replay a counterexample
 .PHONY: soak
-soak: $(VPY)
+soak: $(DEV_STAMP)
 	$(VPY) -m tools.soak --jobs 2000
 
 clean:
@@ -55,7 +61,7 @@ man:
 	mv etc/config.yaml.tmp etc/config.yaml
 
 # the bash completion script, by the venv's argcomplete (the one the tests compare with)
-completion: $(VPY)
+completion: $(DEV_STAMP)
 	mkdir -p completion
 	$(VENV)/bin/register-python-argcomplete pve-gpu-hook > completion/pve-gpu-hook.tmp
 	mv completion/pve-gpu-hook.tmp completion/pve-gpu-hook
@@ -93,5 +99,5 @@ deb:
 	@ls -1 $(DEB_BUILD)/*.dsc $(DEB_BUILD)/*.orig.tar.* $(DEB_BUILD)/*.deb
 
 # the packaging tests alone (they run `make deb` themselves; clean Debian roots need root)
-package-test: $(VPY)
+package-test: $(DEV_STAMP)
 	$(VPY) -m pytest -q tests/packaging

@@ -6,6 +6,12 @@ HA-managed guest they return before anything happened), so every action ends wit
 ``runtime``. Commands are argv lists with absolute paths (the hook runs with an emptied
 environment and no PATH); their output goes to a temp file, never to a pipe a stray child could
 keep open.
+
+A ``qm``/``pct`` command is never killed. It runs in its own session, so that the GUI's "Stop" of
+the backup task (a signal to the task's process group) does not reach it: the CLI would pass the
+signal on to its worker and cut a start or a shutdown in half. The hook waits as long as PVE may
+take (:mod:`pvegpuhook.timing`); when that is over and the command still runs, it stops waiting,
+leaves the command running and says so.
 """
 
 from __future__ import annotations
@@ -13,57 +19,68 @@ from __future__ import annotations
 import os
 import time
 
-from pvegpuhook import paths, runtime
+from pvegpuhook import paths, runtime, timing
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.model import GuestKind
 
 TYPE_CHECKING = False  # typing costs ~7 ms of import on the hook path
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import Callable
 
 COMMAND_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 POLL = 0.1
-# qm/pct may take a while to return even after the guest is gone (Perl start-up, HA requests)
-GRACE = 30.0
+# a quick PVE command (ha-manager set): the CLI's start-up and a config lock
+GRACE = float(timing.OVERHEAD + timing.CONFIG_LOCK)
 # after a failed qm/pct call, how long the runtime state may take to show what really happened
 SETTLE = 1.0
+# commands the hook stopped waiting for: kept referenced, never waited for nor killed
+_LEFT_RUNNING: list[subprocess.Popen[bytes]] = []
 
 
 class Outcome:
-    __slots__ = ("ok", "seconds", "detail")
+    __slots__ = ("ok", "seconds", "detail", "left_running")
 
-    def __init__(self, ok: bool, seconds: float, detail: str = "") -> None:
+    def __init__(
+        self, ok: bool, seconds: float, detail: str = "", left_running: bool = False
+    ) -> None:
         self.ok = ok
         self.seconds = seconds
         self.detail = detail
+        self.left_running = left_running  # the command still ran when the hook stopped waiting
 
 
-def run(argv: list[str], timeout: float) -> tuple[int, str]:
-    """Run one command; returns (exit code, its output). Never raises for the command's failure."""
+def run(argv: list[str], wait: float) -> tuple[int | None, str]:
+    """Run one command in its own session and wait up to ``wait`` s for it: (exit code, its
+    output), or (None, its output so far) when it still runs then; it is left running. Never
+    raises for the command's failure."""
     import subprocess
     import tempfile
 
     with tempfile.TemporaryFile() as out:
         try:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=COMMAND_ENV,
-                timeout=timeout,
                 close_fds=True,
-                check=False,
+                start_new_session=True,
             )
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = -1
         except OSError as error:
             return 127, f"cannot run {argv[0]}: {error.strerror}"
+        code: int | None
+        try:
+            code = proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            code = None
+            _LEFT_RUNNING.append(proc)
         out.seek(0)
         text = out.read(16384).decode("utf-8", "replace").strip()
-    if code == -1:
-        text = (text + f" (no answer after {timeout:g} s)").strip()
+    if code is None:
+        command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv))
+        text = f"{text} ('{command}' still runs after {wait:g} s; left running)".strip()
     return code, text
 
 
@@ -86,35 +103,44 @@ def wait_until(predicate: Callable[[], bool], deadline: float) -> bool:
         time.sleep(POLL)
 
 
-def shutdown(kind: GuestKind, vmid: int, timeout: int) -> Outcome:
-    """Graceful shutdown, confirmed: the guest is gone and its PCI reservations are released."""
+def _confirm(
+    argv: list[str], wait: float, done: Callable[[], bool], issued: str | None = None
+) -> Outcome:
+    """Run a power command and confirm its effect by ``done`` within ``wait`` s of its start."""
     began = time.monotonic()
+    code, text = run(argv, wait)
+    if issued:
+        crash_point(issued)
+    if code == 0:
+        deadline = began + wait
+    elif code is None:
+        deadline = time.monotonic()  # look once: it may have happened meanwhile
+    else:
+        deadline = time.monotonic() + SETTLE
+    ok = wait_until(done, deadline)
+    seconds = time.monotonic() - began
+    if ok:
+        return Outcome(True, seconds)
+    return Outcome(False, seconds, text or f"exit code {code}", left_running=code is None)
+
+
+def shutdown(kind: GuestKind, vmid: int, timeout: int) -> Outcome:
+    """Graceful shutdown (PVE's ``--timeout``), confirmed: the guest is gone and its PCI
+    reservations are released."""
     argv = [tool(kind), "shutdown", str(vmid), "--timeout", str(timeout)]
-    code, text = run(argv, timeout + GRACE)
-    deadline = began + timeout + GRACE if code == 0 else time.monotonic() + SETTLE
-    ok = wait_until(lambda: _holds_nothing(kind, vmid), deadline)
-    detail = "" if ok else (text or f"exit code {code}")
-    return Outcome(ok, time.monotonic() - began, detail)
+    return _confirm(argv, timing.shutdown_wait(kind, timeout), lambda: _holds_nothing(kind, vmid))
 
 
 def hard_stop(kind: GuestKind, vmid: int) -> Outcome:
-    began = time.monotonic()
-    code, text = run([tool(kind), "stop", str(vmid)], GRACE * 2)
-    deadline = began + GRACE * 2 if code == 0 else time.monotonic() + SETTLE
-    ok = wait_until(lambda: _holds_nothing(kind, vmid), deadline)
-    return Outcome(ok, time.monotonic() - began, "" if ok else (text or f"exit code {code}"))
+    argv = [tool(kind), "stop", str(vmid)]
+    return _confirm(argv, timing.hard_stop_wait(), lambda: _holds_nothing(kind, vmid))
 
 
-def start(kind: GuestKind, vmid: int, timeout: int) -> Outcome:
-    """Start and confirm the guest runs; HA-managed guests confirm only once HA has started them."""
-    began = time.monotonic()
-    code, text = run([tool(kind), "start", str(vmid)], timeout + GRACE)
-    crash_point("start-issued")
-    deadline = began + timeout if code == 0 else time.monotonic() + SETTLE
-    ok = wait_until(lambda: runtime.running(kind, vmid), deadline)
-    if ok:
-        return Outcome(True, time.monotonic() - began)
-    return Outcome(False, time.monotonic() - began, text or f"exit code {code}")
+def start(kind: GuestKind, vmid: int, wait: int) -> Outcome:
+    """Start and confirm the guest runs within ``wait`` s (:func:`timing.start_wait`); an
+    HA-managed guest is confirmed only once HA has started it."""
+    argv = [tool(kind), "start", str(vmid)]
+    return _confirm(argv, wait, lambda: runtime.running(kind, vmid), issued="start-issued")
 
 
 def ha_sid(kind: GuestKind, vmid: int) -> str:
@@ -137,10 +163,11 @@ def ha_set(kind: GuestKind, vmid: int, state: str) -> Outcome:
     return Outcome(ok, time.monotonic() - began, "" if ok else (text or f"exit code {code}"))
 
 
-def start_through_ha(kind: GuestKind, vmid: int, state: str, timeout: int) -> Outcome:
+def start_through_ha(kind: GuestKind, vmid: int, state: str, wait: int) -> Outcome:
     """Give a guest back to HA in its recorded state; for ``started``, HA starts it: confirmed
-    when it runs here, or when HA placed it on another node (``crs: ha-rebalance-on-start``):
-    then ``detail`` names that node."""
+    within ``wait`` s (:func:`timing.start_wait`, HA's hand-over included) when it runs here, or
+    when HA placed it on another node (``crs: ha-rebalance-on-start``): then ``detail`` names
+    that node."""
     from pvegpuhook.pveconf import guest_node, node_name
 
     began = time.monotonic()
@@ -152,8 +179,8 @@ def start_through_ha(kind: GuestKind, vmid: int, state: str, timeout: int) -> Ou
     def placed() -> bool:
         return runtime.running(kind, vmid) or guest_node(vmid) not in (here, None)
 
-    if not wait_until(placed, began + timeout + GRACE):
-        return Outcome(False, time.monotonic() - began, f"HA did not start it within {timeout} s")
+    if not wait_until(placed, began + wait):
+        return Outcome(False, time.monotonic() - began, f"HA did not start it within {wait} s")
     elsewhere = guest_node(vmid)
     moved = f"HA started it on node {elsewhere}" if elsewhere not in (here, None) else ""
     return Outcome(True, time.monotonic() - began, moved)

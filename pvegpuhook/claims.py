@@ -251,19 +251,29 @@ class ClaimReader:
                     used.add(function)
 
     def ct_claims(self, config: GuestConfig, with_pending: bool = False) -> list[Claim]:
-        """GPUs a CT uses through the host driver (devN, bind mounts, cgroup rules)."""
+        """GPUs a CT uses through the host driver: the GPU device nodes it passes (``devN``) or
+        mounts (``lxc.mount.entry``), and the devices its cgroup rules name.
+
+        A cgroup rule is a permission, not a use: PVE hands raw ``lxc.*`` lines to LXC unchanged,
+        and a process can only hold a GPU it has a device node for. So a wildcard rule (``c
+        195:* rwm``, ``c 226:* rwm``) stands for every GPU of that major only in a CT that names
+        no GPU node of that major itself (it may then make its own nodes); next to named nodes
+        it only allows them. A rule for one minor (``c 195:1 rwm``) names that one GPU.
+        """
+        entries = config.raw_entries(with_pending)
+        named: set[int] = set()  # majors of the GPU nodes the CT passes or mounts
+        for key, value, _ in entries:
+            node = _node_of(key, value)
+            major = pci.gpu_node_major(node) if node is not None else None
+            if major is not None:
+                named.add(major)
         claims: list[Claim] = []
-        for key, value, line in config.raw_entries(with_pending):
-            functions: list[str] = []
-            if key.startswith("dev") and is_number(key[3:]):
-                first, options = split_options(value)
-                node = options.get("path", first or "")
+        for key, value, line in entries:
+            node = _node_of(key, value)
+            if node is not None:
                 functions = self.sysfs.node_functions(node)
-            elif key == "lxc.mount.entry":
-                source = value.split()[0] if value.split() else ""
-                functions = self.sysfs.node_functions(source)
             elif key in ("lxc.cgroup2.devices.allow", "lxc.cgroup.devices.allow"):
-                functions = self._cgroup_rule(value)
+                functions = self._cgroup_rule(value, named)
             else:
                 continue
             source = f"{key} (line {line})"
@@ -271,7 +281,7 @@ class ClaimReader:
                 claims.append(Claim(function, self.sysfs.units(function), ClaimKind.SHARED, source))
         return claims
 
-    def _cgroup_rule(self, value: str) -> list[str]:
+    def _cgroup_rule(self, value: str, named: set[int]) -> list[str]:
         parts = value.split()
         if len(parts) < 2 or parts[0] != "c":
             return []
@@ -279,10 +289,21 @@ class ClaimReader:
         if not is_number(major):
             return []
         if minor == "*":
-            return self.sysfs.char_functions(int(major), None)
+            return [] if int(major) in named else self.sysfs.char_functions(int(major), None)
         if is_number(minor):
             return self.sysfs.char_functions(int(major), int(minor))
         return []
+
+
+def _node_of(key: str, value: str) -> str | None:
+    """The host device node a CT config entry passes (``devN``) or bind-mounts (its source)."""
+    if key.startswith("dev") and is_number(key[3:]):
+        first, options = split_options(value)
+        return options.get("path", first or "")
+    if key == "lxc.mount.entry":
+        words = value.split()
+        return words[0] if words else ""
+    return None
 
 
 def split_args(text: str) -> list[str]:

@@ -2,9 +2,10 @@
 
 Every file we own (state, registration, chain, metrics) is replaced atomically — a temp file in
 the same directory, fsync, rename, fsync of the directory — so that a crash or a full disk leaves
-the old file whole. Private directories are 0700 and must be ours; private files are opened with
-``O_NOFOLLOW`` and refused when someone else owns them (records planted by another user must never
-start or stop a guest).
+the old file whole (the metrics file, a view of the others rewritten at every change, skips the
+fsyncs: they would cost the hook more than the rest of the write). Private directories are 0700
+and must be ours; private files are opened with ``O_NOFOLLOW`` and refused when someone else owns
+them (records planted by another user must never start or stop a guest).
 """
 
 from __future__ import annotations
@@ -17,15 +18,23 @@ from pvegpuhook.errors import LockTimeout, StateError
 
 
 def write_atomic(
-    path: str, data: bytes, *, mode: int = 0o600, owner: tuple[int, int] | None = None
+    path: str,
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    owner: tuple[int, int] | None = None,
+    sync: bool = True,
 ) -> None:
     """Temp file in the same directory, fsync, rename over ``path``, fsync the directory.
 
     A full disk or any other failure leaves the old file as it was and no temp file behind.
+    Without ``sync`` (a file that only shows what a synced one holds: the metrics) the two fsyncs
+    are left out: readers still see the old file or the new one, never a part, but a host crash
+    within the file system's commit interval (seconds) may bring back the old one.
     Raises OSError.
     """
     directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    tmp = f"{_temp_prefix(path)}{os.getpid()}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, 0o600)
@@ -36,7 +45,8 @@ def write_atomic(
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         crash_point("state-rename")
@@ -47,7 +57,31 @@ def write_atomic(
         except OSError:
             pass
         raise
-    sync_dir(directory)
+    if sync:
+        sync_dir(directory)
+
+
+def _temp_prefix(path: str) -> str:
+    # never ends in the name's own suffix: a reader of "*.prom" or "*.json" never sees a temp file
+    return os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-")
+
+
+def remove_own_temps(path: str) -> None:
+    """Temp files a writer of ``path`` killed before its rename left; only those, so this is
+    safe in a directory shared with others. Call only under the lock that serialises the writers.
+    """
+    prefix = _temp_prefix(path)
+    directory, start = os.path.split(prefix)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(start):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
 
 
 def sync_dir(directory: str) -> None:

@@ -95,7 +95,11 @@ def job_end(call: Call) -> int:
     if not os.path.exists(paths.host(paths.STATE_FILE)) and not os.path.exists(
         paths.host(paths.JOB_FILE)
     ):
-        return 0  # no guest waits and no job ever acted: nothing to start, nothing to tally
+        from pvegpuhook import metrics
+
+        if not metrics.wanted():
+            # no guest waits, no job ever acted, no metrics file to tell that a job ended
+            return 0
     from pvegpuhook import phases
 
     return phases.restart_leftovers(call.log)

@@ -29,7 +29,9 @@ def _is_hex(text: str, width: int) -> bool:
 def normalize(text: str) -> str | None:
     """``01:00`` → ``0000:01:00``, ``1:00.0``-style junk → None, ``0000:01:00.1`` unchanged.
 
-    Returns the full function address, or the device address when no function is given.
+    Returns the full function address, or the device address when no function is given. A domain
+    has at least 4 hex digits, as in PVE's ``$PCIRE`` (qemu-server PVE/QemuServer/PCI.pm) and
+    sysfs: VMD domains such as ``10000:e1:00.0`` have 5 (docs/pve-facts.md §5).
     """
     text = text.strip().lower()
     parts = text.split(":")
@@ -39,7 +41,7 @@ def normalize(text: str) -> str | None:
         return None
     domain, bus, rest = parts
     slot, dot, function = rest.partition(".")
-    if not (_is_hex(domain, 4) and _is_hex(bus, 2) and _is_hex(slot, 2)):
+    if not (_is_hex(domain, max(4, len(domain))) and _is_hex(bus, 2) and _is_hex(slot, 2)):
         return None
     if dot and not (len(function) == 1 and function in "01234567"):
         return None
@@ -242,6 +244,18 @@ class Sysfs:
             if item and item not in seen:
                 seen.append(item)
         return seen
+
+
+def gpu_node_major(node: str) -> int | None:
+    """The major of the GPU device nodes a path names, by name: 195 for ``/dev/nvidia<N>``, 226
+    for ``/dev/dri`` and what is in it (``card*``, ``renderD*``, ``by-path``); None for other
+    nodes (``/dev/nvidiactl``, ``/dev/nvidia-uvm``: no GPU of their own)."""
+    node = node.strip()
+    if node.rstrip("/") == "/dev/dri" or node.startswith("/dev/dri/"):
+        return DRM_MAJOR
+    if node.startswith("/dev/nvidia") and is_number(node[len("/dev/nvidia") :]):
+        return NVIDIA_MAJOR
+    return None
 
 
 def unit_order(unit: str) -> tuple[str, int, str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from pvegpuhook import act, paths, runtime
+from pvegpuhook import act, metrics, paths, runtime, timing
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import ConfigError, StateError
 from pvegpuhook.inventory import Inventory
@@ -16,7 +16,7 @@ from pvegpuhook.log import Log
 from pvegpuhook.model import Guest, GuestKind
 from pvegpuhook.plan import BackupDecision, Verdict, decide_backup
 from pvegpuhook.pveconf import parse_guest_config
-from pvegpuhook.records import Record, RecordStatus
+from pvegpuhook.records import Record, RecordStatus, duration
 from pvegpuhook.restart import restart
 from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
@@ -37,7 +37,7 @@ def settings_or_error(log: Log) -> tuple[Settings, ConfigError | None]:
 
 def lock_timeout(settings: Settings) -> float:
     # a recover in progress may be waiting for a guest to start
-    return float(max(settings.shutdown_timeout, settings.start_timeout) + act.GRACE)
+    return float(timing.lock_wait(settings))
 
 
 def report_leftovers(log: Log) -> int:
@@ -112,6 +112,7 @@ def free_for_backup(log: Log, vmid: int, mode: str, text: str) -> int:
             # they must reserve their devices again before vzdump restarts this VM, or PVE
             # gives it theirs (the first free device of the mapping)
             restart(store, settings, log, lambda r: r.vmid in decision.restart_first)
+            metrics.update(log, store, settings)
             decision = decide(settings.protect)
             if decision.verdict == Verdict.RESTART_FIRST:
                 names = ", ".join(f"VM {v}" for v in decision.restart_first)
@@ -183,18 +184,26 @@ def _settle_starting(
     return decision
 
 
-def job_identity() -> tuple[str, str | None]:
-    """(key, UPID) of the vzdump job this hook runs in: the key tells one job's tally from the
-    next; the UPID is None where it is not known."""
-    return str(os.getppid()), None
+def job_identity(log: Log | None = None) -> tuple[str, int, str | None]:
+    """(key, pid, UPID) of the vzdump job this hook runs in: the key tells one job's tally from
+    the next; the pid is its worker's. The UPID only when vzdump's pid file names a task that runs
+    now (vzdump writes it before job-start; pid and start time tell it is this job): then it is
+    also the key. Else the key is vzdump's pid (the hook's parent)."""
+    from pvegpuhook import vzdumpjob
+
+    task = vzdumpjob.running_job()
+    if isinstance(task, vzdumpjob.Unknown):
+        if log is not None:
+            log.file(f"the backup job's UPID is unknown ({task.reason}); recording its pid only")
+        return str(os.getppid()), os.getppid(), None
+    return task.text, task.pid, task.text
 
 
 def _stop_holders(
     log: Log, store: StateStore, settings: Settings, decision: BackupDecision, inventory: Inventory
 ) -> int:
     vmid = decision.guest.vmid
-    job = os.getppid()
-    job_key, upid = job_identity()
+    job_key, job, upid = job_identity(log)
     for stop in decision.stops:
         guest = stop.holder.guest
         drivers = {}
@@ -220,10 +229,16 @@ def _stop_holders(
         )
         crash_point("before-record")
         store.add(record)  # before the guest is touched: a crash leaves the record
+        metrics.update(log, store, settings)  # and a metrics file that says it waits
         crash_point("after-record")
         if ha_state is not None and not _take_from_ha(log, store, record, stop.address):
             return 1
-        timeout = settings.shutdown_timeout
+        timeout = timing.shutdown_timeout(guest.config, settings.shutdown_timeout)
+        if timeout != settings.shutdown_timeout:
+            log.file(
+                f"{guest.label} has startup: down={timeout}: shutting it down with that timeout"
+            )
+        began = time.monotonic()
         outcome = act.shutdown(guest.kind, guest.vmid, timeout)
         how = "shut down"
         if not outcome.ok and settings.force_stop:
@@ -234,7 +249,7 @@ def _stop_holders(
         status = RecordStatus.STOPPED if outcome.ok else RecordStatus.STOP_FAILED
         store.mark(guest.vmid, status, outcome.detail)
         if outcome.ok:
-            store.note_stop(job_key, upid, guest.vmid, vmid, record.since or time.time())
+            store.note_stop(job_key, upid, record, record.since or time.time())
         if not outcome.ok:
             if how != "shut down":
                 why = f"{guest.label} could not be stopped: {outcome.detail}"
@@ -254,8 +269,9 @@ def _stop_holders(
             if ha_state
             else ""
         )
+        took = duration(time.monotonic() - began)  # the whole of it, a hard stop included
         log.say(
-            f"{guest.label} {how} in {outcome.seconds:.0f} s{via}: it held {stop.address}, "
+            f"{guest.label} {how} in {took}{via}: it held {stop.address}, "
             f"needed by VM {vmid}; it will be started again after "
             f"{'this backup' if settings.restart == 'after-guest' else 'the job'}"
         )
@@ -300,6 +316,7 @@ def restart_after_backup(log: Log, vmid: int) -> int:
         return 0
     with store.hold(lock_timeout(settings), f"log-end of VM {vmid}"):
         restart(store, settings, log, lambda r: r.for_vmid == vmid)
+        metrics.update(log, store, settings)
     return 0  # a failed start keeps its record; job-end retries it and fails the job
 
 
@@ -330,9 +347,19 @@ def restart_leftovers(log: Log) -> int:
     """job-end, job-abort: start every guest still recorded; fail when one stays off."""
     settings, _ = settings_or_error(log)
     store = StateStore(report=log.say)
+    job_key = job_identity()[0]
     with store.hold(lock_timeout(settings), f"{log.phase}"):
+        done = store.job()
+        if log.phase == "job-abort" and done and done.job == job_key and done.ended:
+            # vzdump runs job-abort after a failed job-end: that said everything already
+            log.file("job-end of this job already ran; nothing more to do")
+            return 0
         report = restart(store, settings, log, lambda r: True)
-        store.end_job(job_identity()[0], log.phase, time.time())
+        ended = time.time()
+        tally = store.end_job(job_key, log.phase, ended)
+        metrics.update(log, store, settings, metrics.LastJob.at_end(ended, report.ok, tally))
+    if tally is not None:
+        log.say(tally.summary(ended))  # the notification's copy of the night
     if report.watching:
         _watch(log, [r for r, _ in report.watching], settings)
     if report.ok:

@@ -169,6 +169,16 @@ def startup_order(value: str | None) -> int | None:
     return int(order) if order and is_number(order) else None
 
 
+def startup_down(value: str | None) -> int | None:
+    """``order=2,down=300`` → 300: the guest's own shutdown timeout (PVE's pve-startup-order
+    format; ``qm shutdown`` without ``--timeout`` and the node's stop-all use it)."""
+    if not value:
+        return None
+    _, options = split_options(value)
+    down = options.get("down")
+    return int(down) if down and is_number(down) and int(down) > 0 else None
+
+
 # ---- property strings (pve-common JSONSchema.pm parse_property_string, check_object) ------------
 
 TRUE_WORDS = ("1", "on", "yes", "true")

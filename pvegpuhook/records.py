@@ -129,20 +129,23 @@ def _drivers(value: object) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items() if isinstance(v, str)}
 
 
-class Stop:
-    """One shutdown of a holder in a job, and when (or whether) it came back."""
+class Cycle:
+    """One shutdown/boot cycle of a holder in a job: when it went down, for whom, and when (or
+    whether) it came back."""
 
-    __slots__ = ("vmid", "for_vmid", "at", "back", "failed")
+    __slots__ = ("vmid", "label", "for_vmid", "at", "back", "failed")
 
     def __init__(
         self,
         vmid: int,
+        label: str,
         for_vmid: int | None,
         at: float,
         back: float | None = None,
         failed: bool = False,
     ) -> None:
-        self.vmid, self.for_vmid, self.at, self.back, self.failed = vmid, for_vmid, at, back, failed
+        self.vmid, self.label, self.for_vmid = vmid, label, for_vmid
+        self.at, self.back, self.failed = at, back, failed
 
     def to_dict(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -159,7 +162,7 @@ class JobTally:
         self.started = started
         self.ended: float | None = None
         self.end_phase: str | None = None
-        self.stops: list[Stop] = []
+        self.stops: list[Cycle] = []
 
     @property
     def holders_stopped(self) -> int:
@@ -192,9 +195,11 @@ class JobTally:
         tally.ended = float(ended) if isinstance(ended, (int, float)) else None
         tally.end_phase = _text(data.get("end_phase"))
         for item in data.get("stops") or []:
+            vmid = int(item["vmid"])
             tally.stops.append(
-                Stop(
-                    int(item["vmid"]),
+                Cycle(
+                    vmid,
+                    str(item.get("label") or f"guest {vmid}"),
                     item.get("for_vmid") if isinstance(item.get("for_vmid"), int) else None,
                     float(item["at"]),
                     float(item["back"]) if isinstance(item.get("back"), (int, float)) else None,
@@ -202,6 +207,39 @@ class JobTally:
                 )
             )
         return tally
+
+    def summary(self, now: float) -> str:
+        """The night in one line, for the job-end part of the task log and the notification."""
+        if not self.stops:
+            return "this job stopped no guest"
+        by_guest: dict[int, list[Cycle]] = {}
+        for cycle in self.stops:
+            by_guest.setdefault(cycle.vmid, []).append(cycle)
+        parts = []
+        for cycles in by_guest.values():
+            down = sum((c.back if c.back is not None else now) - c.at for c in cycles)
+            needers = ", ".join(str(c.for_vmid) for c in cycles if c.for_vmid is not None)
+            times = "once" if len(cycles) == 1 else f"{len(cycles)} times"
+            state = " (not started again)" if cycles[-1].back is None else ""
+            parts.append(
+                f"{cycles[0].label} shut down {times} for {needers}, down {duration(down)}{state}"
+            )
+        return (
+            f"this job: {self.holders_stopped} guest(s) shut down to free a GPU, "
+            f"{self.cycles} shutdown/boot cycle(s), {duration(self.downtime(now))} down in all, "
+            f"{self.failed_restarts} failed restart(s): " + "; ".join(parts)
+        )
+
+
+def duration(seconds: float) -> str:
+    """A measured duration as people read it: 3.2 s, 45 s, 14 min, 2.5 h."""
+    if seconds < 10:
+        return f"{max(seconds, 0.0):.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 # ---- the file format ----------------------------------------------------------------------------

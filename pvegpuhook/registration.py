@@ -116,6 +116,16 @@ def active_script(conf: ConfFile | None) -> tuple[str, int] | None:
     return (active.value, active.line) if active is not None else None
 
 
+def registered() -> bool:
+    """Whether vzdump runs our hook now (the active script of vzdump.conf is ours); False when
+    the file cannot be read."""
+    try:
+        active = active_script(read_conf(missing_ok=True, follow=True))  # vzdump follows it
+    except GpuHookError:
+        return False
+    return active is not None and active[0] == HOOK_PATH
+
+
 # ---- our records --------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from pvegpuhook import act, runtime
+from pvegpuhook import act, metrics, runtime, timing
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import StateError
 from pvegpuhook.inventory import Inventory, load_guest
@@ -18,21 +18,13 @@ from pvegpuhook.log import Log
 from pvegpuhook.model import Claim, ClaimKind, Guest, GuestKind, Holder, Need
 from pvegpuhook.plan import RestartAction, RestartStep, Stop, plan_free, plan_restart, same_function
 from pvegpuhook.pveconf import guest_node, node_name
-from pvegpuhook.records import Record, RecordStatus
+from pvegpuhook.records import Record, RecordStatus, duration
 from pvegpuhook.settings import Settings
 from pvegpuhook.state import StateStore
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def watch_window(settings: Settings) -> float:
@@ -82,12 +74,7 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
     for r in records:
         if r.vmid not in running or r.since is None:
             continue
-        if (
-            r.status == RecordStatus.STOPPING
-            and now - r.since < settings.shutdown_timeout + act.GRACE
-        ):
-            settling[r.vmid] = "its interrupted shutdown may still be under way"
-        elif r.status == RecordStatus.STOP_FAILED and now - r.since < watch_window(settings):
+        if r.status == RecordStatus.STOP_FAILED and now - r.since < watch_window(settings):
             until = time.strftime("%H:%M", time.localtime(r.since + watch_window(settings)))
             settling[r.vmid] = (
                 "its shutdown timed out, but the request may still take effect; "
@@ -98,6 +85,8 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
     here = None
     for record in records:
         guest = load_guest(record.vmid, record.kind)
+        if _may_still_be_shutting_down(record, guest, running, settings):
+            settling[record.vmid] = "its interrupted shutdown may still be under way"
         if guest is None:
             node = guest_node(record.vmid)
             here = here or node_name()
@@ -129,6 +118,19 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
         settling=settling,
         ranks=ranks,
     )
+
+
+def _may_still_be_shutting_down(
+    record: Record, guest: Guest | None, running: set[int], settings: Settings
+) -> bool:
+    """A guest recorded before its shutdown that still runs, while that shutdown may still be
+    under way (the run that started it was killed): as long as PVE may take for it."""
+    if record.vmid not in running or record.status != RecordStatus.STOPPING:
+        return False
+    if record.since is None:
+        return False
+    timeout = timing.shutdown_timeout(guest.config if guest else None, settings.shutdown_timeout)
+    return time.time() - record.since < timing.shutdown_wait(record.kind, timeout)
 
 
 def mapping_rank(record: Record, needs: list[Need]) -> int:
@@ -210,25 +212,41 @@ def _start(
         log.file(problem or f"{function} given back to {driver} for {label}")
         if problem:
             log.say(f"warning: {label}: {problem}; it may start without that device")
+    guest = load_guest(record.vmid, record.kind)
+    wait = timing.start_wait(record.kind, guest.config if guest else None, settings.start_timeout)
     if record.ha_state is not None:
-        outcome = act.start_through_ha(
-            record.kind, record.vmid, record.ha_state, settings.start_timeout
-        )
+        outcome = act.start_through_ha(record.kind, record.vmid, record.ha_state, wait)
         how = f" (HA resource {act.ha_sid(record.kind, record.vmid)}: {record.ha_state} again)"
     else:
-        outcome = act.start(record.kind, record.vmid, settings.start_timeout)
+        outcome = act.start(record.kind, record.vmid, wait)
         how = ""
     if outcome.ok:
         crash_point("after-start")
         _note_start(store, record, log, ok=True)
         away = f"{duration(time.time() - record.since)} off" if record.since else "a while off"
         where = f"; {outcome.detail}" if outcome.detail else ""
-        log.say(f"{label} started again{how} after {away} (took {outcome.seconds:.0f} s){where}")
+        took = duration(outcome.seconds)
+        log.say(f"{label} started again{how} after {away} (took {took}){where}")
         report.started.append(record)
         _forget(store, record, log)
         return
-    why = f"did not start within {settings.start_timeout} s: {outcome.detail}"
-    log.error(f"{label} {why}; record kept, run 'pve-gpu-hook recover'")
+    if outcome.left_running:
+        # never killed: PVE's worker may still bring the guest up; the record stays until then
+        log.file(outcome.detail)
+        why = f"still starting after {duration(outcome.seconds)}, longer than PVE allows for it"
+        log.error(
+            f"{label} {why}; it may still come up; record kept until it runs "
+            "(the next phase or 'pve-gpu-hook recover' drops it then)"
+        )
+    elif record.status == RecordStatus.START_FAILED and record.note == outcome.detail[:500]:
+        why = f"did not start ({outcome.detail}, after {duration(outcome.seconds)})"
+        log.file(f"{label} {why}; as before")  # said once already; the job's summary has it
+    else:
+        if outcome.seconds >= wait:
+            why = f"was not running {duration(outcome.seconds)} after its start: {outcome.detail}"
+        else:
+            why = f"did not start ({outcome.detail}, after {duration(outcome.seconds)})"
+        log.error(f"{label} {why}; record kept, run 'pve-gpu-hook recover'")
     report.kept.append((record, why))
     _note_start(store, record, log, ok=False)
     try:
@@ -298,8 +316,9 @@ def watch(store: StateStore, settings: Settings, log: Log, seconds: float) -> Re
             def select(record: Record, acting: set[int] = acting, ending: bool = ending) -> bool:
                 return watched(record) and (ending or record.vmid in acting)
 
-            with store.hold(settings.start_timeout + act.GRACE, "recover --watch"):
+            with store.hold(timing.lock_wait(settings), "recover --watch"):
                 report = restart(store, settings, log, select)
+                metrics.update(log, store, settings)
             final.started += report.started
             final.dropped += report.dropped
             final.kept += report.kept

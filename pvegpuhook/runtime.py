@@ -2,8 +2,8 @@
 
 A VM runs while ``/run/qemu-server/<vmid>.pid`` names a live kvm/qemu process that mentions that
 pid file; a ``prelaunch`` or ``paused`` QEMU counts as running because it holds its devices. A CT
-runs while its cgroup ``/sys/fs/cgroup/lxc/<vmid>`` exists. Liveness is judged by
-``/proc/<pid>/cmdline`` under the root, never by signalling a pid.
+runs while its LXC command socket is listed in ``/proc/net/unix``, as PVE decides it. Liveness is
+judged by ``/proc/<pid>/cmdline`` under the root, never by signalling a pid.
 """
 
 from __future__ import annotations
@@ -41,8 +41,48 @@ def vm_running(vmid: int) -> bool:
     return qemu_cmdline(vmid) is not None
 
 
+def _ct_sockets() -> set[int] | None:
+    """VMIDs whose LXC command socket ``@/var/lib/lxc/<vmid>/command`` the kernel lists in
+    ``/proc/net/unix``: PVE's own test of a running CT (pve-container src/PVE/LXC.pm
+    list_active_containers, check_running; docs/pve-facts.md §7). A line is ``Num: RefCount
+    Protocol Flags Type St Inode Path``; PVE takes a line whose inode is a number and whose path
+    is its last word. None when the file cannot be read."""
+    text = read_text(paths.host(paths.UNIX_SOCKETS))
+    if text is None:
+        return None
+    found: set[int] = set()
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) != 8 or not _hex_colon(words[0]) or not is_number(words[6]):
+            continue
+        path = words[7]
+        if path.startswith("@/var/lib/lxc/") and path.endswith("/command"):
+            vmid = path[len("@/var/lib/lxc/") : -len("/command")]
+            if is_number(vmid):
+                found.add(int(vmid))
+    return found
+
+
+def _hex_colon(word: str) -> bool:
+    return len(word) > 1 and word[-1] == ":" and all(c in "0123456789abcdef" for c in word[:-1])
+
+
+def _ct_cgroups() -> list[int]:
+    """CTs with a cgroup ``/sys/fs/cgroup/lxc/<vmid>`` (cgroup v2 hosts only): read only where
+    ``/proc/net/unix`` is missing, which on a host never happens. It keeps a root that stands
+    for ``/`` and models running CTs by their cgroup alone (the test seam) working."""
+    try:
+        names = os.listdir(paths.host(paths.CT_CGROUPS))
+    except OSError:
+        return []
+    return [
+        int(n) for n in names if is_number(n) and os.path.isdir(paths.host(paths.CT_CGROUPS, n))
+    ]
+
+
 def ct_running(vmid: int) -> bool:
-    return os.path.isdir(paths.host("sys/fs/cgroup/lxc", str(vmid)))
+    sockets = _ct_sockets()
+    return vmid in (sockets if sockets is not None else _ct_cgroups())
 
 
 def running(kind: str, vmid: int) -> bool:
@@ -59,11 +99,8 @@ def vm_candidates() -> list[int]:
 
 
 def running_cts() -> list[int]:
-    try:
-        names = os.listdir(paths.host("sys/fs/cgroup/lxc"))
-    except OSError:
-        return []
-    return sorted(int(n) for n in names if is_number(n) and ct_running(int(n)))
+    sockets = _ct_sockets()
+    return sorted(sockets if sockets is not None else _ct_cgroups())
 
 
 def reservations() -> dict[int, list[str]]:

@@ -17,6 +17,9 @@ from pvegpuhook.vmid import is_vmid
 
 RESTART_POLICIES = ("after-guest", "after-job")
 SECONDS = "a whole number of seconds (1-86400)"
+# the directory Debian's prometheus-node-exporter reads with its textfile collector
+METRICS_FILE = "/var/lib/prometheus/node-exporter/pve-gpu-hook.prom"
+START_SECONDS = "a whole number of seconds (0-86400)"
 
 
 class Option:
@@ -41,13 +44,18 @@ OPTIONS: tuple[Option, ...] = (
         "shutdown_timeout",
         SECONDS,
         180,
-        "Seconds to wait for a guest that holds the GPU to shut down gracefully "
-        "(qm/pct shutdown --timeout).",
-        "How long to wait for a guest that holds a needed GPU to shut down gracefully "
-        "(``qm shutdown --timeout``, ``pct shutdown --timeout``). When it is still running "
-        "after that, the backup that needs the GPU fails, unless ``force_stop`` is set. It is "
-        "also how long the hook waits, at the end of a guest's backup, for the paused QEMU "
-        "vzdump started to be gone before it starts the holders again.",
+        "Seconds a guest that holds the GPU gets to shut down gracefully (qm/pct shutdown "
+        "--timeout); a guest's own longer 'startup: down=' wins.",
+        "How long a guest that holds a needed GPU gets to shut down gracefully: the "
+        "``--timeout`` of ``qm shutdown`` and ``pct shutdown``. A guest whose own ``startup: "
+        "down=`` (its shutdown timeout in Proxmox VE) is longer gets that instead. When it is "
+        "still running after that, the backup that needs the GPU fails, unless ``force_stop`` "
+        "is set. PVE itself may take up to about twice the timeout (with the QEMU guest agent, "
+        "first the agent's answer, then the power-off; for a container, ``lxc-stop`` and then "
+        "the wait for its end), plus its config lock: the hook waits that long for the command, "
+        "and never kills it. ``shutdown_timeout`` is also how long the hook waits, at the end "
+        "of a guest's backup, for the paused QEMU vzdump started to be gone before it starts "
+        "the holders again.",
     ),
     Option(
         "force_stop",
@@ -62,13 +70,26 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "start_timeout",
-        SECONDS,
-        120,
-        "Seconds to wait until a guest the hook starts again is confirmed running.",
-        "How long to wait until a guest the hook starts again is confirmed running. A guest "
-        "that does not come back in time keeps its record in the state file; ``job-end`` then "
-        "fails, so the backup notification says so, and ``pve-gpu-hook status`` and "
-        "``pve-gpu-hook recover`` show it.",
+        START_SECONDS,
+        0,
+        "Least seconds to wait until a guest the hook starts again is confirmed running; 0: as "
+        "long as Proxmox VE allows for that guest's start.",
+        "The least time the hook waits until a guest it starts again is confirmed running. "
+        "The hook always waits as long as Proxmox VE may take to start that guest: for a VM "
+        "PVE's own start timeout (30 s, or the memory in GiB above 30 GiB; four times that "
+        "with a passed-through PCI device; at least 150 s with hugepages, 300 s when resuming "
+        "from hibernation; plus 5 s per network device: 125 s for a GPU VM with 16 GiB and one "
+        "network device, 261 s with 64 GiB), plus PVE's waits for the config lock and the "
+        "previous QEMU's scope, an HA request's hand-over and a margin; for a container PVE's "
+        "config lock and start confirmation plus the same. ``0``, the default, adds nothing to "
+        "that; a larger value makes the wait at least that long, for example for a guest "
+        "hookscript that takes long at ``pre-start``. A smaller value has no effect: the hook "
+        "never gives up on a start PVE may still complete. It never kills ``qm start`` or "
+        "``pct start``: when the wait is over and the command still runs, the hook stops "
+        "waiting and says so. A guest that is not confirmed running keeps its record in the "
+        "state file; ``job-end`` then fails, so the backup notification says so, and "
+        "``pve-gpu-hook status`` and ``pve-gpu-hook recover`` show it (a later phase or "
+        "``recover`` drops the record once the guest runs).",
     ),
     Option(
         "shutdown_watch",
@@ -109,6 +130,21 @@ OPTIONS: tuple[Option, ...] = (
         "guest still recorded is started at the end of the job. Before version 0.2 this key "
         "was called ``restore``; that name is still read (``pve-gpu-hook status`` notes it).",
     ),
+    Option(
+        "metrics_file",
+        "an absolute path ending in .prom, or false",
+        METRICS_FILE,
+        "The metrics file for node_exporter's textfile collector, written only when its "
+        "directory exists; false: none.",
+        "Where the hook and the command write their metrics for Prometheus' node_exporter "
+        "(its textfile collector reads every ``*.prom`` file of its directory) or any other "
+        "monitoring that reads files: guests waiting to be started again, a damaged state file, "
+        "the registration, the last job's result; see ``pve-gpu-hook(8)``, METRICS. The file "
+        "is written only when its directory exists, so installing ``prometheus-node-exporter`` "
+        "is all it takes, and it is readable by every user (mode 0644). ``false`` (or ``off``, "
+        "or no value) writes none.",
+        example="for example: metrics_file: false",
+    ),
 )
 SCHEMA: dict[str, Option] = {option.name: option for option in OPTIONS}
 # old names still read from upgraded hosts: old → new
@@ -123,6 +159,7 @@ class Settings:
         "shutdown_watch",
         "protect",
         "restart",
+        "metrics_file",
         "source",
         "notes",
     )
@@ -130,10 +167,11 @@ class Settings:
     def __init__(self) -> None:
         self.shutdown_timeout = 180
         self.force_stop = False
-        self.start_timeout = 120
+        self.start_timeout = 0  # 0: as long as PVE allows for the guest (pvegpuhook.timing)
         self.shutdown_watch = 1800
         self.protect: frozenset[int] = frozenset()
         self.restart = "after-guest"
+        self.metrics_file: str | None = METRICS_FILE  # None: no metrics file
         self.source: str | None = None  # the file the values came from, None for defaults
         self.notes: list[str] = []  # e.g. an old key name that was read
 
@@ -145,6 +183,7 @@ class Settings:
             "shutdown_watch": self.shutdown_watch,
             "protect": sorted(self.protect),
             "restart": self.restart,
+            "metrics_file": self.metrics_file or False,
         }
 
 
@@ -253,7 +292,8 @@ def _apply(settings: Settings, key: str, value: object, path: str, line: int) ->
         return ConfigError(path, line, f"{key}: expected {expected}, got {value!r}")
 
     if key in ("shutdown_timeout", "start_timeout"):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 86400:
+        least = 0 if key == "start_timeout" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= 86400:
             raise wrong()
         setattr(settings, key, value)
     elif key == "shutdown_watch":
@@ -272,3 +312,17 @@ def _apply(settings: Settings, key: str, value: object, path: str, line: int) ->
         if value not in RESTART_POLICIES:
             raise wrong()
         settings.restart = str(value)
+    elif key == "metrics_file":
+        if value is None or value is False or value == "":  # no value, "", false, off, no
+            settings.metrics_file = None
+        elif not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+            raise wrong()
+        elif not value.endswith(".prom"):
+            # node_exporter reads nothing else: a file it never reads would say all is fine
+            raise ConfigError(
+                path,
+                line,
+                f"{key}: {value!r} must end in .prom (node_exporter reads only those files)",
+            )
+        else:
+            settings.metrics_file = value

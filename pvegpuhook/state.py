@@ -26,11 +26,11 @@ from pvegpuhook.errors import StateError
 from pvegpuhook.records import (
     FORMAT,
     PARSE_ERRORS,
+    Cycle,
     JobTally,
     ParsedState,
     Record,
     RecordStatus,
-    Stop,
     parse_state,
     record_line,
 )
@@ -164,12 +164,12 @@ class StateStore:
         """Forget guests that run again (or that the admin took over)."""
         self._commit([r for r in self._held() if r.vmid not in vmids])
 
-    def note_stop(self, job: str, upid: str | None, vmid: int, for_vmid: int, at: float) -> None:
-        """A holder was shut down for ``for_vmid`` in job ``job`` (a new job starts a tally)."""
+    def note_stop(self, job: str, upid: str | None, record: Record, at: float) -> None:
+        """A holder was shut down in job ``job`` (a new job starts a new tally)."""
         tally = self.job()
         if tally is None or tally.job != job:
             tally = JobTally(job, upid, at)
-        tally.stops.append(Stop(vmid, for_vmid, at))
+        tally.stops.append(Cycle(record.vmid, record.label, record.for_vmid, at))
         self._write_job(tally)
 
     def note_start(self, vmid: int, at: float, *, ok: bool) -> None:

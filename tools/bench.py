@@ -10,6 +10,7 @@ Results are printed as a Markdown table for BENCHMARKS.md; nothing is asserted.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -167,8 +168,109 @@ def main() -> int:
                 peak = peak_mib(argv, env)
                 print(row(f"{size} guests: {label}", cmd_times[label], bare, peak))
     print()
+    metrics_write()
+    print()
     spawns()
     return 0
+
+
+# Run in a fresh interpreter, as the hook: after what an acting phase has imported anyway (its
+# modules, and re: it has parsed guest configs by then), the first write (with the lazy imports it
+# adds) and the writes after it, each timed alone.
+METRICS_SCRIPT = """
+import json, re, time
+import pvegpuhook.phases
+from pvegpuhook import files, metrics
+from pvegpuhook.log import Log
+from pvegpuhook.settings import load_settings
+from pvegpuhook.state import StateStore
+settings, store, log = load_settings(), StateStore(), Log("bench", echo=False)
+def timed(call):
+    began, cpu = time.perf_counter(), time.process_time()
+    call()
+    return (time.perf_counter() - began) * 1000, (time.process_time() - cpu) * 1000
+with store.hold(5, "bench"):
+    times = [timed(lambda: metrics.update(log, store, settings)) for _ in range(WRITES)]
+    # the same bytes written the way the state file is: with fsync of the file and directory
+    path = metrics.target(settings)
+    with open(path, "rb") as f:
+        text = f.read()
+    synced = [timed(lambda: files.write_atomic(path + ".synced", text, sync=True))
+              for _ in range(WRITES)]
+print(json.dumps([times, synced]))
+"""
+METRICS_WRITES = 21
+
+
+def metrics_write() -> None:
+    """What writing the metrics file costs the hook: one waiting guest, a registered vzdump.conf,
+    the last job carried over from the file; on the file system of the temp directory (fsync of
+    the file and the directory included)."""
+    from pvegpuhook import metrics
+    from pvegpuhook.registration import HOOK_PATH
+    from tests.fronts import write_state
+
+    with tempfile.TemporaryDirectory(prefix="pve-gpu-hook-bench-") as tmp:
+        root = Path(tmp)
+        build_node(root, 100)
+        write(root / "etc/vzdump.conf", f"# vzdump default settings\nscript: {HOOK_PATH}\n")
+        state = root / "var/lib/pve-gpu-hook"
+        state.mkdir(parents=True, mode=0o700)
+        entry = {"vmid": 104, "kind": "qemu", "name": "win11", "for_vmid": 102, "since": 1.0e9}
+        write_state(state / "state.json", [{**entry, "status": "stopped"}])
+        prom = root / "var/lib/prometheus/node-exporter/pve-gpu-hook.prom"
+        last = metrics.LastJob(1.0e9, True, 1, 3, 600.0, 0)
+        write(prom, metrics.render([], registered=True, corrupt=False, last_job=last))
+        env = {"LC_ALL": "C", "PVE_GPU_HOOK_ROOT": tmp, "PYTHONPATH": str(REPO)}
+        script = METRICS_SCRIPT.replace("WRITES", str(METRICS_WRITES))
+        first: list[tuple[float, float]] = []
+        later: list[tuple[float, float]] = []
+        synced: list[tuple[float, float]] = []
+        for _ in range(RUNS):
+            result = subprocess.run(
+                [PYTHON, "-c", script], env=env, capture_output=True, text=True, check=True
+            )
+            times, synced_times = json.loads(result.stdout)
+            first.append(times[0])
+            later.extend(times[1:])
+            synced.extend(synced_times[1:])
+        text = prom.read_text()
+        if "pve_gpu_hook_guests_waiting 1" not in text or "last_job_shutdown_cycles 3" not in text:
+            raise SystemExit(f"the metrics file was not written as expected:\n{text}")
+    # a job that stopped nobody, on a node where the hook never acted: its job-end writes the
+    # metrics file only when node_exporter is installed
+    with tempfile.TemporaryDirectory(prefix="pve-gpu-hook-bench-") as tmp:
+        roots = {name: Path(tmp) / name for name in ("plain", "exporter")}
+        for root in roots.values():
+            build_node(root, 100)
+        (roots["exporter"] / "var/lib/prometheus/node-exporter").mkdir(parents=True)
+        hook = [PYTHON, "-m", "pvegpuhook.hook", "job-end"]
+        env = {"LC_ALL": "C", "PYTHONPATH": str(REPO)}
+        cases: list[Case] = [
+            (name, hook, dict(env, PVE_GPU_HOOK_ROOT=str(root))) for name, root in roots.items()
+        ]
+        ends = measure(cases, RUNS)
+    print(f"| metrics file ({RUNS} hook processes) | median ms | p90 ms | min ms | CPU ms |")
+    print("|---|---|---|---|---|")
+    for label, pairs in (
+        ("first write in a hook process (its lazy imports included)", first),
+        (f"each further write ({METRICS_WRITES - 1} per process)", later),
+        ("for comparison: the same bytes with fsync of file and directory, as state.json", synced),
+    ):
+        wall = [w for w, _ in pairs]
+        cpu = statistics.median(c for _, c in pairs)
+        figures = f"{statistics.median(wall):.2f} | {percentile90(wall):.2f} | {min(wall):.2f}"
+        print(f"| {label} | {figures} | {cpu:.2f} |")
+    for label, times in (
+        ("job-end of a job that stopped nobody, no node_exporter (whole process)", ends["plain"]),
+        ("the same with node_exporter installed (writes the file)", ends["exporter"]),
+    ):
+        figures = f"{statistics.median(times):.1f} | {percentile90(times):.1f} | {min(times):.1f}"
+        print(f"| {label} | {figures} | - |")
+
+
+def percentile90(times: list[float]) -> float:
+    return sorted(times)[max(0, int(len(times) * 0.9) - 1)]
 
 
 def spawns() -> None:

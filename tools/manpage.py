@@ -338,6 +338,64 @@ warnings then go to stderr. ``--noborder`` drops the borders of the terminal tab
 characters from guest names and configuration files are printed escaped.
 """
 
+METRICS = """
+The hook and the command write what they know about waiting guests and backup jobs to
+``/var/lib/prometheus/node-exporter/pve-gpu-hook.prom`` (the ``metrics_file`` setting moves it or
+turns it off, see ``pve-gpu-hook.yaml(5)``), in Prometheus' text format. Debian's
+``prometheus-node-exporter`` reads that directory with its textfile collector, as an unprivileged
+user: watching the hook needs neither root nor a daemon. Zabbix, CheckMK or a script can read the
+file as well, and ``pve-gpu-hook status --quiet`` answers by its exit status alone.
+
+The file is written only when its directory exists, atomically, and readable by every user (mode
+0644): when the hook records a guest it is about to stop (so that a crash still leaves a file that
+says the guest is off), after it starts guests again, at the end of every backup job, and after
+``recover``, ``register`` and ``unregister``. It is not rewritten in between:
+``node_textfile_mtime_seconds`` tells when it was written. The last job is the last backup job
+whose end the hook saw, whether or not it stopped a guest. Every metric is a gauge, and no sample
+carries a timestamp:
+"""
+
+METRICS_ALERTS = """
+Two alert rules for Prometheus: a guest has been waiting for more than 30 minutes, and the last job
+failed to start a guest again. A holder stays off while the backups that need its GPU run (with
+``restart: after-job``, until the end of the job): make the 30 minutes longer than those backups
+take. The rules::
+
+    groups:
+    - name: pve-gpu-hook
+      rules:
+      - alert: PveGpuHookGuestLeftOff
+        expr: >-
+          time() - pve_gpu_hook_guest_waiting_since_timestamp_seconds
+          > 30 * 60
+        annotations:
+          summary: >-
+            {{ $labels.type }} {{ $labels.vmid }} on {{ $labels.instance }}
+            was stopped by pve-gpu-hook {{ $value | humanizeDuration }} ago
+            and is still off: see 'pve-gpu-hook status', then run
+            'pve-gpu-hook recover'
+      - alert: PveGpuHookRestartFailed
+        expr: pve_gpu_hook_last_job_failed_restarts > 0
+        annotations:
+          summary: >-
+            the last backup job on {{ $labels.instance }} could not start
+            {{ $value }} guest(s) again: see 'pve-gpu-hook status'
+"""
+
+
+def metrics_section() -> list[str]:
+    """The METRICS section: the list comes from the metrics module, as the file's HELP lines."""
+    from pvegpuhook.metrics import METRICS as FAMILIES
+
+    out = rst(METRICS)
+    for metric in FAMILIES:
+        text = metric.help
+        if metric.labels:
+            text += f" Labels: {', '.join(metric.labels)}."
+        out += [".TP", line(bold(metric.name)), *fill(marked(text))]
+    return out + rst(METRICS_ALERTS)
+
+
 EXIT_STATUS = (
     ("0", "Success; nothing needs attention."),
     (
@@ -378,6 +436,10 @@ FILES = (
         "(``registration.json``). A corrupt state file is kept aside next to it.",
     ),
     ("/var/log/pve-gpu-hook.log", "Every action of the hook and the command, with timestamps."),
+    (
+        "/var/lib/prometheus/node-exporter/pve-gpu-hook.prom",
+        "The metrics (see METRICS), written only when that directory exists.",
+    ),
     ("/run/lock/pve-gpu-hook.lock", "The lock of the state file."),
     (
         "/etc/pve/jobs.cfg",
@@ -398,7 +460,11 @@ FILES = (
 EXAMPLES = (
     (
         "Check from monitoring; exit status 1 means something needs the admin:",
-        ["pve-gpu-hook status", "pve-gpu-hook status --output-format json"],
+        [
+            "pve-gpu-hook status",
+            "pve-gpu-hook status --output-format json",
+            "pve-gpu-hook status --quiet",
+        ],
     ),
     (
         "See which guests fight for which GPU, then one guest in detail:",
@@ -499,6 +565,8 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
     for name in SHAPES:
         if name in commands:
             out += [f'.SS "{escape(name)} output"', *_shape_doc(name)]
+    out += [".SH METRICS"]
+    out += metrics_section()
     out += [".SH EXIT STATUS"]
     out += _tagged(EXIT_STATUS)
     out += [".SH ENVIRONMENT"]

@@ -1,10 +1,13 @@
 """Soak: seeded random nodes and vzdump jobs through the simulator; invariants after every job.
 
 ``python3 -m tools.soak [--jobs N] [--seed S] [--max-seconds T] [--workers W]`` generates
-*scenarios*: a fake node (1-40 guests, 1-4 GPUs in distinct IOMMU groups, mappings, mdev VMs, CTs
-with GPU device nodes, templates, HA, faults, an override file) and 1-4 jobs run on it one after
-the other, so that leftovers of one job meet the next. Scenario ``K`` of seed ``S`` is generated
-from ``random.Random(f"{S}/{K}")`` alone, so ``--seed S --scenario K`` replays it.
+*scenarios*: a fake node (1-40 guests, 1-4 GPUs in distinct IOMMU groups, mappings, VMs with
+several ``hostpci`` on one mapping, mdev VMs, CTs with GPU device nodes and cgroup rules, templates,
+HA, faults, an override file; some hosts without ``/sys/fs/cgroup/lxc/<vmid>``) and 1-4 jobs run
+on it one after the other, so that leftovers of one job meet the next. Scenario ``K`` of seed ``S``
+is generated from ``random.Random(f"{S}/{K}")`` (and, for what was added later without changing the
+scenarios drawn before, ``random.Random(f"{S}/{K}/more")``) alone, so ``--seed S --scenario K``
+replays it.
 
 The hook runs in-process (``run_job(hook_cmd=INPROCESS)``); the fake ``qm``/``pct`` stay real
 processes. Invariants after every job (and after ``recover`` when vzdump was killed), computed
@@ -60,8 +63,10 @@ DEFAULT_WORKERS = min(16, 6 * (os.cpu_count() or 1))
 FIRST_GROUP = 30  # IOMMU group of GPU 0; GPU i is in group FIRST_GROUP + i
 MDEV_TYPE = "nvidia-35"
 SHUTDOWN_TIMEOUT = 1  # s: a holder ignoring its shutdown costs this much per attempt
-START_TIMEOUT = 2
-SHUTDOWN_WATCH = 3  # s a holder whose shutdown timed out is watched for a late power-off
+# s a holder whose shutdown timed out is watched for a late power-off: longer than a CT's
+# pct shutdown takes to give up (2 T + 5 s, pve-container vm_stop) plus its late power-off
+SHUTDOWN_WATCH = 10
+LATE_POWEROFF = 1.5  # s after its shutdown gave up, at the latest
 
 # a failed backup must say why in one of these words (invariant 5)
 KNOWN_FAILURES = (
@@ -144,6 +149,7 @@ class JobSpec:
 class Scenario:
     seed: int
     number: int
+    ct_cgroup: bool  # False: a host without /sys/fs/cgroup/lxc/<vmid> (cgroup v1)
     gpus: list[Gpu]
     mapping: str
     guests: dict[int, Guest]
@@ -217,7 +223,11 @@ def options(rng: random.Random) -> str:
 
 
 def make_vm(
-    rng: random.Random, vmid: int, gpus: list[Gpu], mappings: dict[str, list[int]]
+    rng: random.Random,
+    vmid: int,
+    gpus: list[Gpu],
+    mappings: dict[str, list[int]],
+    more: random.Random,
 ) -> Guest:
     main = ["memory: 2048", "scsi0: local-lvm:vm-disk-0,size=32G"]
     if rng.random() < 0.9:
@@ -226,6 +236,7 @@ def make_vm(
     exclusive: set[int] = set()
     mdev: set[int] = set()
     used: set[int] = set()  # a VM names each GPU once (PVE refuses a device assigned twice)
+    pools: list[str] = []  # mappings it uses, once per hostpci line
     count = rng.choice([0, 0, 1, 1, 1, 2])
     slots = sorted(rng.sample(range(16), count)) if rng.random() < 0.3 else list(range(count))
     for slot in slots:
@@ -238,6 +249,7 @@ def make_vm(
             value = f"mapping={name}{options(rng)}"
             exclusive.update(mappings[name])
             used.update(mappings[name])
+            pools.append(name)
         elif mdev_free and pick < 0.45:
             gpu = rng.choice(mdev_free)
             value = f"{gpu.short}.0,mdev={MDEV_TYPE}"
@@ -252,6 +264,14 @@ def make_vm(
             continue
         # a change made while the VM was off applies at its next start (vzdump's too)
         (pending if rng.random() < 0.08 else main).append(f"hostpci{slot}: {value}")
+    # the same mapping again, on a free hostpci slot: PVE gives each line another alternative
+    # (there must be one left: otherwise PVE has "could not find a free device" to say)
+    for name in pools:
+        if len(mappings[name]) > pools.count(name) and more.random() < 0.5:
+            taken = {int(x.split(":")[0][7:]) for x in main + pending if x.startswith("hostpci")}
+            slot = more.choice([n for n in range(16) if n not in taken])
+            main.append(f"hostpci{slot}: mapping={name}{options(more)}")
+            pools.append(name)
     free = [g for g in gpus if g.index not in used]
     if free and rng.random() < 0.05:
         gpu = rng.choice(free)
@@ -268,34 +288,61 @@ def make_vm(
     return Guest(vmid, "qemu", text, frozenset(exclusive), frozenset(mdev), template=template)
 
 
-def make_ct(rng: random.Random, vmid: int, gpus: list[Gpu]) -> Guest:
+def make_ct(rng: random.Random, vmid: int, gpus: list[Gpu], more: random.Random) -> Guest:
+    """A CT with GPU device nodes and cgroup rules. What it uses (the model, by the rule of
+    docs/pve-facts.md §6): the GPUs of the nodes it passes or mounts and of the rules for one
+    minor; a wildcard rule (``c 195:*``, ``c 226:*``) only in a CT given no GPU node of that
+    major — beside one it merely allows it (the common recipe)."""
     lines = [f"hostname: ct{vmid}", "memory: 512", "rootfs: local-lvm:vm-disk-0,size=8G"]
     shared: set[int] = set()
+    named: set[int] = set()  # majors of the GPU nodes it is given
+    wildcards: set[int] = set()
+    eq = " =" if more.random() < 0.3 else ":"  # raw LXC keys take either separator
+
+    def recipe(major: int) -> None:
+        if more.random() < 0.35:  # the common recipe: allow every GPU, pass one
+            lines.append(f"lxc.cgroup2.devices.allow{eq} c {major}:* rwm")
+            wildcards.add(major)
+
     for n in range(rng.choice([0, 0, 1, 1, 2])):
         gpu = rng.choice(gpus)
         i = gpu.index
         form = rng.randrange(7)
         if form == 0:
             lines.append(f"dev{n}: /dev/dri/renderD{128 + i},gid=104")
+            named.add(226)
+            recipe(226)
         elif form == 1:
             lines.append(f"dev{n}: /dev/dri/card{i}")
+            named.add(226)
+            recipe(226)
         elif form == 2:
             lines.append(
-                f"lxc.mount.entry: /dev/nvidia{i} dev/nvidia{i} none bind,optional,create=file"
+                f"lxc.mount.entry{eq} /dev/nvidia{i} dev/nvidia{i} none bind,optional,create=file"
             )
+            named.add(195)
+            recipe(195)
+            if more.random() < 0.5:  # not a GPU of its own
+                lines.append(
+                    f"lxc.mount.entry{eq} /dev/nvidiactl dev/nvidiactl none bind,optional,"
+                    "create=file"
+                )
         elif form == 3:
             lines.append(f"lxc.cgroup2.devices.allow: c 195:{i} rwm")
         elif form == 4:
             lines.append(f"lxc.cgroup2.devices.allow: c 226:{128 + i} rwm")
         elif form == 5:
-            lines.append("lxc.cgroup2.devices.allow: c 195:* rwm")  # every NVIDIA GPU
-            shared.update(g.index for g in gpus)
+            lines.append("lxc.cgroup2.devices.allow: c 195:* rwm")  # every NVIDIA GPU...
+            wildcards.add(195)
             continue
         else:
             lines.append("lxc.mount.entry: /dev/dri dev/dri none bind,optional,create=dir")
+            named.add(226)
             shared.update(g.index for g in gpus)
             continue
         shared.add(i)
+    if wildcards - named:  # ...unless the CT is given a node of that major
+        shared.update(g.index for g in gpus)
     template = rng.random() < 0.05
     if template:
         lines.append("template: 1")
@@ -307,9 +354,11 @@ def make_faults(rng: random.Random, guest: Guest) -> dict[str, object]:
     if rng.random() < 0.015:  # costs shutdown_timeout plus a settle second per attempt
         faults["ignore_shutdown"] = True
         if rng.random() < 0.5:  # the request stays delivered: it goes down later anyway
-            faults["late_poweroff"] = round(rng.uniform(0.2, SHUTDOWN_WATCH - 1.5), 1)
-    if rng.random() < 0.01:
-        faults["start_fails"] = True  # rare: it leaves a guest off on purpose
+            faults["late_poweroff"] = round(rng.uniform(0.2, LATE_POWEROFF), 1)
+    # rare: it leaves a guest off on purpose; never for an HA guest, whose failed start the
+    # hook waits for as long as PVE may take (minutes: it cannot tell HA's failure from a delay)
+    if rng.random() < 0.01 and not guest.ha:
+        faults["start_fails"] = True
     if rng.random() < 0.15:
         faults["shutdown_delay"] = round(rng.uniform(0.05, 0.3), 2)
     if rng.random() < 0.05:
@@ -345,6 +394,7 @@ def make_jobs(rng: random.Random, vmids: list[int]) -> list[JobSpec]:
 
 def make_scenario(seed: int, number: int) -> Scenario:
     rng = random.Random(f"{seed}/{number}")
+    more = random.Random(f"{seed}/{number}/more")  # draws added later: the others stay as they were
     gpus = make_gpus(rng)
     mappings = make_mappings(rng, gpus)
     mapping = mapping_text(rng, gpus, mappings)
@@ -353,9 +403,9 @@ def make_scenario(seed: int, number: int) -> Scenario:
     for _ in range(rng.randint(1, 40)):
         vmid += rng.choice([1, 1, 1, 2, 7])
         if rng.random() < 0.7:
-            guest = make_vm(rng, vmid, gpus, mappings)
+            guest = make_vm(rng, vmid, gpus, mappings, more)
         else:
-            guest = make_ct(rng, vmid, gpus)
+            guest = make_ct(rng, vmid, gpus, more)
         guest.run = not guest.template and rng.random() < 0.5
         guest.ha = not guest.template and rng.random() < 0.1
         guest.faults = make_faults(rng, guest)
@@ -369,14 +419,14 @@ def make_scenario(seed: int, number: int) -> Scenario:
     )
     restart = rng.choice(["after-guest", "after-job"])
     override = (
-        f"shutdown_timeout: {SHUTDOWN_TIMEOUT}\nstart_timeout: {START_TIMEOUT}\n"
-        f"shutdown_watch: {SHUTDOWN_WATCH}\n"
+        f"shutdown_timeout: {SHUTDOWN_TIMEOUT}\nshutdown_watch: {SHUTDOWN_WATCH}\n"
         f"force_stop: {'true' if force_stop else 'false'}\nrestart: {restart}\n"
         + (f"protect: [{', '.join(map(str, sorted(protect)))}]\n" if protect else "")
     )
     return Scenario(
         seed,
         number,
+        more.random() < 0.7,
         gpus,
         mapping,
         guests,
@@ -403,7 +453,7 @@ class Result:
 
 
 def build_node(sc: Scenario, root: Path) -> FakeNode:
-    node = FakeNode(root)
+    node = FakeNode(root, ct_cgroup=sc.ct_cgroup)
     for gpu in sc.gpus:
         node.add_gpu(
             gpu.slot,
@@ -665,7 +715,8 @@ def run_scenario(seed: int, number: int, base: Path, verbose: bool = False) -> R
     if verbose:
         result.lines.append(
             f"scenario {number}: {len(sc.guests)} guests, {len(sc.gpus)} GPU(s), "
-            f"running {sorted(node.running_guests())}, root {root}\n{sc.override.strip()}"
+            f"running {sorted(node.running_guests())}, root {root}"
+            f"{'' if sc.ct_cgroup else ', no CT cgroup dirs'}\n{sc.override.strip()}"
         )
     checker = Checker(sc, node)
     for index, job in enumerate(sc.jobs, 1):

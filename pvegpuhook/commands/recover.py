@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from pvegpuhook import completion, runtime
+from pvegpuhook import completion, metrics, runtime
 from pvegpuhook.commands import seconds_arg, vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, GpuHookError
 from pvegpuhook.log import Log, clean
+from pvegpuhook.records import Record
 from pvegpuhook.restart import restart, watch
 from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
@@ -80,8 +81,32 @@ def run(args: argparse.Namespace) -> int:
             for vmid in sorted(wanted):
                 Log("recover", vmid, echo=False).file("record dropped by the admin (--forget)")
                 print(f"record of {vmid} dropped; nothing was started")
-            return EXIT_OK
-        return _report(store, settings, wanted, dry_run=False, force=args.force)
+            code = EXIT_OK
+        else:
+            code = _report(store, settings, wanted, dry_run=False, force=args.force)
+        metrics.update(Log("recover", echo=False), store, settings)
+        return code
+
+
+def _job_runs(record: Record) -> str | None:
+    """Why the guest is left to the backup job that stopped it, when that job still runs.
+
+    By the job's UPID, as PVE tells whether a task runs (its worker's pid and start time): after
+    a reboot or when another process got the pid, the job is over. Records of older releases
+    have the worker's pid only: a live process with that pid counts as the job.
+    """
+    if record.upid is not None:
+        from pvegpuhook import vzdumpjob
+
+        upid = vzdumpjob.decode_upid(record.upid)
+        if not isinstance(upid, vzdumpjob.Unknown):
+            running = vzdumpjob.task_running(upid)
+            if isinstance(running, vzdumpjob.Unknown):
+                return f"cannot tell whether the job that stopped it still runs: {running.reason}"
+            return f"stopped by the backup job running now ({upid.text})" if running else None
+    if record.job and runtime.process_alive(record.job):
+        return f"stopped by the backup job running now (pid {record.job})"
+    return None
 
 
 def _report(
@@ -90,12 +115,14 @@ def _report(
     log = Log("recover", echo=False)
     # a guest stopped by the job running now: starting it would take the GPU from the backup
     # that needs it; that job's log-end or job-end starts it
-    busy = [
-        r
-        for r in store.records()
-        if (not wanted or r.vmid in wanted) and r.job and runtime.process_alive(r.job)
-    ]
-    skip = set() if force else {r.vmid for r in busy}
+    busy: list[tuple[Record, str]] = []
+    for record in store.records():
+        if wanted and record.vmid not in wanted:
+            continue
+        why = _job_runs(record)
+        if why:
+            busy.append((record, why))
+    skip = set() if force else {r.vmid for r, _ in busy}
     report = restart(
         store,
         settings,
@@ -104,9 +131,8 @@ def _report(
         dry_run=dry_run,
     )
     if not force:
-        for record in busy:
-            why = f"stopped by the backup job running now (pid {record.job}); --force starts it"
-            report.kept.append((record, why))
+        for record, why in busy:
+            report.kept.append((record, f"{why}; --force starts it"))
     rows = []
     verb = "would start" if dry_run else "started"
     rows += [(r.vmid, r.label, verb) for r in report.started]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pvegpuhook import registration
+from pvegpuhook import metrics, registration
 from pvegpuhook.commands import seconds_arg
 from pvegpuhook.errors import EXIT_OK
 from pvegpuhook.log import clean
@@ -54,4 +54,6 @@ def print_report(report: registration.Report) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return print_report(registration.register(chain_previous=args.chain, wait=args.wait))
+    code = print_report(registration.register(chain_previous=args.chain, wait=args.wait))
+    metrics.refresh("register", args.wait)  # the registration is one of the metrics
+    return code

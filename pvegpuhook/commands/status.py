@@ -1,8 +1,9 @@
 """``pve-gpu-hook status``: is the hook in place, and does anything need the admin?
 
-Reads only — no lock, no write — so it is safe from monitoring while a backup runs. Exit status 0
-when all is fine, 1 when something needs the admin (each reason is one entry of ``attention``):
-not registered on a Proxmox VE host, another hook active without chaining, our hook file missing,
+Reads only — no lock, no write — so it is safe from monitoring while a backup runs; ``--quiet``
+prints nothing, for checks that look at the exit status alone. Exit status 0 when all is fine, 1
+when something needs the admin (each reason is one entry of ``attention``): not registered on a
+Proxmox VE host, another hook active without chaining, our hook file missing,
 a backup job that bypasses the hook, an invalid override file, guests waiting to be started
 again, corrupt state, a chained hook failing its checks, or ERROR lines in the last job.
 
@@ -20,8 +21,10 @@ JSON/YAML shape (``--output-format json``; keys are stable)::
      "override": {"path": "/etc/pve-gpu-hook/config.yaml", "exists": true, "valid": true,
                   "error": null,         # "file:line: message" when invalid
                   "values": {"shutdown_timeout": 180, "force_stop": false,
-                             "start_timeout": 120, "protect": [], "restart": "after-guest"}},
-                                         # values: the ones in force; null when invalid
+                             "start_timeout": 0, "protect": [], "restart": "after-guest",
+                             "metrics_file": "/var/lib/.../pve-gpu-hook.prom"}},
+                                         # values: the ones in force; null when invalid;
+                                         # metrics_file: false when turned off
      "waiting": [{"vmid": 104, "type": "qemu", "name": "gpu-desktop", "status": "stopped",
                   "since": "2024-05-01T21:03:10+02:00", "for_vmid": 102, "note": null}],
      "corrupt_state": ["/var/lib/pve-gpu-hook/state.json.corrupt-20240501T210500"],
@@ -58,6 +61,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "in force, guests the hook stopped that are not back yet, corrupt state files and "
             "the last job's summary. Reads only. Exit status 1 when something needs the admin."
         ),
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print nothing: the exit status alone says whether something needs attention "
+        "(for Nagios, Zabbix or CheckMK style checks)",
     )
     add_output_options(parser)
     parser.set_defaults(run=run)
@@ -299,6 +309,8 @@ def run(args: argparse.Namespace) -> int:
     data = gather()
     attention = data["attention"]
     assert isinstance(attention, list)
+    if args.quiet:
+        return EXIT_ATTENTION if attention else EXIT_OK
     notes = [f"warning: {item}" for item in attention] or ["all fine: nothing needs attention"]
     given = data["notes"]
     assert isinstance(given, list)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from pvegpuhook import registration
+from pvegpuhook import metrics, registration
 from pvegpuhook.commands import seconds_arg
 from pvegpuhook.commands.register import print_report
 
@@ -36,4 +36,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return print_report(registration.unregister(wait=args.wait))
+    code = print_report(registration.unregister(wait=args.wait))
+    metrics.refresh("unregister", args.wait)  # the registration is one of the metrics
+    return code

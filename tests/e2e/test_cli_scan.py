@@ -197,6 +197,42 @@ def test_unclaimed_display_device_listed_and_ct_shared(tmp_path, monkeypatch, ca
     ]
 
 
+RECIPE = (
+    "lxc.cgroup2.devices.allow: c 195:* rwm\n"
+    "lxc.mount.entry: /dev/nvidia0 dev/nvidia0 none bind,optional,create=file\n"
+    "lxc.mount.entry: /dev/nvidiactl dev/nvidiactl none bind,optional,create=file\n"
+)
+
+
+def two_gpus(root: Path) -> FakeNode:
+    node = FakeNode(root)
+    node.add_gpu("0000:01:00", group=14, nvidia_minor=0, drm=("renderD128",))
+    node.add_gpu("0000:02:00", group=15, nvidia_minor=1, drm=("renderD129",))
+    return node
+
+
+def test_ct_with_the_wildcard_recipe_is_shown_under_its_gpu_only(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """``c 195:* rwm`` only allows the nodes; the mounted /dev/nvidia0 is the CT's use."""
+    node = two_gpus(tmp_path)
+    node.add_ct(200, RECIPE, hostname="plex", running=True, onboot=True)
+    node.add_vm(102, hostpci=["02:00"], onboot=True)
+    data = scan_json(node, monkeypatch, capsys)
+    first, second = device(data, "0000:01:00"), device(data, "0000:02:00")
+    assert [(c["vmid"], c["source"]) for c in first["claims"]] == [
+        (200, "lxc.mount.entry (line 2)")
+    ]
+    assert first["held_by"] == [200]
+    assert [c["vmid"] for c in second["claims"]] == [102]
+    assert second["held_by"] == []
+    assert warnings_with(data, "onboot") == []
+    vm = scan_json(node, monkeypatch, capsys, "102")
+    assert vm["conflicts"] == [] and vm["would_stop"] == []
+    _, out, _ = scan(node, monkeypatch, capsys)
+    assert "CT 200" not in next(line for line in out.splitlines() if "0000:02:00" in line)
+
+
 # ---- warnings -----------------------------------------------------------------------------------
 
 
@@ -388,6 +424,31 @@ def test_device_missing_from_sysfs(tmp_path, monkeypatch, capsys) -> None:
     assert "0000:09:00  not_in_sysfs  -      -         -        -        -" in out
 
 
+def test_pci_domain_of_more_than_four_digits(tmp_path, monkeypatch, capsys) -> None:
+    """A VMD domain (PVE's $PCIRE takes 4 or more hex digits): claimed, held and mapped."""
+    node = FakeNode(tmp_path)
+    node.add_gpu("10000:e1:00", group=40, functions=("0", "1"))
+    node.set_mapping("vmd\n\tmap node=pve1,path=10000:e1:00.0,id=10de:2204,iommugroup=40\n")
+    node.add_vm(102, hostpci=["10000:e1:00,pcie=1"])
+    node.add_vm(103, hostpci=["mapping=vmd"])
+    node.add_vm(104, hostpci=["10000:e1:00.0"], running=True)
+    data = scan_json(node, monkeypatch, capsys)
+    gpu = device(data, "10000:e1:00")
+    assert gpu["functions"] == ["10000:e1:00.0", "10000:e1:00.1"]
+    assert gpu["iommu_group"] == "40" and gpu["present"] is True
+    assert [(c["vmid"], c["address"]) for c in gpu["claims"]] == [
+        (102, "10000:e1:00"),
+        (103, "10000:e1:00.0"),
+        (104, "10000:e1:00.0"),
+    ]
+    assert gpu["held_by"] == [104]
+    assert data["warnings"] == []
+    vm = scan_json(node, monkeypatch, capsys, "102")
+    assert vm["would_stop"] == [
+        {"vmid": 104, "type": "qemu", "name": None, "address": "10000:e1:00.0"}
+    ]
+
+
 def test_config_parse_warnings(tmp_path, monkeypatch, capsys) -> None:
     node = seed(tmp_path)
     path = tmp_path / "etc/pve/qemu-server/103.conf"
@@ -483,6 +544,21 @@ def test_scan_vmid_warnings_are_its_own(tmp_path, monkeypatch, capsys) -> None:
     node.add_vm(106, hostpci=["0000:09:00.0"])
     assert scan_json(node, monkeypatch, capsys, "102")["warnings"] == []
     assert len(scan_json(node, monkeypatch, capsys, "106")["warnings"]) == 1
+
+
+def test_running_ct_without_a_cgroup_dir_is_seen(tmp_path, monkeypatch, capsys) -> None:
+    """A host without /sys/fs/cgroup/lxc/<vmid>: PVE's check_running reads /proc/net/unix."""
+    node = FakeNode(tmp_path, ct_cgroup=False)
+    node.add_gpu("0000:01:00", group=14, nvidia_minor=0, drm=("renderD128",))
+    node.add_ct(200, hostname="plex", dev=["/dev/dri/renderD128"], running=True)
+    node.add_vm(102, hostpci=["01:00"])
+    assert not (node.root / "sys/fs/cgroup/lxc/200").exists()
+    data = scan_json(node, monkeypatch, capsys)
+    gpu = device(data, "0000:01:00")
+    assert gpu["held_by"] == [200]
+    assert [(c["vmid"], c["running"]) for c in gpu["claims"]] == [(102, False), (200, True)]
+    vm = scan_json(node, monkeypatch, capsys, "102")
+    assert [s["vmid"] for s in vm["would_stop"]] == [200]
 
 
 def test_unknown_vmid(tmp_path, monkeypatch, capsys) -> None:

@@ -140,12 +140,31 @@ def test_all_fine(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "values": {
             "shutdown_timeout": 180,
             "force_stop": False,
-            "start_timeout": 120,
+            "start_timeout": 0,
             "shutdown_watch": 1800,
             "protect": [],
             "restart": "after-guest",
+            "metrics_file": "/var/lib/prometheus/node-exporter/pve-gpu-hook.prom",
         },
     }
+
+
+def test_quiet_answers_by_exit_status_alone(root: Path, capsys) -> None:
+    """For Nagios/Zabbix/CheckMK style checks: nothing printed, 0 or 1 as status says."""
+    assert run_main(capsys, "status", "--quiet") == (0, "", "")
+    add_record()
+    assert run_main(capsys, "status", "-q") == (1, "", "")
+    assert status(capsys)[0] == 1  # the same answer as the full view
+
+
+def test_metrics_file_turned_off_is_shown(root: Path, capsys) -> None:
+    (root / "etc/pve-gpu-hook").mkdir()
+    (root / "etc/pve-gpu-hook/config.yaml").write_text("metrics_file: off\n")
+    code, data = status(capsys)
+    assert code == 0
+    assert data["override"]["values"]["metrics_file"] is False
+    code, text = status_text(capsys)
+    assert "metrics_file=no" in text
 
 
 def test_override_values_in_force(root: Path, capsys) -> None:
@@ -431,8 +450,9 @@ def test_after_a_real_job_and_after_a_crash(tmp_path: Path, monkeypatch, capsys)
     assert code == 0, data["attention"]
     job = data["last_job"]
     assert job["result"] == "ok" and job["end_phase"] == "job-end"
-    assert [a["phase"] for a in job["actions"]] == ["backup-start", "log-end"]
+    assert [a["phase"] for a in job["actions"]] == ["backup-start", "log-end", "job-end"]
     assert "VM 104 (win11) shut down" in job["actions"][0]["message"]
+    assert job["actions"][2]["message"].startswith("this job: 1 guest(s) shut down")
 
     # vzdump dies after VM 104 was shut down for VM 103: 104 stays off, status must say so
     run_job(node, [103], mode="stop", crash_after=("backup-start", 103))

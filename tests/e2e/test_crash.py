@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pvegpuhook.act import GRACE
+from pvegpuhook.timing import shutdown_wait
 from tests.fronts import REPO, cli, commands, read_state, records, seed_node, write_state
 from tests.sim.node import FakeNode, reboot
 from tests.sim.vzdump import DEFAULT_HOOK, HookCall, JobOutcome, run_hook_process, run_job
@@ -30,7 +30,7 @@ from tests.sim.vzdump import DEFAULT_HOOK, HookCall, JobOutcome, run_hook_proces
 SHUTDOWN_TIMEOUT = 2
 SHORT = f"shutdown_timeout: {SHUTDOWN_TIMEOUT}\nstart_timeout: 5\n"
 AFTER_JOB = SHORT + "restart: after-job\n"
-SETTLE = SHUTDOWN_TIMEOUT + GRACE  # how long an interrupted shutdown may still be under way
+SETTLE = shutdown_wait("lxc", SHUTDOWN_TIMEOUT)  # how long an interrupted shutdown may take
 CRASH_AT = "PVE_GPU_HOOK_CRASH_AT"
 STATE_DIR = "var/lib/pve-gpu-hook"
 TARGET = 106  # needs both GPUs: VM 104 holds the first, CT 110 the second

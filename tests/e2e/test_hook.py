@@ -14,9 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.fronts import FAST, cli, commands, hook, hook_lines, records, seed_node
+from tests.fronts import (
+    FAST,
+    cli,
+    commands,
+    hook,
+    hook_lines,
+    read_state,
+    records,
+    seed_node,
+    write_state,
+)
 from tests.sim.node import FakeNode, reboot
-from tests.sim.vzdump import run_job
+from tests.sim.vzdump import JobOutcome, run_job
 
 
 def assert_clean(node: FakeNode) -> None:
@@ -63,7 +73,38 @@ def test_seed_night_task_log_says_who_was_stopped_for_whom(tmp_path: Path) -> No
     lines = hook_lines(job)
     assert any("VM 104 (win11) shut down" in line and "VM 102" in line for line in lines)
     assert any("VM 104 (win11) started again" in line for line in lines)
-    assert len(lines) == 2  # one concise line per action
+    # one concise line per action, and the night in one line at job end: that one reaches the
+    # notification (log-end's lines reach only the task log)
+    assert len(lines) == 3
+    assert "this job: 1 guest(s) shut down to free a GPU, 1 shutdown/boot cycle(s)" in lines[2]
+    assert "VM 104 (win11) shut down once for 102" in lines[2]
+
+
+def test_a_forced_stop_says_how_long_it_really_took(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, "shutdown_timeout: 1\nstart_timeout: 5\nforce_stop: true\n")
+    node.set_fault(104, ignore_shutdown=True)
+    job = run_job(node, [102])
+    assert job.ok, job.log
+    [line] = [x for x in hook_lines(job) if "stopped hard" in x]
+    seconds = float(line.split(" in ", 1)[1].split(" s", 1)[0])
+    assert seconds >= 1.0  # the shutdown's timeout, then the stop: not "in 0 s"
+
+
+def test_a_failed_restart_is_said_once(tmp_path: Path) -> None:
+    node = seed_node(tmp_path, "shutdown_timeout: 3\nstart_timeout: 1\n")
+    node.set_fault(104, start_fails=True)
+    job = run_job(node, [102])
+    calls = {c.phase: c for c in job.hook_calls if c.vmid in (None, 102)}
+    said = [x for x in calls["log-end"].lines if "did not start" in x]
+    assert len(said) == 1 and "record kept" in said[0]  # the task log, as it happens
+    # job-end tries again: the same failure is not said again line for line, but its one
+    # closing line carries it for the notification (which gets no log-end output)
+    end = calls["job-end"]
+    assert end.exit_code == 1
+    assert not any("record kept" in x for x in end.lines)
+    assert [x for x in end.lines if "did not start" in x] == [end.lines[-1]]
+    assert any("1 failed restart(s)" in x for x in end.lines)
+    assert calls["job-abort"].lines == []  # vzdump's job-abort after the failed job-end
 
 
 def test_without_the_hook_the_backup_fails_like_in_real_life(tmp_path: Path) -> None:
@@ -117,6 +158,31 @@ def test_every_id_form_frees_the_gpu(tmp_path: Path, target: str) -> None:
     assert job.ok, job.log
     assert node.running_guests() == {104}
     assert commands(node, "shutdown")
+
+
+def test_pci_domain_of_more_than_four_digits(tmp_path: Path) -> None:
+    """A VMD domain: PVE takes ids with a domain of 4 or more hex digits, so must the hook."""
+    node = FakeNode(tmp_path)
+    node.write_override(FAST)
+    node.add_gpu("10000:e1:00", group=40, functions=("0", "1"))
+    node.add_gpu("10000:e2:00", group=41, functions=("0",))
+    node.set_mapping(
+        "vmd\n"
+        "\tmap node=pve1,path=10000:e1:00.0,id=10de:2204,iommugroup=40\n"
+        "\tmap node=pve1,path=10000:e2:00.0,id=10de:2204,iommugroup=41\n"
+    )
+    node.add_vm(104, hostpci=["10000:e1:00.0,pcie=1"], running=True)
+    node.add_vm(105, hostpci=["mapping=vmd"], running=True)  # gets e2:00.0
+    node.add_vm(120, hostpci=["10000:e1:00,pcie=1"])
+    node.add_vm(121, hostpci=["mapping=vmd"])
+    job = run_job(node, [120, 121])
+    assert job.ok, job.log
+    assert sorted(c[:3] for c in commands(node, "shutdown")) == [
+        ["qm", "shutdown", "104"],
+        ["qm", "shutdown", "104"],  # the first of the mapping's reserved alternatives
+    ]
+    assert node.running_guests() == {104, 105}
+    assert_clean(node)
 
 
 def test_iommu_sibling_device_is_freed(tmp_path: Path) -> None:
@@ -227,6 +293,52 @@ def test_mapping_held_alternative_of_a_running_mapped_vm(tmp_path: Path) -> None
     assert [c[:3] for c in commands(node, "shutdown")] == [["qm", "shutdown", "106"]]
 
 
+def two_gpu_node(root: Path) -> FakeNode:
+    """GPUs 01:00 (group 14) and 02:00 (group 15), both in PCI mapping ``gpu``."""
+    node = FakeNode(root)
+    node.write_override(FAST)
+    node.add_gpu("0000:01:00", group=14, functions=("0", "1"), nvidia_minor=0, drm=("renderD128",))
+    node.add_gpu("0000:02:00", group=15, functions=("0", "1"), nvidia_minor=1, drm=("renderD129",))
+    node.set_mapping(MAPPING)
+    return node
+
+
+def test_mapping_taken_twice_frees_the_second_gpu_too(tmp_path: Path) -> None:
+    """PVE's choose_hostpci_devices gives hostpci1 the alternative hostpci0 did not take."""
+    node = two_gpu_node(tmp_path)
+    node.add_vm(120, name="render", hostpci=["mapping=gpu,pcie=1", "mapping=gpu,pcie=1"])
+    node.add_ct(200, hostname="jellyfin", dev=["/dev/dri/renderD129,gid=104"], running=True)
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["pct", "shutdown", "200"]]
+    assert node.running_guests() == {200}
+    assert node.driver("0000:02:00.0") == "nvidia"  # given back before the CT started
+    assert_clean(node)
+
+
+def test_running_vm_with_a_mapping_taken_twice_in_stop_mode(tmp_path: Path) -> None:
+    """vzdump's restart of the VM gives each line the alternative it had: nothing moves."""
+    node = two_gpu_node(tmp_path)
+    node.add_vm(120, hostpci=["mapping=gpu", "mapping=gpu"], running=True)
+    held = sorted(a for a, r in node.reservations().items() if r["vmid"] == 120)
+    job = run_job(node, [120], "stop")
+    assert job.ok, job.log
+    assert hook_lines(job) == []
+    assert sorted(a for a, r in node.reservations().items() if r["vmid"] == 120) == held
+
+
+def test_mapping_taken_twice_with_the_first_gpu_reserved(tmp_path: Path) -> None:
+    """hostpci0 takes the free 02:00.0, so hostpci1 can only have 01:00.0, which VM 106 holds."""
+    node = two_gpu_node(tmp_path)
+    node.add_vm(106, hostpci=["01:00"], running=True)
+    node.add_vm(120, hostpci=["mapping=gpu", "mapping=gpu"])
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["qm", "shutdown", "106"]]
+    assert node.running_guests() == {106}
+    assert_clean(node)
+
+
 # --- kinds of holders ---------------------------------------------------------------------
 
 
@@ -267,6 +379,37 @@ def test_container_holder_is_shut_down_and_started_again(tmp_path: Path) -> None
         ["pct", "shutdown", "201"],
     ]
     assert node.running_guests() == {200, 201, 202}
+
+
+NVIDIA_RECIPE = """\
+lxc.cgroup2.devices.allow: c 195:* rwm
+lxc.cgroup2.devices.allow: c 508:* rwm
+lxc.mount.entry: /dev/nvidia0 dev/nvidia0 none bind,optional,create=file
+lxc.mount.entry: /dev/nvidiactl dev/nvidiactl none bind,optional,create=file
+lxc.mount.entry: /dev/nvidia-uvm dev/nvidia-uvm none bind,optional,create=file
+"""
+DRM_RECIPE = """\
+lxc.cgroup2.devices.allow = c 226:* rwm
+lxc.mount.entry = /dev/dri/renderD128 dev/dri/renderD128 none bind,optional,create=file
+"""
+
+
+@pytest.mark.parametrize("recipe", [NVIDIA_RECIPE, DRM_RECIPE], ids=["nvidia", "dri"])
+def test_wildcard_cgroup_rule_is_no_use_of_the_other_gpu(tmp_path: Path, recipe: str) -> None:
+    """The common recipe: a rule that allows every GPU, and one GPU mounted. The CT uses that
+    one; a backup that needs the other GPU leaves it alone, one that needs its own stops it."""
+    node = two_gpu_node(tmp_path)
+    node.add_ct(200, recipe, hostname="plex", running=True)
+    node.add_vm(120, hostpci=["02:00,pcie=1"])
+    node.add_vm(121, hostpci=["01:00,pcie=1"])
+    job = run_job(node, [120])
+    assert job.ok, job.log
+    assert commands(node) == []
+    job = run_job(node, [121])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["pct", "shutdown", "200"]]
+    assert node.running_guests() == {200}
+    assert_clean(node)
 
 
 def test_containers_do_not_free_for_each_other(tmp_path: Path) -> None:
@@ -429,6 +572,32 @@ def test_crash_then_recover(tmp_path: Path) -> None:
     assert len(commands(node, "start")) == 1
 
 
+def test_running_ct_without_a_cgroup_dir(tmp_path: Path) -> None:
+    """A host without /sys/fs/cgroup/lxc/<vmid>: PVE sees a running CT by its command socket in
+    /proc/net/unix (pve-container check_running), and so must the hook, dry-run and recover."""
+    node = FakeNode(tmp_path, ct_cgroup=False)
+    node.write_override(FAST)
+    node.add_gpu("0000:01:00", group=14, functions=("0", "1"), nvidia_minor=0, drm=("renderD128",))
+    node.add_ct(200, hostname="plex", dev=["/dev/dri/renderD128,gid=104"], running=True)
+    node.add_vm(102, hostpci=["01:00,pcie=1"])
+    forecast = cli(node, "dry-run", "102", "--output-format", "json")
+    assert '"stops": [{"address": "0000:01:00.0", "vmid": 200}]' in forecast.stdout
+    job = run_job(node, [102])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["pct", "shutdown", "200"]]
+    assert node.running_guests() == {200}
+    assert_clean(node)
+    # killed mid-job; the admin starts the CT by hand; recover sees it runs
+    job = run_job(node, [102], crash_after=("backup-start", 102))
+    assert [r["vmid"] for r in records(node)] == [200]
+    node.stop(102)
+    node.start(200)
+    result = cli(node, "recover")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert records(node) == []
+    assert len(commands(node, "start")) == 1  # the hook's own restart after the first job
+
+
 def test_recover_reports_a_conflict_instead_of_stopping_anyone(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     run_job(node, [102], crash_after=("archive", 102))  # 102's paused QEMU holds the GPU
@@ -581,31 +750,77 @@ def test_container_gets_its_gpu_back_from_vfio(tmp_path: Path) -> None:
         node.pve.ct_start(200)
 
 
+def hung_job(node: FakeNode) -> JobOutcome:
+    """The hook is killed right after it shut VM 104 down for VM 102's backup, and vzdump then
+    hangs (a dead storage, say): its worker still runs, 104 waits for that job."""
+    job = run_job(
+        node,
+        [102, 103],
+        env_extra={"PVE_GPU_HOOK_CRASH_AT": "after-shutdown"},
+        env_at=("backup-start", 102),
+        hang_after=("backup-start", 102),
+    )
+    assert job.crashed and 104 not in node.running_guests()
+    return job
+
+
 def test_recover_leaves_the_running_jobs_guests_to_it(tmp_path: Path) -> None:
     """A holder stopped by the backup job that still runs: starting it now would take the GPU
-    back from the backup that needs it."""
+    back from the backup that needs it. The job is known by its UPID (pid and start time)."""
     node = seed_node(tmp_path)
-    run_job(node, [102], crash_after=("backup-start", 102))
-    node.stop(102)
-    [record] = records(node)
-    job = node.root / "proc" / str(record["job"]) / "cmdline"
-    job.parent.mkdir(parents=True, exist_ok=True)
-    job.write_bytes(b"task UPID:pve1:00001234:vzdump::root@pam:\0")  # vzdump still runs
+    job = hung_job(node)
     result = cli(node, "recover")
     assert result.returncode == 1
-    assert "stopped by the backup job running now" in result.stdout
+    assert f"stopped by the backup job running now ({job.upid})" in result.stdout
     assert 104 not in node.running_guests()
-    job.unlink()  # the job ended (or was killed) without starting it again
+    [record] = records(node)
+    assert record["upid"] == job.upid and record["job"] == job.worker
+    node.end_process(job.worker)  # the job ended (or was killed) without starting it again
+    assert cli(node, "recover").returncode == 0
+    assert node.running_guests() == {104}
+
+
+def test_recover_does_not_take_a_reused_pid_for_the_job(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    hung_job(node)
+    [record] = records(node)
+    node.end_process(record["job"])  # the job is gone; another process gets its pid
+    node.spawn_process(["/usr/sbin/cron", "-f"], pid=record["job"])
+    result = cli(node, "recover")
+    assert result.returncode == 0, result.stdout
+    assert node.running_guests() == {104}
+
+
+def test_recover_after_a_reboot_does_not_take_the_pid_for_the_job(tmp_path: Path) -> None:
+    node = seed_node(tmp_path)
+    hung_job(node)
+    [record] = records(node)
+    node.reboot()
+    node.spawn_process(["/usr/bin/kvm", "-id", "110"], pid=record["job"])  # its pid, anew
+    result = cli(node, "recover")
+    assert result.returncode == 0, result.stdout
+    assert node.running_guests() == {104}
+
+
+def test_recover_reads_records_of_older_releases_by_pid(tmp_path: Path) -> None:
+    """A record written before the UPID was recorded: the job's pid alone, as before."""
+    node = seed_node(tmp_path)
+    hung_job(node)
+    path = node.root / "var/lib/pve-gpu-hook/state.json"
+    [record] = read_state(path)
+    record.pop("upid", None)
+    record["job"] = pid = node.spawn_process(["vzdump"])
+    write_state(path, [record])
+    result = cli(node, "recover")
+    assert result.returncode == 1
+    assert f"stopped by the backup job running now (pid {pid})" in result.stdout
+    node.end_process(pid)
     assert cli(node, "recover").returncode == 0
     assert node.running_guests() == {104}
 
 
 def test_recover_force_starts_the_running_jobs_guests(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
-    run_job(node, [102], crash_after=("backup-start", 102))
-    node.stop(102)
-    job = node.root / "proc" / str(records(node)[0]["job"]) / "cmdline"
-    job.parent.mkdir(parents=True, exist_ok=True)
-    job.write_bytes(b"vzdump\0")
+    hung_job(node)
     assert cli(node, "recover", "--force").returncode == 0
     assert node.running_guests() == {104}

@@ -722,17 +722,18 @@ def test_commands_are_absolute_paths_under_the_root(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A whole job in-process with subprocess.run watched: VM and CT holders stopped and started."""
+    """A whole job in-process with every process start watched: VM and CT holders stopped and
+    started, each qm/pct in its own session (out of reach of a signal to the task's group)."""
     node = evil_node(tmp_path)
     at_root(node.root)
     seen: list[tuple[object, dict[str, object]]] = []
-    real_run = subprocess.run
+    real_popen = subprocess.Popen
 
     def watching(argv: object, *args: object, **kwargs: object) -> object:
         seen.append((argv, kwargs))
-        return real_run(argv, *args, **kwargs)  # type: ignore[call-overload]
+        return real_popen(argv, *args, **kwargs)  # type: ignore[call-overload]
 
-    monkeypatch.setattr(subprocess, "run", watching)
+    monkeypatch.setattr(subprocess, "Popen", watching)
     for call in (["backup-start", "stop", "102"], ["backup-start", "stop", "103"]):
         assert hook.main(call) == 0
     assert node.running_guests() == set()
@@ -746,6 +747,7 @@ def test_commands_are_absolute_paths_under_the_root(
         assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
         assert argv[0] in tools and os.path.isabs(argv[0])
         assert "shell" not in kwargs and kwargs["env"] == act.COMMAND_ENV
+        assert kwargs["start_new_session"] is True
     assert {os.path.basename(str(argv[0])) for argv, _ in seen} == {"qm", "pct"}
     assert {c["argv"][0] for c in node.calls()} == {"qm", "pct"}
     monkeypatch.delenv("PVE_GPU_HOOK_ROOT")  # the real host: /usr/sbin, never a PATH lookup

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import random
+import re
+import shlex
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.sim import vzdump
 from tests.sim.node import FakeNode, reboot
-from tests.sim.pve import parse_config
+from tests.sim.pve import Pve, parse_config
 from tests.sim.vzdump import run_job
 
 BUSY_14 = (
@@ -481,6 +486,25 @@ def two_gpus(node: FakeNode) -> None:
         ("lxc.cgroup2.devices.allow: c 226:1 rwm", {"0000:02:00.0"}),
         ("lxc.cgroup2.devices.allow: c 195:255 rwm", set()),  # nvidiactl is no GPU
         ("lxc.mount.entry: /dev/nvidia-uvm dev/nvidia-uvm none bind,optional,create=file", set()),
+        # a wildcard rule permits the nodes the CT is given: they are what it holds
+        (
+            "lxc.cgroup2.devices.allow: c 195:* rwm\n"
+            "lxc.mount.entry: /dev/nvidia1 dev/nvidia1 none bind,optional,create=file",
+            {"0000:02:00.0"},
+        ),
+        (
+            "lxc.cgroup2.devices.allow = c 226:* rwm\ndev0: /dev/dri/renderD128",
+            {"0000:01:00.0"},
+        ),
+        (
+            "lxc.cgroup2.devices.allow: c 195:* rwm\ndev0: /dev/dri/renderD128",
+            {"0000:01:00.0", "0000:02:00.0"},
+        ),
+        (
+            "lxc.cgroup2.devices.allow: c 195:* rwm\n"
+            "lxc.mount.entry: /dev/nvidiactl dev/nvidiactl none bind,optional,create=file",
+            {"0000:01:00.0", "0000:02:00.0"},
+        ),
     ],
 )
 def test_ct_device_nodes_resolve_to_pci(node: FakeNode, line: str, expected: set[str]) -> None:
@@ -496,6 +520,20 @@ def test_ct_gpu_blocks_vm_through_cgroup_rule(node: FakeNode) -> None:
     assert "failed to setup container for group 15" in res.stderr
 
 
+def test_ct_with_the_wildcard_recipe_blocks_only_its_own_gpu(node: FakeNode) -> None:
+    two_gpus(node)
+    recipe = (
+        "lxc.cgroup2.devices.allow: c 195:* rwm\n"
+        "lxc.mount.entry: /dev/nvidia0 dev/nvidia0 none bind,optional,create=file\n"
+    )
+    node.add_ct(201, recipe, running=True)
+    node.add_vm(102, hostpci=["02:00.0"])
+    node.add_vm(103, hostpci=["01:00.0"])
+    assert cmd(node, "qm", "start", 102).returncode == 0
+    res = cmd(node, "qm", "start", 103)
+    assert "failed to setup container for group 14" in res.stderr
+
+
 def test_pct_commands(node: FakeNode) -> None:
     node.add_ct(200, hostname="plex")
     r = node.root
@@ -504,15 +542,21 @@ def test_pct_commands(node: FakeNode) -> None:
     assert (res.returncode, res.stderr) == (255, "CT 200 not running\n")
     assert cmd(node, "pct", "start", 200).returncode == 0
     assert (r / "sys/fs/cgroup/lxc/200").is_dir()
+    assert command_sockets(node) == ["200"]
     assert cmd(node, "pct", "status", 200).stdout == "status: running\n"
     assert cmd(node, "pct", "start", 200).stderr == "CT 200 already running\n"
     node.set_fault(200, ignore_shutdown=True)
+    node.set_time_scale(0.1)  # 2 T + 5 s pass in 0.7 s
     res = cmd(node, "pct", "shutdown", 200, "--timeout", 1)
     assert res.returncode == 255
-    assert res.stderr == "command 'lxc-stop -n 200 --timeout 1' failed: exit code 1\n"
+    assert res.stderr == (
+        "command 'lxc-stop -n 200 --nokill --timeout 1' failed: exit code 1\n"
+        "container did not stop\n"
+    )
     res = cmd(node, "pct", "shutdown", 200, "--timeout", 1, "--forceStop", 1)
-    assert res.returncode == 0 and "shutdown failed - forcing stop now" in res.stderr
+    assert res.returncode == 0  # lxc-stop without --nokill kills it after the timeout
     assert not (r / "sys/fs/cgroup/lxc/200").exists()
+    assert command_sockets(node) == []
     node.add_ct(9001, template=True)
     assert cmd(node, "pct", "start", 9001).stderr == "you can't start a CT if it's a template\n"
     node.add_ct(202, "lock: backup\n")
@@ -522,6 +566,42 @@ def test_pct_commands(node: FakeNode) -> None:
     assert cmd(node, "pct", "start", 200).stdout == "Requesting HA start for CT 200\n"
     node.wait_settled()
     assert node.is_running(200)
+
+
+def command_sockets(node: FakeNode) -> list[str]:
+    """VMIDs of the LXC command sockets in /proc/net/unix, read as PVE's check_running does."""
+    found = []
+    for line in (node.root / "proc/net/unix").read_text().splitlines():
+        m = re.match(r"^[a-f0-9]+:\s+\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+\d+\s+(\S+)$", line)
+        if m and (path := re.match(r"^@/var/lib/lxc/(\d+)/command$", m.group(1))):
+            found.append(path.group(1))
+    return found
+
+
+def test_running_ct_has_a_command_socket_in_the_kernel_format(tmp_path: Path) -> None:
+    """pve-container's check_running reads /proc/net/unix; the cgroup dir is only on some hosts."""
+    node = FakeNode(tmp_path, ct_cgroup=False)
+    lines = (node.root / "proc/net/unix").read_text().splitlines()
+    assert lines[0] == "Num       RefCount Protocol Flags    Type St Inode Path"
+    node.add_ct(200, running=True)
+    node.add_ct(201, running=True)
+    assert command_sockets(node) == ["200", "201"]
+    line = (node.root / "proc/net/unix").read_text().splitlines()[-2]
+    assert re.fullmatch(
+        r"0{16}: 00000002 00000000 00010000 0001 01 +\d+ @/var/lib/lxc/200/command", line
+    )
+    assert not (node.root / "sys/fs/cgroup/lxc").exists()
+    assert cmd(node, "pct", "status", 200).stdout == "status: running\n"
+    node.stop(200)
+    assert command_sockets(node) == ["201"]
+    assert node.running_guests() == {201}
+    reboot(node)
+    assert command_sockets(node) == []
+    assert (node.root / "proc/net/unix").read_text().startswith("Num ")
+    # the same root as a cgroup v2 host again
+    node = FakeNode(tmp_path)
+    node.start(200)
+    assert (node.root / "sys/fs/cgroup/lxc/200").is_dir() and command_sockets(node) == ["200"]
 
 
 # ---- reboot -----------------------------------------------------------------------------------
@@ -568,13 +648,15 @@ for c in act.get("run", []):
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)
     sys.stdout.flush()
+pidfile = root / "run/vzdump.pid"
 rec = {{
     "args": args,
     "env": sorted(os.environ),
     "HOSTNAME": os.environ.get("HOSTNAME"),
     "VMTYPE": os.environ.get("VMTYPE"),
-    "cts": sorted(os.listdir(root / "sys/fs/cgroup/lxc")),
+    "cts": sorted(l.split("/")[-2] for l in open(root / "proc/net/unix") if "lxc/" in l),
     "vms": sorted(p[:-4] for p in os.listdir(root / "run/qemu-server") if p.endswith(".pid")),
+    "pidfile": pidfile.read_text() if pidfile.exists() else None,
 }}
 with open(root / "hook-record.jsonl", "a") as fh:
     fh.write(json.dumps(rec) + "\\n")
@@ -904,3 +986,205 @@ def test_output_order_and_no_hook(node: FakeNode, hook: Hook) -> None:
     assert out.hook_calls[2].stdout == ["one"] and out.hook_calls[2].stderr == ["two"]
     plain = run_job(node, [102], hook_cmd=[])
     assert plain.ok and plain.hook_calls == []
+
+
+# ---- the job's identity: pid file, UPID, task log, guest logs (docs/pve-facts.md §3) -----------
+
+
+def task_log(node: FakeNode, upid: str) -> list[str]:
+    return (
+        (node.root / f"var/log/pve/tasks/{upid.split(':')[4][7]}/{upid}").read_text().splitlines()
+    )
+
+
+def test_job_identity_as_pve_writes_it(node: FakeNode, hook: Hook) -> None:
+    node.add_vm(150, name="plain")
+    node.add_ct(151, hostname="web", running=True)
+    hook.on("job-init", say=["job-init says hello"])
+    options = {"notes-template": "{{guestname}}: it's nightly", "quiet": "1"}
+    out = run_job(node, [151, 150], hook_cmd=hook.cmd, job_options=options)
+    assert out.ok, out.log
+    # UPID:<node>:<pid>:<pstart>:<starttime>:vzdump:<id>:<user>: (pve-common PVE/UPID.pm)
+    _, name, pid, pstart, started, kind, vmid, user, end = out.upid.split(":")
+    assert (name, kind, vmid, user, end) == ("pve1", "vzdump", "", "root@pam", "")
+    assert int(pid, 16) == out.worker and len(pstart) == len(started) == 8
+    # the pid file: after the node lock (not at job-init), gone after a fully successful job
+    pidfiles = {r["args"][0]: r["pidfile"] for r in hook.records()}
+    assert pidfiles["job-init"] is None
+    assert pidfiles["job-start"] == pidfiles["log-end"] == pidfiles["job-end"] == out.upid
+    assert not (node.root / "run/vzdump.pid").exists()
+    assert not (node.root / f"proc/{out.worker}").exists()  # the worker has ended
+    # the task log: job-init output before the job line, the options in any order
+    lines = task_log(node, out.upid)
+    assert lines[0] == "INFO: job-init says hello"
+    assert lines[1].startswith("INFO: starting new backup job: vzdump 151 150 --")
+    words = shlex.split(lines[1].split(": ", 2)[2])
+    assert dict(zip(words[3::2], words[4::2], strict=True)) == {
+        "--mode": "stop",
+        "--storage": "local",
+        "--notes-template": "{{guestname}}: it's nightly",
+        "--quiet": "1",
+    }
+    assert lines[-1] == "TASK OK"
+    # each guest's log: its own lines with a time stamp, ending with its duration
+    guest = (node.root / "var/log/vzdump/lxc-151.log").read_text().splitlines()
+    assert guest[0].endswith(" INFO: Starting Backup of VM 151 (lxc)")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO: status = running", guest[1])
+    assert re.search(r" INFO: Finished Backup of VM 151 \(00:00:0\d\)$", guest[-1])
+    assert not any("Backup started at" in line for line in guest)  # task log only
+
+
+def test_a_one_guest_job_and_a_waiting_job(node: FakeNode, hook: Hook) -> None:
+    node.add_vm(150)
+    lock = os.open(node.root / "run/vzdump.lock", os.O_WRONLY | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another job holds the node lock
+    threading.Timer(1.5, os.close, [lock]).start()
+    out = run_job(node, [150], hook_cmd=hook.cmd, rng=random.Random(1))
+    assert out.ok and out.upid.endswith(":vzdump:150:root@pam:")  # the VMID of a 1-guest job
+    lines = task_log(node, out.upid)
+    assert lines[:2] == ["INFO: trying to get global lock - waiting...", "INFO: got global lock"]
+    assert lines[2].startswith("INFO: starting new backup job: vzdump 150 --")
+
+
+def test_pid_file_stays_after_a_failed_job_and_a_crash(node: FakeNode, hook: Hook) -> None:
+    node.add_vm(150)
+    hook.on("backup-start 150", exit=1)
+    failed = run_job(node, [150], hook_cmd=hook.cmd)
+    assert not failed.ok
+    assert (node.root / "run/vzdump.pid").read_text() == failed.upid
+    assert task_log(node, failed.upid)[-1] == "TASK ERROR: job errors"
+    hook.on("backup-start 150")
+    crashed = run_job(node, [150], hook_cmd=hook.cmd, crash_after=("backup-start", 150))
+    assert crashed.crashed
+    assert (node.root / "run/vzdump.pid").read_text() == crashed.upid
+    assert not (node.root / f"proc/{crashed.worker}").exists()
+    assert not task_log(node, crashed.upid)[-1].startswith("TASK")  # nobody wrote its end
+    assert node.config_value(150, "lock") == "backup"  # left by the killed vzdump
+    cmd(node, "qm", "unlock", 150)
+    hung = run_job(node, [150], hook_cmd=hook.cmd, hang_after=("backup-start", 150))
+    assert (node.root / "run/vzdump.pid").read_text() == hung.upid
+    assert (
+        node.root / f"proc/{hung.worker}/cmdline"
+    ).read_bytes() == f"task {hung.upid}\0".encode()
+
+
+def test_guest_log_survives_an_early_failure(node: FakeNode, hook: Hook) -> None:
+    """The HA refusal comes before vzdump opens the guest's log: the old one stays."""
+    node.add_vm(150, running=True)
+    node.set_fault(150, backup_delay=1.2)
+    assert run_job(node, [150], "snapshot", hook_cmd=()).ok
+    log = node.root / "var/log/vzdump/qemu-150.log"
+    before = log.read_text()
+    assert re.search(r"Finished Backup of VM 150 \(00:00:0[1-3]\)\n$", before)
+    node.set_ha(150)
+    refused = run_job(node, [150], "stop", hook_cmd=hook.cmd)
+    assert "Cannot execute a backup with stop mode on a HA managed" in (
+        refused.guests[150].error or ""
+    )
+    assert log.read_text() == before
+
+
+def test_job_line_options_follow_perls_random_order(node: FakeNode) -> None:
+    node.add_vm(150)
+    lines = set()
+    for seed in range(8):
+        out = run_job(node, None, hook_cmd=(), exclude=[101], rng=random.Random(seed))
+        line = next(x for x in out.log if "starting new backup job" in x)
+        words = shlex.split(line.split(": ", 2)[2])
+        assert words[0] == "vzdump" and dict(zip(words[1::2], words[2::2], strict=True)) == {
+            "--mode": "stop",
+            "--storage": "local",
+            "--all": "1",
+            "--exclude": "101",
+        }
+        lines.add(line)
+    assert len(lines) > 1
+
+
+# ---- start and shutdown time limits (docs/pve-facts.md §8) -------------------------------------
+
+
+def test_config_aware_timeout_as_qemu_server() -> None:
+    def cat(text: str, resume: bool = False) -> int:
+        return Pve.config_aware_timeout(parse_config(text), resume)
+
+    assert cat("") == 30
+    assert (
+        cat("memory: 16384\nhostpci0: 01:00\nnet0: virtio=AA:BB:CC:DD:EE:FF,bridge=vmbr0\n") == 125
+    )
+    assert cat("memory: 65536\nhostpci0: 01:00\nnet0: virtio,bridge=vmbr0\n") == 261
+    assert cat("memory: current=131072\nhostpci3: 01:00\nnet0: e\nnet1: e\n") == 522
+    assert cat("memory: 4096\nhugepages: 2\n") == 150
+    assert cat("memory: 4096\n", resume=True) == 300
+
+
+def test_start_reserves_for_its_timeout_and_fails_after_it(node: FakeNode) -> None:
+    gpu(node)
+    node.add_vm(107, memory="65536", hostpci=["01:00"], net0="virtio,bridge=vmbr0")
+    node.set_time_scale(0.1)
+    node.set_fault(107, start_delay=10)  # 1 s
+    started = threading.Thread(target=cmd, args=(node, "qm", "start", 107))
+    started.start()
+    deadline = time.monotonic() + 5
+    while not node.reservations() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # PCI.pm reserve_pci_usage: time:<now + config_aware_timeout + 5>, scaled: 266 * 0.1 s
+    entry = node.reservations()["0000:01:00.0"]
+    assert entry["vmid"] == 107 and time.time() + 24 <= entry["time"] <= time.time() + 28
+    started.join()
+    assert node.is_running(107) and "pid" in node.reservations()["0000:01:00.0"]
+    node.stop(107)
+    node.set_fault(107, start_delay=300)  # more than PVE allows (261)
+    t0 = time.monotonic()
+    res = cmd(node, "qm", "start", 107, "--timeout", 20)  # qm start --timeout replaces it
+    assert 2 <= time.monotonic() - t0 < 10
+    assert res.returncode == 255
+    assert res.stderr == "start failed: command '/usr/bin/kvm -id 107 ...' failed: got timeout\n"
+    assert not node.is_running(107) and node.reservations() == {}
+
+
+def test_qm_shutdown_with_the_guest_agent_can_take_twice_the_timeout(node: FakeNode) -> None:
+    node.set_time_scale(0.1)
+    node.add_vm(104, running=True, agent="1")
+    # the agent answers guest-shutdown after 8 s; the VM powers off 8 s later
+    node.set_fault(104, agent_reply_delay=8, shutdown_delay=16)
+    t0 = time.monotonic()
+    res = cmd(node, "qm", "shutdown", 104, "--timeout", 10)
+    assert res.returncode == 0 and time.monotonic() - t0 >= 1.6
+    assert not node.is_running(104)
+    # the same guest without the agent: the 16 s exceed the 10 s of polling
+    node.add_vm(105, running=True)
+    node.set_fault(105, shutdown_delay=16)
+    res = cmd(node, "qm", "shutdown", 105, "--timeout", 10)
+    assert (res.returncode, res.stderr) == (255, "VM quit/powerdown failed - got timeout\n")
+    # an agent that does not answer within the timeout: the command fails
+    node.start(104)
+    node.set_fault(104, agent_reply_delay=12, shutdown_delay=30)
+    res = cmd(node, "qm", "shutdown", 104, "--timeout", 10)
+    assert (res.returncode, res.stderr) == (255, "VM quit/powerdown failed\n")
+    # an agent that is not running: a warning after its 3 s ping, then ACPI
+    node.set_fault(104, agent_down=True, agent_reply_delay=None, shutdown_delay=2)
+    res = cmd(node, "qm", "shutdown", 104, "--timeout", 10)
+    assert res.returncode == 0 and "QEMU Guest Agent is not running" in res.stderr
+
+
+def test_qm_shutdown_without_timeout_uses_startup_down(node: FakeNode) -> None:
+    node.set_time_scale(0.1)
+    node.add_vm(104, running=True, startup="order=1,down=5")
+    node.set_fault(104, shutdown_delay=8)
+    res = cmd(node, "qm", "shutdown", 104)
+    assert (res.returncode, res.stderr) == (255, "VM quit/powerdown failed - got timeout\n")
+    assert cmd(node, "qm", "shutdown", 104, "--timeout", 10).returncode == 0
+
+
+def test_pct_shutdown_can_take_twice_the_timeout_and_more(node: FakeNode) -> None:
+    node.set_time_scale(0.1)
+    node.add_ct(200, running=True)
+    node.set_fault(200, shutdown_delay=20)  # lxc-stop gives up at 10 s, the poll sees it at 20
+    res = cmd(node, "pct", "shutdown", 200, "--timeout", 10)
+    assert res.returncode == 0 and "lxc-stop -n 200 --nokill --timeout 10" in res.stderr
+    assert not node.is_running(200)
+    node.start(200)
+    node.set_fault(200, shutdown_delay=30)  # beyond 2 T + 5
+    res = cmd(node, "pct", "shutdown", 200, "--timeout", 10)
+    assert res.returncode == 255 and res.stderr.endswith("container did not stop\n")

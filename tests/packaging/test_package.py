@@ -42,6 +42,7 @@ IN_CI = bool(os.environ.get("CI"))
 
 PACKAGE = "pve-gpu-hook"
 HOOK = "/usr/share/pve-gpu-hook/vzdump-hook"
+METRICS_DIR = "/var/lib/prometheus/node-exporter"
 SCRIPT_LINE = f"script: {HOOK}"
 # Debian 12 = Proxmox VE 8, Debian 13 = Proxmox VE 9
 SUITES = {"bookworm": "Debian 12", "trixie": "Debian 13"}
@@ -596,6 +597,8 @@ class TestCleanRoot:
         with root.step("install"):
             root.sh("dpkg -i /tmp/pkgs/pve-manager_*.deb")
             assert root.read("/etc/vzdump.conf") == STOCK_VZDUMP_CONF
+            # the textfile directory of prometheus-node-exporter (docs/pve-facts.md §11)
+            root.file(METRICS_DIR).mkdir(parents=True)
             out = root.apt(f"install {in_root(build, 'older')}")
             assert root.installed_version() == f"{build.version}~pkgtest1"
             conf = root.vzdump_conf()
@@ -604,6 +607,9 @@ class TestCleanRoot:
             state = root.file("/var/lib/pve-gpu-hook")
             assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
             root.notes["registered"] = root.read("/etc/vzdump.conf")
+            metrics = root.file(f"{METRICS_DIR}/pve-gpu-hook.prom")  # written by register
+            assert metrics.stat().st_mode & 0o777 == 0o644
+            assert "pve_gpu_hook_registered 1\n" in metrics.read_text()
 
     def test_02_upgrade_keeps_registration_and_pending_records(
         self, root: Root, build: Build
@@ -694,6 +700,10 @@ class TestCleanRoot:
             # remove keeps the conffiles and the records of guests still to be started
             assert root.file("/etc/pve-gpu-hook/config.yaml").is_file()
             assert root.read("/var/lib/pve-gpu-hook/state.json") == PENDING_STATE
+            # and the metrics say so: unregistered, a guest still waiting
+            metrics = root.file(f"{METRICS_DIR}/pve-gpu-hook.prom").read_text()
+            assert "pve_gpu_hook_registered 0\n" in metrics
+            assert "pve_gpu_hook_guests_waiting 1\n" in metrics
 
     def test_09_installing_again_registers_again(self, root: Root, build: Build) -> None:
         with root.step("install again"):
@@ -712,6 +722,7 @@ class TestCleanRoot:
             assert not root.file("/etc/pve-gpu-hook").exists()
             assert not root.file("/etc/logrotate.d/pve-gpu-hook").exists()
             assert root.read("/etc/vzdump.conf") == STOCK_VZDUMP_CONF
+            assert list(root.file(METRICS_DIR).iterdir()) == []  # the directory is not ours
 
     def test_11_a_foreign_script_line_is_left_alone(self, root: Root, build: Build) -> None:
         with root.step("foreign script"):

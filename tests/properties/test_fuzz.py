@@ -879,11 +879,14 @@ def check_settings(text: str) -> object:
         assert "\n" not in message, message  # one line, also for reader (control character) errors
         return error
     assert type(result.shutdown_timeout) is int and 1 <= result.shutdown_timeout <= 86400
-    assert type(result.start_timeout) is int and 1 <= result.start_timeout <= 86400
+    assert type(result.start_timeout) is int and 0 <= result.start_timeout <= 86400
     assert type(result.shutdown_watch) is int and 0 <= result.shutdown_watch <= 86400
     assert type(result.force_stop) is bool
     assert all(type(v) is int and 100 <= v <= 999999999 for v in result.protect)
     assert result.restart in RESTART_POLICIES
+    assert result.metrics_file is None or (
+        result.metrics_file.startswith("/") and result.metrics_file.endswith(".prom")
+    )
     return result
 
 
@@ -896,7 +899,8 @@ def test_override_any_text(text: str) -> None:
 
 def valid_setting(key: object, value: object) -> bool:
     if key in ("shutdown_timeout", "start_timeout"):
-        return type(value) is int and 1 <= value <= 86400
+        least = 0 if key == "start_timeout" else 1
+        return type(value) is int and least <= value <= 86400
     if key == "shutdown_watch":
         return type(value) is int and 0 <= value <= 86400
     if key == "force_stop":
@@ -907,6 +911,18 @@ def valid_setting(key: object, value: object) -> bool:
         )
     if key in ("restart", *RENAMED):
         return isinstance(value, str) and value in RESTART_POLICIES
+    if key == "metrics_file":
+        return (
+            value is None
+            or value is False
+            or value == ""
+            or (
+                isinstance(value, str)
+                and value.startswith("/")
+                and value.endswith(".prom")
+                and "\0" not in value
+            )
+        )
     return False
 
 
@@ -926,6 +942,7 @@ setting_value = st.one_of(
     st.booleans(),
     st.none(),
     st.sampled_from([*RESTART_POLICIES, "sometimes", "", "180"]),
+    st.sampled_from(["/srv/m.prom", "/var/lib/a b.prom", "m.prom", "/m.txt", "/.prom", "/"]),
     st.lists(st.one_of(st.integers(90, 2 * 10**9), st.booleans(), st.text(max_size=3)), max_size=4),
     json_value,
 )
@@ -953,6 +970,7 @@ def test_override_dumped_documents_agree_with_the_schema(
         expected = {key: option.default for key, option in SCHEMA.items()}
         expected.update({RENAMED.get(k, k): v for k, v in document.items()})
         expected["protect"] = sorted(set(expected["protect"] or []))  # type: ignore[call-overload]
+        expected["metrics_file"] = expected["metrics_file"] or False  # none: turned off
         assert result.as_dict() == expected  # type: ignore[attr-defined]
     else:
         assert isinstance(result, ConfigError), (text, document)
@@ -972,13 +990,16 @@ valid_record = st.builds(
     status=st.sampled_from(STATUSES),
     job=st.none() | st.integers(-(2**63), 2**63),
     note=st.none() | any_chars,
+    upid=st.none() | any_chars.filter(bool),  # an empty UPID reads as none
 )
 record_dict = st.one_of(
     valid_record.map(Record.to_dict),
     st.dictionaries(
-        st.sampled_from(["vmid", "kind", "name", "since", "addresses", "status", "job", "note"]),
+        st.sampled_from(
+            ["vmid", "kind", "name", "since", "addresses", "status", "job", "note", "upid"]
+        ),
         json_value,
-        max_size=8,
+        max_size=9,
     ),
     json_value,
 )

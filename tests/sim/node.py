@@ -19,7 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tests.sim.pve import (
+    HOST_SOCKETS,
+    NO_CT_CGROUP,
     REPO,
+    UNIX_HEADER,
     Out,
     Pve,
     PveError,
@@ -43,17 +46,22 @@ FAKE_COMMANDS = ("qm", "pct", "ha-manager")
 class FakeNode:
     """A PVE node under ``root``: creates the skeleton and the fake commands on construction."""
 
-    def __init__(self, root: Path | str, node: str = "pve1", *, iommu: bool = True) -> None:
+    def __init__(
+        self, root: Path | str, node: str = "pve1", *, iommu: bool = True, ct_cgroup: bool = True
+    ) -> None:
+        """``iommu=False``: a host with the IOMMU off (no ``/sys/class/iommu`` entry).
+        ``ct_cgroup=False``: a host where a running CT has no ``/sys/fs/cgroup/lxc/<vmid>``
+        (cgroup v1); PVE sees it running by its command socket in ``/proc/net/unix`` alone."""
         self.root = Path(root)
         self.node = node
         self.pve = Pve(self.root)
         self._nodes = {node}
-        self._skeleton()
+        self._skeleton(ct_cgroup)
         self.set_iommu(iommu)
 
     # ---- skeleton ---------------------------------------------------------------------------
 
-    def _skeleton(self) -> None:
+    def _skeleton(self, ct_cgroup: bool) -> None:
         r = self.root
         (r / "etc").mkdir(parents=True, exist_ok=True)
         (r / "etc/hostname").write_text(self.node + "\n")
@@ -73,12 +81,19 @@ class FakeNode:
             "sys/bus/pci/drivers",
             "sys/kernel/iommu_groups",
             "sys/class/drm",
-            "sys/fs/cgroup/lxc",
-            "var/lib",
+            "var/lib/fake-pve",
             "var/log",
             "usr/sbin",
         ):
             (r / d).mkdir(parents=True, exist_ok=True)
+        marker = r / NO_CT_CGROUP
+        if ct_cgroup:
+            (r / "sys/fs/cgroup/lxc").mkdir(parents=True, exist_ok=True)
+            remove(marker)
+        else:
+            marker.touch()
+        if not (r / "proc/net/unix").exists():
+            write_atomic(r / "proc/net/unix", UNIX_HEADER + HOST_SOCKETS)
         if not (pve / ".vmlist").exists():
             write_atomic(pve / ".vmlist", json.dumps({"version": 1, "ids": {}}, indent=1) + "\n")
         self._write_members()
@@ -346,11 +361,16 @@ class FakeNode:
     def set_fault(self, vmid: int, **faults: object) -> None:
         """Merge faults for a guest: ignore_shutdown, start_fails, shutdown_delay, start_delay,
         ha_delay, start_paused, cleanup_delay (s between QEMU exit and reservation release),
-        kill_caller (one shot: the next ``qm/pct shutdown`` SIGKILLs the pve-gpu-hook process
-        that called it, then shuts down anyway), late_poweroff (one shot: N s after a shutdown
-        that timed out, the guest powers off anyway), ha_rebalance_to (HA starts the guest on
-        that node instead: its config moves there).
-        A value of None removes that fault."""
+        agent_reply_delay and agent_down (a VM with ``agent: 1``: see Pve.shutdown_vm),
+        backup_delay (s its backup's archive step takes), hookscript_delay (s its guest
+        hookscript takes at a VM's pre-start, which PVE does not bound), kill_caller (one shot:
+        the next ``qm/pct shutdown`` SIGKILLs the pve-gpu-hook process that called it, then
+        shuts down anyway), task_stop (one shot, a number of s: the next ``qm/pct start`` of
+        it stops the backup task first, as the GUI's "Stop" does: see pve.stop_caller_task),
+        late_poweroff (one shot: N s after a shutdown that timed out, the guest powers off
+        anyway), ha_rebalance_to (HA starts the guest on that node instead: its config moves
+        there). Delays are simulated seconds (see set_time_scale). A value of None removes that
+        fault."""
         path = self.root / "run/fake-pve/faults.json"
         with flocked(self.root / "run/fake-pve/faults.lock"):
             data = json.loads(path.read_text()) if path.exists() else {}
@@ -372,6 +392,10 @@ class FakeNode:
                 data.pop(str(vmid), None)
             write_atomic(path, json.dumps(data, indent=1) + "\n")
 
+    def set_time_scale(self, scale: float) -> None:
+        """Real seconds per simulated second of the fake PVE (its timeouts, waits and delays)."""
+        write_atomic(self.root / "run/fake-pve/clock.json", json.dumps({"scale": scale}) + "\n")
+
     def write_override(self, yaml_text: str) -> None:
         write_atomic(
             self.root / "etc/pve-gpu-hook/config.yaml", textwrap.dedent(yaml_text).lstrip("\n")
@@ -379,6 +403,16 @@ class FakeNode:
 
     def write_vzdump_conf(self, text: str) -> None:
         write_atomic(self.root / "etc/vzdump.conf", textwrap.dedent(text).lstrip("\n"))
+
+    def install_node_exporter(self) -> Path:
+        """The textfile directory of Debian's prometheus-node-exporter, which passes
+        ``--collector.textfile.directory=/var/lib/prometheus/node-exporter`` in
+        /etc/default/prometheus-node-exporter (docs/pve-facts.md §11); the collector reads every
+        ``*.prom`` file there (node_exporter collector/textfile.go)."""
+        directory = self.root / "var/lib/prometheus/node-exporter"
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755)
+        return directory
 
     # ---- observation ------------------------------------------------------------------------
 
@@ -475,6 +509,13 @@ class FakeNode:
     def reboot(self, *, onboot: bool = False) -> list[str]:
         return reboot(self, onboot=onboot)
 
+    def spawn_process(self, argv: Sequence[str], pid: int | None = None) -> int:
+        """Another process on the node (``pid``: one that got a pid used before)."""
+        return self.pve.spawn_proc(argv, os.path.basename(argv[0]), pid=pid)
+
+    def end_process(self, pid: int) -> None:
+        self.pve.end_proc(pid)
+
 
 def _main_keys(
     first: dict[str, str | None],
@@ -514,15 +555,19 @@ def reboot(node: FakeNode, *, onboot: bool = False) -> list[str]:
         if entry.name != "fake-pve":
             remove(entry)
     for entry in (r / "run/fake-pve").iterdir():
-        if entry.name.startswith("qmp-") or entry.name == "ha-pending":
+        if entry.name.startswith(("qmp-", "ct-")) or entry.name == "ha-pending":
             remove(entry)
     for d in ("run/qemu-server", "run/lock"):
         (r / d).mkdir(parents=True, exist_ok=True)
     for entry in (r / "proc").iterdir():
         if entry.name.isdigit():
             remove(entry)
-    for entry in (r / "sys/fs/cgroup/lxc").iterdir():
+    # processes started from now on count their start time from this boot
+    write_atomic(r / "run/fake-pve/boot-time", f"{time.time():.2f}\n")
+    cgroups = r / "sys/fs/cgroup/lxc"
+    for entry in cgroups.iterdir() if cgroups.is_dir() else []:
         remove(entry)
+    write_atomic(r / "proc/net/unix", UNIX_HEADER + HOST_SOCKETS)
     node.pve.remove_mdevs(None)
     boot = r / "var/lib/fake-pve/boot-drivers.json"
     if boot.exists():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import shlex
@@ -31,22 +32,37 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 MAX_HOSTPCI = 16
 FIRST_PID = 10000
-START_TIMEOUT = 30  # qemu-server's default start timeout, used for the time-based reservation
 LOCK_TIMEOUT = 10.0  # PVE's config lock wait before "got timeout"
 DEFAULT_HA_DELAY = 0.3
-QEMU_SHUTDOWN_TIMEOUT = 180
-LXC_SHUTDOWN_TIMEOUT = 60
+QEMU_SHUTDOWN_TIMEOUT = 60  # _do_vm_stop: without --timeout and startup down=
+LXC_SHUTDOWN_TIMEOUT = 60  # pct shutdown's default --timeout
+AGENT_PING_TIMEOUT = 3  # qga_check_running: guest-ping with a 3 s timeout
+CLOCK_TICKS = 100  # USER_HZ: /proc/<pid>/stat's start time is in 1/100 s since boot
 PAUSED_STATES = ("paused", "prelaunch", "suspended")
 
-# qemu-server's $PCIRE: domain optional, function optional.
-PCI_ID_RE = re.compile(r"^(?:[0-9a-f]{4,}:)?[0-9a-f]{2}:[0-9a-f]{2}(?:\.[0-7])?$")
-RESERVATION_RE = re.compile(r"^(\S+)\s(\d+)\s(time|pid):(\d+)$")
+# qemu-server's $PCIRE (src/PVE/QemuServer/PCI.pm): domain optional and of 4 or more digits,
+# function optional.
+PCIRE = r"(?:[a-f0-9]{4,}:)?[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?"
+PCI_ID_RE = re.compile(rf"^{PCIRE}$")
+RESERVATION_RE = re.compile(rf"^({PCIRE})\s(\d+)\s(time|pid):(\d+)$")
 KEY_RE = re.compile(r"^([a-z][a-z_\-]*\d*):\s*(.*?)\s*$")
 # pve-container accepts raw lxc keys with ':' or '='.
 LXC_KEY_RE = re.compile(r"^(lxc\.[a-z0-9_\-.]+)(?::|\s*=)\s*(.*?)\s*$")
 SECTION_RE = re.compile(r"^\[([^\]]+)\]\s*$")
 NVIDIA_MAJOR = 195
 DRM_MAJOR = 226
+# /proc/net/unix as the kernel writes it (net/unix/af_unix.c unix_seq_show): a header, then per
+# socket "%pK: %08X %08X %08X %04X %02X %5lu" (address, refcount, protocol 0, flags
+# (__SO_ACCEPTCON 0x10000 when listening), type (1 = stream), state (1 = unconnected), inode),
+# then " <path>" when the socket has one; an abstract name is shown as '@' + name.
+UNIX_HEADER = "Num       RefCount Protocol Flags    Type St Inode Path\n"
+HOST_SOCKETS = (
+    "0000000000000000: 00000002 00000000 00010000 0001 01 18342 /run/systemd/private\n"
+    "0000000000000000: 00000003 00000000 00000000 0002 01 17620 /run/systemd/notify\n"
+    "0000000000000000: 00000003 00000000 00000000 0001 03 21873\n"
+    "0000000000000000: 00000002 00000000 00010000 0001 01 23011 /var/run/qemu-server/1.qmp\n"
+)
+NO_CT_CGROUP = "var/lib/fake-pve/no-ct-cgroup"  # this host has no /sys/fs/cgroup/lxc/<vmid>
 
 
 class PveError(Exception):
@@ -324,6 +340,27 @@ class Pve:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self._scale: float | None = None
+
+    # ---- simulated time ----------------------------------------------------------------------
+
+    @property
+    def scale(self) -> float:
+        """Real seconds per simulated second (``run/fake-pve/clock.json``, default 1).
+
+        Every duration of this model (PVE's timeouts and waits, the faults' delays) is in
+        simulated seconds; a test that runs the hook with a clock of the same scale can play a
+        200 s start in 2 s."""
+        if self._scale is None:
+            try:
+                self._scale = float(json.loads((self.sim / "clock.json").read_text())["scale"])
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                self._scale = 1.0
+        return self._scale
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds * self.scale)
 
     # ---- paths and basic state -------------------------------------------------------------
 
@@ -396,7 +433,7 @@ class Pve:
         else:
             rel = f"run/lock/lxc/pve-config-{vmid}.lock"
             shown = f"/run/lock/lxc/pve-config-{vmid}.lock"
-        with flocked(self.p(rel), LOCK_TIMEOUT, shown):
+        with flocked(self.p(rel), LOCK_TIMEOUT * self.scale, shown):
             yield
 
     def faults(self, vmid: int) -> dict:
@@ -475,14 +512,40 @@ class Pve:
             return None
         return raw.decode(errors="replace").rstrip("\0").split("\0")
 
-    def spawn_proc(self, argv: Sequence[str], comm: str) -> int:
-        pid = self.alloc_pid()
+    def boot_time(self) -> float:
+        """When the fake host booted (epoch): the origin of the processes' start times."""
+        path = self.sim / "boot-time"
+        try:
+            return float(path.read_text())
+        except (FileNotFoundError, ValueError):
+            write_atomic(path, f"{time.time() - 1000:.2f}\n")  # up for a while already
+            return float(path.read_text())
+
+    def spawn_proc(self, argv: Sequence[str], comm: str, pid: int | None = None) -> int:
+        """A fake process: ``/proc/<pid>/{comm,stat,cmdline}``; ``pid`` reuses a given pid."""
+        pid = self.alloc_pid() if pid is None else pid
         d = self.p(f"proc/{pid}")
+        remove(d)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "comm").write_text(comm + "\n")
+        (d / "comm").write_text(comm[:15] + "\n")
+        # the kernel's format: field 3 the state, field 22 the start time in clock ticks
+        ticks = int((time.time() - self.boot_time()) * CLOCK_TICKS)
+        fields = ["S", "1", str(pid), str(pid), "0", "-1", "4194560"] + ["0"] * 10
+        fields += ["1", "0", str(ticks)] + ["0"] * 30
+        write_atomic(d / "stat", f"{pid} ({comm[:15]}) {' '.join(fields)}\n")
         # cmdline last: its existence is what makes the process "alive".
         write_atomic(d / "cmdline", "".join(a + "\0" for a in argv))
         return pid
+
+    def proc_starttime(self, pid: int) -> int | None:
+        try:
+            rest = self.p(f"proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            return None
+        return int(rest[19])
+
+    def end_proc(self, pid: int) -> None:
+        remove(self.p(f"proc/{pid}"))
 
     def vm_pid(self, vmid: int) -> int | None:
         """vm_running_locally: the pid file names a live kvm process for this VMID."""
@@ -506,7 +569,30 @@ class Pve:
         write_atomic(self.sim / f"qmp-{vmid}", status + "\n")
 
     def ct_running(self, vmid: int) -> bool:
-        return self.p(f"sys/fs/cgroup/lxc/{vmid}").is_dir()
+        return vmid in self.running_cts()
+
+    @property
+    def ct_cgroup_dirs(self) -> bool:
+        """Whether a running CT has ``/sys/fs/cgroup/lxc/<vmid>`` (cgroup v2, LXC >= 4): not on
+        every host (cgroup v1 keeps a CT's cgroups per controller)."""
+        return not self.p(NO_CT_CGROUP).exists()
+
+    def unix_socket(self, vmid: int, present: bool) -> None:
+        """Add or remove the CT's LXC command socket, the abstract ``/var/lib/lxc/<vmid>/command``
+        that lxc-start's monitor listens on while the CT runs."""
+        path = self.p("proc/net/unix")
+        mine = f" @/var/lib/lxc/{vmid}/command\n"
+        with flocked(self.sim / "unix.lock"):
+            try:
+                lines = path.read_text().splitlines(keepends=True)
+            except FileNotFoundError:
+                lines = [UNIX_HEADER]
+            lines = [line for line in lines if not line.endswith(mine)]
+            if present:
+                lines.append(
+                    f"0000000000000000: 00000002 00000000 00010000 0001 01 {40000 + vmid:5d}{mine}"
+                )
+            write_atomic(path, "".join(lines))
 
     def is_running(self, vmid: int) -> bool:
         kind = self.guest_type(vmid)
@@ -520,8 +606,19 @@ class Pve:
         return sorted(v for v in ids if self.vm_pid(v))
 
     def running_cts(self) -> list[int]:
-        d = self.p("sys/fs/cgroup/lxc")
-        return sorted(int(f.name) for f in d.iterdir() if f.name.isdigit()) if d.is_dir() else []
+        """PVE's list_active_containers (pve-container src/PVE/LXC.pm; check_running uses it):
+        CTs whose command socket ``@/var/lib/lxc/<vmid>/command`` is in ``/proc/net/unix``."""
+        try:
+            text = self.p("proc/net/unix").read_text()
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in text.splitlines():
+            m = re.match(r"^[a-f0-9]+:\s+\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+\d+\s+(\S+)$", line)
+            path = re.match(r"^@/var/lib/lxc/(\d+)/command$", m.group(1)) if m else None
+            if path:
+                found.append(int(path.group(1)))
+        return sorted(set(found))
 
     # ---- sysfs --------------------------------------------------------------------------------
 
@@ -851,18 +948,46 @@ class Pve:
             return self.dev_path_addrs(f"/dev/dri/card{n}" if n < 128 else f"/dev/dri/renderD{n}")
         return set()
 
+    @staticmethod
+    def gpu_node_major(path: str) -> int | None:
+        """The major of the GPU nodes a path names: /dev/nvidia<N>, or /dev/dri and its nodes."""
+        path = path.strip()
+        if re.fullmatch(r"/dev/nvidia\d+", path):
+            return NVIDIA_MAJOR
+        if path.rstrip("/") == "/dev/dri" or path.startswith("/dev/dri/"):
+            return DRM_MAJOR
+        return None
+
     def ct_devices(self, cfg: Config) -> set[str]:
-        """PCI functions a CT reaches through the host driver (dev, mount entries, cgroup)."""
-        addrs: set[str] = set()
+        """PCI functions a running CT holds through the host driver.
+
+        PVE hands raw ``lxc.*`` lines to LXC unchanged and adds one ``devices.allow`` rule per
+        ``devN`` for that node (pve-container src/PVE/LXC.pm update_lxc_config); LXC bind-mounts
+        ``lxc.mount.entry`` sources. A process can only hold a GPU it has a device node for, so
+        the CT holds the GPUs behind the nodes it is given (``devN``, mount sources). A cgroup
+        rule only permits: a rule for one minor stands for the node a privileged CT can make
+        itself (mknod), and so does a wildcard rule (``c 195:*``, ``c 226:*``) for every GPU of
+        that major — but only in a CT given no GPU node of that major, where the rule is not
+        there to permit the nodes it was given.
+        """
+        nodes: list[str] = []
+        rules: list[str] = []
         for key, value in cfg.items:
             if re.fullmatch(r"dev\d+", key):
-                first = value.split(",")[0]
-                addrs |= self.dev_path_addrs(first.removeprefix("path="))
+                nodes.append(value.split(",")[0].removeprefix("path="))
             elif key == "lxc.mount.entry":
-                src = value.split()[0] if value.split() else ""
-                addrs |= self.dev_path_addrs(src)
+                nodes.append(value.split()[0] if value.split() else "")
             elif key in ("lxc.cgroup2.devices.allow", "lxc.cgroup.devices.allow"):
-                addrs |= self.cgroup_rule_addrs(value)
+                rules.append(value)
+        given = {self.gpu_node_major(n) for n in nodes}
+        addrs: set[str] = set()
+        for node in nodes:
+            addrs |= self.dev_path_addrs(node)
+        for rule in rules:
+            m = re.match(r"^\s*c\s+(\d+):\*\s", rule + " ")
+            if m and int(m.group(1)) in given:
+                continue  # it permits the nodes the CT was given
+            addrs |= self.cgroup_rule_addrs(rule)
         return addrs
 
     # ---- PCI reservations (qemu-server's PCI.pm) ----------------------------------------------
@@ -901,10 +1026,11 @@ class Pve:
         ids: Sequence[str],
         vmid: int,
         out: Out,
-        timeout: int | None = None,
+        timeout: int = 10,
         pid: int | None = None,
     ) -> None:
-        """reserve_pci_usage: all or nothing, first conflict dies with PVE's message."""
+        """reserve_pci_usage (qemu-server src/PVE/QemuServer/PCI.pm): all or nothing, the
+        first conflict dies with PVE's message; the file is written once, at the end."""
         if not ids:
             return
         with self.reservation_lock():
@@ -924,11 +1050,21 @@ class Pve:
                                 f"PCI device '{pci_id}' already in use by VMID '{r['vmid']}'"
                             )
                         out.warn(f"leftover PCI reservation found for {pci_id}, lets take it...")
+                elif r and "time" in r and timeout is not None:
+                    # the same VM: the longer timeout wins (and stays for the ids after it)
+                    timeout = max(timeout, r["time"] - 5 - now)
+                elif r and "pid" in r and self.vm_pid(vmid) == r["pid"]:
+                    if pid is not None:
+                        raise PveError(
+                            f"PCI device '{pci_id}' already in use by running VMID '{vmid}'"
+                        )
+                    if timeout is not None:
+                        return  # a running VM's own ids (qm showcmd): nothing is written
                 res[pci_id] = {"vmid": vmid}
                 if pid is not None:
                     res[pci_id]["pid"] = pid
                 else:
-                    res[pci_id]["time"] = now + (timeout or START_TIMEOUT) + 5
+                    res[pci_id]["time"] = now + math.ceil((timeout + 5) * self.scale)
             self.write_reservations(res)
 
     def remove_reservations(self, vmid: int) -> None:
@@ -1116,7 +1252,7 @@ class Pve:
         PVECT.pm shutdown, which does not: a CT that ignores it leaves the service in ``error``.
         """
         faults = self.faults(vmid)
-        time.sleep(float(faults.get("ha_delay", DEFAULT_HA_DELAY)))
+        self.sleep(float(faults.get("ha_delay", DEFAULT_HA_DELAY)))
         out = Out()
         t0 = time.time()
         sid = ("vm:" if kind == "qemu" else "ct:") + str(vmid)
@@ -1137,7 +1273,7 @@ class Pve:
             elif self.is_running(vmid):
                 delay = float(faults.get("shutdown_delay", 0))
                 ignores = faults.get("ignore_shutdown") or delay > timeout
-                time.sleep(timeout if ignores else delay)
+                self.sleep(timeout if ignores else delay)
                 if ignores and kind == "lxc":
                     self.set_ha_service_status(vmid, "error")
                     raise PveError(f"unable to stop service {sid} (still running)")
@@ -1173,7 +1309,7 @@ class Pve:
         guest-agent request stays delivered (qemu-server API2/Qemu.pm vm_shutdown; lxc-stop
         --nokill, pve-container PVE/LXC.pm vm_stop). qmeventd then runs ``qm cleanup``, which
         frees the PCI reservations but applies no pending change (notes: qm cleanup)."""
-        time.sleep(delay)
+        self.sleep(delay)
         t0 = time.time()
         if self.is_running(vmid):
             with self.guest_lock(kind, vmid):
@@ -1274,7 +1410,11 @@ class Pve:
         return devices
 
     def choose_hostpci(self, vmid: int, devices: list[Hostpci], out: Out) -> None:
-        """choose_hostpci_devices: mapped alternatives -> the first one not in use."""
+        """choose_hostpci_devices (qemu-server src/PVE/QemuServer/PCI.pm), in hostpci order: a
+        classic mdev takes the first function of each alternative and marks nothing used; one
+        alternative is taken unchecked and marks its functions used (twice: "assigned more than
+        once"); of several, the first that shares no function with an earlier hostpciN of this
+        VM ($used) and that reserve_pci_usage accepts for 10 s."""
         used: set[str] = set()
 
         def add_used(ids: list[str]) -> None:
@@ -1295,7 +1435,7 @@ class Pve:
                 if any(i in used for i in alt):
                     continue
                 try:
-                    self.reserve(alt, vmid, Out(), timeout=10)
+                    self.reserve(alt, vmid, out, timeout=10)
                 except PveError:
                     continue
                 add_used(alt)
@@ -1351,6 +1491,28 @@ class Pve:
                     res.append((dev, norm_pci_id(opts["host"])))
         return res
 
+    @staticmethod
+    def config_aware_timeout(cfg: Config, resume: bool) -> int:
+        """qemu-server PVE/QemuServer/Helpers.pm config_aware_timeout, on the config the start
+        uses (templates minimized: no hostpci, no net): 30 s, or memory/1024 above 30 GiB; x4
+        with a hostpciN; >= 300 resuming; >= 150 with hugepages; +5 per netN (>= 8.3.1)."""
+        memory = 512  # get_current_memory: the "current" key of the memory property string
+        for item in (cfg.get("memory") or "").split(","):
+            key, eq, value = item.strip().partition("=")
+            number = value if eq else key
+            if (key == "current" or not eq) and number.isdigit():
+                memory = int(number)
+                break
+        timeout = memory // 1024 if memory > 30720 else 30
+        keys = cfg.keys()
+        if any(re.fullmatch(r"hostpci[0-9]+", k) for k in keys):
+            timeout *= 4
+        if resume and timeout < 300:
+            timeout = 300
+        if (cfg.get("hugepages") or "0") != "0":  # any, 2 or 1024
+            timeout = max(timeout, 150)
+        return timeout + 5 * sum(1 for k in keys if re.match(r"net\d+", k))
+
     def vm_start(
         self,
         vmid: int,
@@ -1359,6 +1521,7 @@ class Pve:
         paused: bool = False,
         for_backup: bool = False,
         use_faults: bool = True,
+        timeout: int | None = None,
         out: Out | None = None,
     ) -> int:
         """qemu-server's vm_start (+ QEMU's own vfio checks). Returns the new QEMU pid."""
@@ -1375,19 +1538,37 @@ class Pve:
                 raise PveError(f"VM is locked ({lock})")
             if self.vm_pid(vmid):
                 raise PveError(f"VM {vmid} already running")
-            cfg = self.apply_pending("qemu", vmid, cfg)
+            resume = lock == "suspended" or cfg.get("vmstate") is not None
+            if not resume:
+                cfg = self.apply_pending("qemu", vmid, cfg)
             faults = self.faults(vmid) if use_faults else {}
+            # the guest hookscript's pre-start: after pending, before the PCI choice; PVE does
+            # not bound it (fault hookscript_delay: how long it takes)
+            self.sleep(float(faults.get("hookscript_delay", 0)))
             # Templates are started for backup with their disks only (qemu-server >= 8.2.2).
             devices = [] if template else self.parse_hostpci_devices(vmid, cfg, out)
             raw = [] if template else self.args_vfio(cfg.get("args"))
+            # vm_start_nolock: the start timeout is `qm start --timeout`, else
+            # config_aware_timeout of the config the start uses; it is both the reservation's
+            # lifetime and QEMU's time to come up
+            if timeout is None:
+                timeout = self.config_aware_timeout(Config() if template else cfg, resume)
             try:
                 self.choose_hostpci(vmid, devices, out)
                 real_ids = [i for d in devices if not d.mdev for i in d.ids]
-                self.reserve(real_ids, vmid, out, timeout=START_TIMEOUT)
+                # PCI.pm reserve_pci_usage: time:<now + start timeout + 5> until QEMU runs
+                self.reserve(real_ids, vmid, out, timeout=timeout)
                 dev_args = self.prepare_pci(vmid, devices, raw)
                 if faults.get("start_fails"):
                     raise PveError("start failed: QEMU exited with code 1")
-                time.sleep(float(faults.get("start_delay", 0)))
+                delay = float(faults.get("start_delay", 0))
+                if delay > timeout:
+                    # run_command's timeout: QEMU did not daemonize in time, it is killed
+                    self.sleep(timeout)
+                    raise PveError(
+                        f"start failed: command '/usr/bin/kvm -id {vmid} ...' failed: got timeout"
+                    )
+                self.sleep(delay)
                 argv = self.kvm_argv(vmid, cfg, dev_args, paused)
                 pid = self.spawn_proc(argv, "kvm")
                 status = "prelaunch" if paused or faults.get("start_paused") else "running"
@@ -1504,18 +1685,20 @@ class Pve:
     def kill_guest(self, kind: str, vmid: int) -> None:
         """The guest's processes are gone; then PVE's cleanup (reservations, mdevs)."""
         if kind == "lxc":
-            cg = self.p(f"sys/fs/cgroup/lxc/{vmid}")
+            procs = self.sim / f"ct-{vmid}.procs"
             with contextlib.suppress(FileNotFoundError, ValueError):
-                for pid in (cg / "cgroup.procs").read_text().split():
+                for pid in procs.read_text().split():
                     remove(self.p(f"proc/{int(pid)}"))
-            remove(cg)
+            remove(self.p(f"sys/fs/cgroup/lxc/{vmid}"))
+            remove(procs)
+            self.unix_socket(vmid, False)  # the monitor exits last: then PVE sees it stopped
             return
         pid = self.vm_pid(vmid)
         if pid:
             remove(self.p(f"proc/{pid}"))
         remove(self.p(f"run/qemu-server/{vmid}.pid"))
         remove(self.sim / f"qmp-{vmid}")
-        time.sleep(float(self.faults(vmid).get("cleanup_delay", 0)))
+        self.sleep(float(self.faults(vmid).get("cleanup_delay", 0)))
         self.remove_reservations(vmid)
         self.remove_mdevs(vmid)
 
@@ -1530,7 +1713,7 @@ class Pve:
         use_faults: bool = True,
         out: Out | None = None,
     ) -> None:
-        """qemu-server's vm_stop: graceful (shutdown=True) or hard."""
+        """qemu-server's vm_stop (_do_vm_stop): graceful (shutdown=True) or hard."""
         out = out or Out()
         if not self.conf_path("qemu", vmid).exists():
             raise self.missing_conf("qemu", vmid)
@@ -1545,19 +1728,58 @@ class Pve:
                 return
             if shutdown:
                 faults = self.faults(vmid) if use_faults else {}
+                if timeout is None:  # the guest's own shutdown timeout, else 60
+                    down = re.search(r"(?:^|,)down=(\d+)", cfg.get("startup") or "")
+                    timeout = int(down.group(1)) if down and int(down.group(1)) else None
                 limit = QEMU_SHUTDOWN_TIMEOUT if timeout is None else timeout
-                delay = float(faults.get("shutdown_delay", 0))
-                if faults.get("ignore_shutdown") or delay > limit:
-                    time.sleep(limit)
-                    if not force:
-                        self.late_poweroff(vmid, "qemu")
-                        raise PveError("VM quit/powerdown failed - got timeout")
-                    out.warn("VM still running - terminating now with SIGTERM")
-                else:
-                    time.sleep(delay)
+                self.shutdown_vm(vmid, cfg, limit, force, faults, out)
             self.kill_guest("qemu", vmid)
             # _do_vm_stop: vm_stop_cleanup(..., apply_pending=1) (qemu-server PVE/QemuServer.pm)
             self.apply_pending("qemu", vmid, self.read_config("qemu", vmid))
+
+    def shutdown_vm(
+        self, vmid: int, cfg: Config, limit: int, force: bool, faults: dict, out: Out
+    ) -> None:
+        """_do_vm_stop's graceful part; returns once the guest powered off (or is to be killed).
+
+        Faults: ``shutdown_delay`` (s from the request to the power-off), ``ignore_shutdown``
+        (never), ``agent_reply_delay`` (s until the guest agent answers ``guest-shutdown``; it
+        closes the connection at the power-off at the latest), ``agent_down`` (the agent does
+        not answer its ping)."""
+        delay = float(faults.get("shutdown_delay", 0))
+        if faults.get("ignore_shutdown"):
+            delay = math.inf
+        agent = re.match(r"(?:enabled=)?(1|on|yes|true)\b", cfg.get("agent") or "")
+        if agent and faults.get("agent_down"):
+            # qga_check_running: guest-ping with a 3 s timeout, then ACPI instead
+            self.sleep(AGENT_PING_TIMEOUT)
+            out.warn(
+                f"QEMU Guest Agent is not running - VM {vmid} qga command 'guest-ping' failed "
+                "- got timeout"
+            )
+            agent = None
+        waited = 0.0
+        if agent:
+            # guest-shutdown with the shutdown timeout as its QMP timeout; may close at power-off
+            reply = min(float(faults.get("agent_reply_delay", 0)), delay)
+            if reply > limit:
+                self.sleep(limit)
+                if not force:
+                    self.late_poweroff(vmid, "qemu")
+                    raise PveError("VM quit/powerdown failed")
+                out.warn("VM quit/powerdown failed - terminating now with SIGTERM")
+                return
+            self.sleep(reply)
+            waited = reply
+        # then poll check_running once a second, up to the timeout
+        if delay - waited > limit:
+            self.sleep(limit)
+            if not force:
+                self.late_poweroff(vmid, "qemu")
+                raise PveError("VM quit/powerdown failed - got timeout")
+            out.warn("VM still running - terminating now with SIGTERM")
+            return
+        self.sleep(delay - waited)
 
     # ---- LXC ----------------------------------------------------------------------------------
 
@@ -1594,15 +1816,19 @@ class Pve:
                     raise PveError(f"startup for container '{vmid}' failed", before=failed)
             if faults.get("start_fails"):
                 raise PveError(f"startup for container '{vmid}' failed", before=failed)
-            time.sleep(float(faults.get("start_delay", 0)))
+            # systemctl start pve-container@<vmid>, then monitor_start waits up to 10 s
+            self.sleep(float(faults.get("start_delay", 0)))
             pid = self.spawn_proc(["/sbin/init"], "systemd")
-            cg = self.p(f"sys/fs/cgroup/lxc/{vmid}")
-            tmp = cg.with_name(f".{vmid}.starting")
-            remove(tmp)
-            tmp.mkdir(parents=True)
-            (tmp / "cgroup.procs").write_text(f"{pid}\n")
-            (tmp / "cgroup.freeze").write_text("0\n")
-            os.replace(tmp, cg)  # the cgroup appears complete or not at all
+            write_atomic(self.sim / f"ct-{vmid}.procs", f"{pid}\n")
+            if self.ct_cgroup_dirs:
+                cg = self.p(f"sys/fs/cgroup/lxc/{vmid}")
+                tmp = cg.with_name(f".{vmid}.starting")
+                remove(tmp)
+                tmp.mkdir(parents=True)
+                (tmp / "cgroup.procs").write_text(f"{pid}\n")
+                (tmp / "cgroup.freeze").write_text("0\n")
+                os.replace(tmp, cg)  # the cgroup appears complete or not at all
+            self.unix_socket(vmid, True)  # running, for PVE, from here on
 
     def ct_stop(
         self,
@@ -1629,16 +1855,25 @@ class Pve:
                 faults = self.faults(vmid) if use_faults else {}
                 limit = LXC_SHUTDOWN_TIMEOUT if timeout is None else timeout
                 delay = float(faults.get("shutdown_delay", 0))
-                if faults.get("ignore_shutdown") or delay > limit:
-                    time.sleep(limit)
-                    if not force:
+                if faults.get("ignore_shutdown"):
+                    delay = math.inf
+                # pve-container vm_stop: lxc-stop --nokill --timeout T (run under T+5); if it
+                # fails, a poll of up to T+5 s more for the command socket to close
+                if delay > limit and force:
+                    self.sleep(limit)  # lxc-stop without --nokill kills it after the timeout
+                elif delay > limit:
+                    self.sleep(limit)
+                    out.warn(
+                        f"command 'lxc-stop -n {vmid} --nokill --timeout {limit}' failed: "
+                        "exit code 1"
+                    )
+                    if delay > limit + limit + 5:
+                        self.sleep(limit + 5)
                         self.late_poweroff(vmid, "lxc")
-                        raise PveError(
-                            f"command 'lxc-stop -n {vmid} --timeout {limit}' failed: exit code 1"
-                        )
-                    out.warn("shutdown failed - forcing stop now")
+                        raise PveError("container did not stop")
+                    self.sleep(delay - limit)
                 else:
-                    time.sleep(delay)
+                    self.sleep(delay)
             self.kill_guest("lxc", vmid)
 
     def ct_freeze(self, vmid: int, frozen: bool) -> None:
@@ -1737,6 +1972,41 @@ def kill_caller() -> None:
             os.kill(parent, signal.SIGKILL)
 
 
+TASK_STOP = "task-stop.json"  # in run/fake-pve: the GUI stopped the backup task (see below)
+
+
+def stop_caller_task(pve: Pve, grace: float) -> None:
+    """Test fault: the GUI's "Stop" of the backup task whose hook runs this command.
+
+    PVE (pve-common PVE/RESTEnvironment.pm check_worker, kill_process_group): SIGTERM to the
+    task's whole process group, then SIGKILL to it if its worker still runs ``grace`` s later (5 s
+    in PVE). The calling hook's process group stands for the task's; the vzdump driver reads
+    ``run/fake-pve/task-stop.json`` and plays the worker's part. A CLI in that group gets the
+    SIGTERM too and passes it on to its worker (tee_worker), which dies with "received
+    interrupt": see :func:`main`.
+    """
+    parent = os.getppid()
+    with contextlib.suppress(OSError):
+        if b"pvegpuhook" not in Path(f"/proc/{parent}/cmdline").read_bytes():
+            return  # never the test runner (an in-process hook)
+        group = os.getpgid(parent)
+        kill_at = time.time() + grace * pve.scale
+        write_atomic(pve.sim / TASK_STOP, json.dumps({"pgid": group, "kill_at": kill_at}) + "\n")
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "tests.sim.pve", "kill-group"),
+                *(str(group), str(kill_at), str(pve.sim / TASK_STOP)),
+            ],
+            cwd=REPO,
+            env={"PYTHONPATH": str(REPO)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        os.killpg(group, signal.SIGTERM)
+
+
 def guest_cli(pve: Pve, prog: str, argv: list[str], out: Out) -> int:
     kind = "qemu" if prog == "qm" else "lxc"
     if not argv or argv[0] not in OPTIONS[prog]:
@@ -1792,10 +2062,13 @@ def guest_cli(pve: Pve, prog: str, argv: list[str], out: Out) -> int:
             pve.set_qmp(vmid, "running")
         return 0
     if cmd == "start":
+        grace = pve.take_fault(vmid, "task_stop")
+        if grace is not None:
+            stop_caller_task(pve, float(grace))  # type: ignore[arg-type]
         if ha:
             pve.ha_request("start", kind, vmid, 0, out)
         elif kind == "qemu":
-            pve.vm_start(vmid, skiplock=skiplock, out=out)
+            pve.vm_start(vmid, skiplock=skiplock, timeout=timeout, out=out)
         else:
             pve.ct_start(vmid, skiplock=skiplock, out=out)
         return 0
@@ -1869,6 +2142,13 @@ def main(prog: str, argv: Sequence[str], root: Path | str) -> int:
     pve = Pve(root)
     out = Out(echo=True)
     t0 = time.time()
+
+    def interrupted(signum: int, frame: object) -> None:
+        # the CLI passes SIGINT/TERM/QUIT on to its worker, which dies (RESTEnvironment.pm)
+        raise PveError("received interrupt")
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(signum, interrupted)
     try:
         code = (
             ha_cli(pve, list(argv), out)
@@ -1900,7 +2180,20 @@ def _worker_main(worker: str, argv: list[str]) -> int:
     return 0
 
 
+def _kill_group_main(argv: list[str]) -> int:
+    """The SIGKILL that follows the GUI's stop (:func:`stop_caller_task`), if the worker still
+    runs then: the vzdump driver removes the marker when its job ends."""
+    group, kill_at, marker = int(argv[0]), float(argv[1]), Path(argv[2])
+    time.sleep(max(0.0, kill_at - time.time()))
+    if marker.exists():
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("ha-worker", "late-poweroff"):
         sys.exit(_worker_main(sys.argv[1], sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "kill-group":
+        sys.exit(_kill_group_main(sys.argv[2:]))
     sys.exit(2)

@@ -1,17 +1,23 @@
 """A vzdump driver: runs a backup job over a FakeNode the way PVE::VZDump does, calling the hook.
 
 The phase order, environment, failure handling and task log follow PVE::VZDump (exec_backup,
-exec_backup_task, run_hook_script) and its QemuServer/LXC plugins; docs/pve-facts.md §1-2 sums
-them up.
+exec_backup_task, run_hook_script) and its QemuServer/LXC plugins; docs/pve-facts.md §1-3 sums
+them up. The job has an identity as in PVE: a worker process (a fake ``/proc/<pid>``) titled
+``task <UPID>``, the UPID in ``/var/run/vzdump.pid``, a task log under ``/var/log/pve/tasks`` and
+each guest's ``/var/log/vzdump/<type>-<vmid>.log``.
 Guest power actions run in-process (as vzdump's own code would), so they do not show in calls.log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
+import json
 import os
+import random
 import selectors
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,9 +25,10 @@ import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tests.sim.node import FakeNode
-from tests.sim.pve import REPO, Out, Pve, PveError, flocked
+from tests.sim.pve import REPO, TASK_STOP, Out, Pve, PveError, remove, write_atomic
 
 DUMPDIR = "/var/lib/vz/dump"
 STOREID = "local"
@@ -78,6 +85,8 @@ class JobOutcome:
     errors: list[str] = field(default_factory=list)  # driver-level problems (hook hung, pipes)
     aborted: bool = False
     crashed: bool = False
+    upid: str = ""  # the task's UPID
+    worker: int = 0  # the fake pid of its worker (alive after a hang_after)
 
     def phases(self, vmid: int | None = None) -> list[str]:
         """Hook phases in call order; with ``vmid`` only that guest's phases."""
@@ -104,6 +113,44 @@ class _JobAbort(Exception):
     """A fatal job-level error: job-abort runs, then the job ends."""
 
 
+class TaskLog(list[str]):
+    """The task log: its lines in memory (for the tests) and, as vzdump writes them, in its file.
+
+    While a guest's backup log is open (``logfd`` in exec_backup_task), each line also goes there,
+    with a time stamp (PVE::VZDump debugmsg).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path: Path | None = None
+        self.guest_log: Path | None = None
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(line + "\n")
+        if self.guest_log is not None:
+            with open(self.guest_log, "a") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def extend(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.append(line)
+
+    def task_only(self, line: str) -> None:
+        """A line vzdump writes without its logfd (debugmsg without it): not in the guest's log."""
+        guest_log, self.guest_log = self.guest_log, None
+        self.append(line)
+        self.guest_log = guest_log
+
+
+def format_time(seconds: float) -> str:
+    """PVE::VZDump format_time: HH:MM:SS (hours may have more digits)."""
+    whole = int(seconds)
+    return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
 class _Job:
     def __init__(
         self,
@@ -115,6 +162,7 @@ class _Job:
         hook_timeout: float,
         env_extra: Mapping[str, str] | None = None,
         env_at: tuple[str, int | None] | None = None,
+        hang_after: tuple[str, int | None] | None = None,
     ) -> None:
         self.node = node
         self.pve = Pve(node.root)
@@ -122,11 +170,17 @@ class _Job:
         self.hook_cmd = list(hook_cmd)
         self.abort_during = abort_during
         self.crash_after = crash_after
+        self.hang_after = hang_after
         self.hook_timeout = hook_timeout
         self.env_extra = dict(env_extra or {})
         self.env_at = env_at
-        self.log: list[str] = []
+        self.log = TaskLog()
         self.calls: list[HookCall] = []
+        # the GUI stopped the task (pve.stop_caller_task): when its SIGKILL comes
+        self.kill_at: float | None = None
+        self.interrupted = False
+        self.upid = ""
+        self.worker = 0
         self.errors: list[str] = []
         self.guests: dict[int, GuestOutcome] = {}  # kept when vzdump "crashes" mid-job
         self.stamp = time.strftime("%Y_%m_%d-%H_%M_%S")
@@ -153,23 +207,48 @@ class _Job:
         )
         if self.env_at is None or _matches(self.env_at, args):
             env.update(self.env_extra)  # a test's extra environment (e.g. a crash point)
+        timeout = self.hook_timeout
+        if self.kill_at is not None:
+            # the task was stopped: its SIGKILL ends whatever of it still runs then
+            timeout = self.kill_at - time.time()
+            if timeout <= 0:
+                raise _Crash("vzdump killed (SIGKILL 5 s after the task's stop)")
         if self.hook_cmd == list(INPROCESS):
             call = run_hook_inprocess(args, env)
         else:
-            call = run_hook_process([*self.hook_cmd, *args], env, self.hook_timeout)
+            call = run_hook_process([*self.hook_cmd, *args], env, timeout)
         call.args = list(args)
         self.calls.append(call)
         self.pve.apply_sysfs_writes()  # the kernel acts on what the hook wrote, at once
         self.log.extend(f"INFO: {line}" for line in call.lines)
+        if self.kill_at is not None and time.time() >= self.kill_at:
+            raise _Crash("vzdump killed (SIGKILL 5 s after the task's stop)")
         if call.error:
             self.errors.append(f"{' '.join(args)}: {call.error}")
             self.log.append(f"ERROR: {call.error}")
+        self.notice_stop()
         if self.crash_after is not None and _matches(self.crash_after, args):
             raise _Crash(f"vzdump killed after {' '.join(args)}")
+        if self.hang_after is not None and _matches(self.hang_after, args):
+            raise _Crash(f"vzdump hangs after {' '.join(args)}; its worker still runs")
         return call
+
+    def notice_stop(self) -> None:
+        """The GUI's stop reached the worker too (it is in the task's process group): the step
+        under way dies with "interrupted by signal" (api2 VZDump.pm's signal handlers)."""
+        if self.kill_at is not None:
+            return
+        try:
+            data = json.loads((self.pve.sim / TASK_STOP).read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        self.kill_at = float(data["kill_at"])
+        self.interrupted = True
 
     def hook_or_fail(self, args: list[str], task_env: dict[str, str] | None = None) -> None:
         call = self.hook(args, task_env)
+        if self.interrupted:
+            raise _Fail("interrupted by signal")
         if call is None or call.ok:
             return
         shown = " ".join(call.argv)
@@ -182,24 +261,61 @@ class _Job:
 
     # ---- the job ----------------------------------------------------------------------------
 
-    def run(self, vmids: list[int]) -> tuple[bool, bool]:
-        """Returns (ok, aborted)."""
-        self.info(
-            f"starting new backup job: vzdump {' '.join(map(str, vmids))} "
-            f"--mode {self.mode} --storage {STOREID}"
+    def begin_task(self, single: int | None) -> None:
+        """fork_worker (pve-common PVE/RESTEnvironment.pm): the worker process, titled
+        ``task <UPID>``, and its task log, before anything of the job runs."""
+        pve = self.pve
+        self.worker = pve.spawn_proc(["task"], "task")
+        pstart = pve.proc_starttime(self.worker) or 0
+        started = int(time.time())
+        vmid = "" if single is None else str(single)  # API2/VZDump.pm: the VMID of a 1-guest job
+        self.upid = (
+            f"UPID:{pve.node}:{self.worker:08X}:{pstart:08X}:{started:08X}:vzdump:{vmid}:root@pam:"
         )
-        init = self.hook(["job-init"])
+        write_atomic(pve.p(f"proc/{self.worker}/cmdline"), f"task {self.upid}\0")
+        # PVE/UPID.pm decode: tasks/<last hex digit of the start time>/<UPID>
+        self.log.path = pve.p(f"var/log/pve/tasks/{self.upid.split(':')[4][7]}/{self.upid}")
+        self.log.path.parent.mkdir(parents=True, exist_ok=True)
+        self.log.path.touch()
+
+    def end_task(self, status: str | None) -> None:
+        """The worker ends: the last line of the task log (None: it was killed)."""
+        if status is not None:
+            self.log.append(status)
+        self.pve.end_proc(self.worker)
+
+    @contextlib.contextmanager
+    def node_lock(self) -> Iterator[None]:
+        """getlock: flock on /var/run/vzdump.lock, saying so when it has to wait."""
+        path = self.node.root / "run/vzdump.lock"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.info("trying to get global lock - waiting...")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self.info("got global lock")
+            yield
+        finally:
+            os.close(fd)
+
+    def run(self, vmids: list[int], line: str, skipped: list[int]) -> tuple[bool, bool, str]:
+        """Returns (ok, aborted, error): vzdump's worker sub (API2/VZDump.pm vzdump)."""
+        init = self.hook(["job-init"])  # PVE::VZDump::new
         if init is not None and not init.ok:
-            self.log.append(
-                f"ERROR: Backup job failed - command '{' '.join(init.argv)}' failed: "
-                f"exit code {init.exit_code}"
-            )
-            return False, False
-        # The node lock: job-init runs before it, everything else under it.
-        with flocked(self.node.root / "run/vzdump.lock"):
+            err = f"command '{' '.join(init.argv)}' failed: exit code {init.exit_code}"
+            self.log.append(f"ERROR: Backup job failed - {err}")
+            return False, False, err
+        # getlock: the node lock, then the UPID into the pid file, then exec_backup
+        with self.node_lock():
+            write_atomic(self.pve.p("run/vzdump.pid"), self.upid)  # no newline
+            self.info(f"starting new backup job: {line}")  # exec_backup
+            if skipped:
+                self.info(f"skip external VMs: {', '.join(map(str, sorted(skipped)))}")
             return self._locked(vmids)
 
-    def _locked(self, vmids: list[int]) -> tuple[bool, bool]:
+    def _locked(self, vmids: list[int]) -> tuple[bool, bool, str]:
         guests = self.guests
         err: str | None = None
         aborted = False
@@ -212,7 +328,7 @@ class _Job:
             for vmid in vmids:
                 outcome = self.guest(vmid)
                 guests[vmid] = outcome
-                if self.abort_during == vmid:
+                if self.abort_during == vmid or self.interrupted:
                     aborted = True
                     raise _JobAbort("interrupted by signal")
             end = self.hook(["job-end"])
@@ -223,12 +339,15 @@ class _Job:
         if err is not None:
             self.hook(["job-abort"])
             self.log.append(f"ERROR: Backup job failed - {err}")
-            return False, aborted
+            return False, aborted, err
         failed = any(not g.ok for g in guests.values())
         self.info(
             "Backup job finished with errors" if failed else "Backup job finished successfully"
         )
-        return not failed, aborted
+        if failed:
+            return False, aborted, "job errors"
+        remove(self.pve.p("run/vzdump.pid"))  # only after a fully successful job
+        return True, aborted, ""
 
     # ---- one guest (exec_backup_task) -------------------------------------------------------
 
@@ -256,8 +375,13 @@ class _Job:
             env["TARGET"] = base + ext
             env["LOGFILE"] = base + ".log"
             env["VMTYPE"] = kind
+            # logfd = open(">" tmplog): the guest's previous backup log is truncated only now
+            guest_log = pve.p(f"var/log/vzdump/{kind}-{vmid}.log")
+            guest_log.parent.mkdir(parents=True, exist_ok=True)
+            guest_log.write_text("")
+            self.log.guest_log = guest_log
             self.info(f"Starting Backup of VM {vmid} ({kind})")
-            self.info(f"Backup started at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            self.log.task_only(f"INFO: Backup started at {time.strftime('%Y-%m-%d %H:%M:%S')}")
             running = pve.is_running(vmid)
             self.info(f"status = {'running' if running else 'stopped'}")
             try:
@@ -331,12 +455,16 @@ class _Job:
 
         if err is not None:
             self.log.append(f"ERROR: Backup of VM {vmid} failed - {err.message}")
+            self.log.task_only(f"INFO: Failed at {time.strftime('%Y-%m-%d %H:%M:%S')}")
             abort = self.hook(["backup-abort", args_mode, str(vmid)], env)
             if abort is not None and not abort.ok:
                 self.log.append(f"WARN: hook 'backup-abort' failed: exit code {abort.exit_code}")
         else:
-            secs = int(time.time() - t0)
-            self.info(f"Finished Backup of VM {vmid} (00:00:{secs:02d})")
+            # in simulated seconds: what the guest's backup took on the model's clock
+            took = format_time((time.time() - t0) / pve.scale)
+            self.info(f"Finished Backup of VM {vmid} ({took})")
+            self.log.task_only(f"INFO: Backup finished at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.log.guest_log = None  # close(logfd): log-end has none
         end = self.hook(["log-end", args_mode, str(vmid)], env)
         if end is not None and not end.ok:
             self.log.append(f"WARN: hook 'log-end' failed: exit code {end.exit_code}")
@@ -384,6 +512,8 @@ class _Job:
 
     def signal_point(self, vmid: int) -> None:
         """The backup is running: a signal or a crash can hit here (paused QEMU still up)."""
+        # fault backup_delay: how long (simulated s) the backup itself takes
+        self.pve.sleep(float(self.pve.faults(vmid).get("backup_delay", 0)))
         if self.crash_after is not None and self.crash_after in (
             ("archive", None),
             ("archive", vmid),
@@ -587,6 +717,23 @@ def run_hook_process(argv: list[str], env: dict[str, str], timeout: float) -> Ho
     return HookCall(list(argv), code, got["stdout"], got["stderr"], lines, dict(env), error=error)
 
 
+def job_command_line(
+    vmids: Sequence[int] | None,
+    options: Mapping[str, str],
+    rng: random.Random,
+) -> str:
+    """The job line's command (pve-guest-common PVE/VZDump/Common.pm command_line): the VMIDs in
+    the order given, then ``--key value`` for each other parameter in Perl's hash order (random
+    per process), values shell-quoted."""
+    words = ["vzdump", *(str(v) for v in vmids or ())]
+    keys = list(options)
+    rng.shuffle(keys)
+    for key in keys:
+        if options[key] != "":
+            words += [f"--{key}", shlex.quote(options[key])]
+    return " ".join(words)
+
+
 def run_job(
     node: FakeNode,
     vmids: Iterable[int] | None = None,
@@ -596,49 +743,71 @@ def run_job(
     hook_cmd: Sequence[str] | None = None,
     abort_during: int | None = None,
     crash_after: tuple[str, int | None] | None = None,
+    hang_after: tuple[str, int | None] | None = None,
     hook_timeout: float = 120,
     env_extra: Mapping[str, str] | None = None,
     env_at: tuple[str, int | None] | None = None,
+    job_options: Mapping[str, str] | None = None,
+    rng: random.Random | None = None,
 ) -> JobOutcome:
     """Run one vzdump job on ``node``.
 
-    ``vmids`` None = every guest of this node; guests on other nodes are skipped. ``hook_cmd``
-    None = the project's hook (``python -m pvegpuhook.hook``); an empty sequence = no hook script;
-    INPROCESS = the project's hook called in this process (fast, see run_hook_inprocess).
-    ``abort_during`` = a signal arrives while that guest is archived; ``crash_after`` = (phase,
-    vmid or None): vzdump dies right after that hook call, or with phase "archive" while that
-    guest is being archived (its paused QEMU stays up). ``env_extra`` is added to the hook's
-    environment (after vzdump's own), for every call or, with ``env_at`` = (phase, vmid or None),
-    only for that call; e.g. ``{"PVE_GPU_HOOK_CRASH_AT": "after-record"}``.
+    ``vmids`` None = every guest of this node (``--all 1``, minus ``exclude``); guests on other
+    nodes are skipped. ``hook_cmd`` None = the project's hook (``python -m pvegpuhook.hook``); an
+    empty sequence = no hook script; INPROCESS = the project's hook called in this process (fast,
+    see run_hook_inprocess). ``abort_during`` = a signal arrives while that guest is archived;
+    ``crash_after`` = (phase, vmid or None): vzdump dies right after that hook call, or with phase
+    "archive" while that guest is being archived (its paused QEMU stays up); ``hang_after``: the
+    same, but vzdump hangs there (say, on a dead storage): its worker still runs, and the pid
+    file names it. ``env_extra`` is added to the hook's environment (after vzdump's own), for
+    every call or, with ``env_at`` = (phase, vmid or None), only for that call; e.g.
+    ``{"PVE_GPU_HOOK_CRASH_AT": "after-record"}``. ``job_options`` are further parameters of the
+    job line (``{"quiet": "1"}``); ``rng`` orders its options (Perl's hash order).
     """
     if mode not in ("stop", "suspend", "snapshot"):
         raise ValueError(f"bad mode {mode!r}")
     cmd = list(DEFAULT_HOOK if hook_cmd is None else hook_cmd)
-    job = _Job(node, mode, cmd, abort_during, crash_after, hook_timeout, env_extra, env_at)
+    job = _Job(
+        node, mode, cmd, abort_during, crash_after, hook_timeout, env_extra, env_at, hang_after
+    )
     pve = job.pve
     excluded = set(exclude)
+    skipped: list[int] = []
+    options = {"mode": mode, "storage": STOREID, **(job_options or {})}
     if vmids is None:
         ids = pve.local_guests()
+        options["all"] = "1"
+        if excluded:
+            options["exclude"] = ",".join(map(str, sorted(excluded)))
+        given = None
     else:
+        given = [int(v) for v in vmids]
         ids = []
-        skipped = []
-        for v in vmids:
+        for v in given:
             entry = pve.vmlist().get("ids", {}).get(str(v))
             if entry and entry.get("node") != pve.node:
                 skipped.append(v)  # "skip external VMs"
             else:
-                ids.append(int(v))
-        if skipped:
-            job.info(f"skip external VMs: {', '.join(map(str, sorted(skipped)))}")
+                ids.append(v)
     ids = sorted(v for v in set(ids) if v not in excluded)
-    crashed = False
+    line = job_command_line(given, options, rng or random.Random())
+    job.begin_task(ids[0] if len(ids) == 1 else None)
+    crashed = hung = False
     ok = False
     aborted = False
+    status: str | None = None
     try:
-        ok, aborted = job.run(ids)
+        ok, aborted, err = job.run(ids, line, skipped)
+        status = "TASK OK" if ok else f"TASK ERROR: {err}"
     except _Crash as e:
         crashed = True
+        hung = job.hang_after is not None and str(e).startswith("vzdump hangs")
+        job.log.path = job.log.guest_log = None  # a dead (or hung) vzdump writes nothing more
         job.log.append(f"ERROR: {e}")
+    finally:
+        remove(pve.sim / TASK_STOP)  # the worker is gone: no SIGKILL to its group any more
+    if not hung:
+        job.end_task(status)
     if job.errors:
         ok = False
     return JobOutcome(
@@ -649,4 +818,6 @@ def run_job(
         errors=job.errors,
         aborted=aborted,
         crashed=crashed,
+        upid=job.upid,
+        worker=job.worker,
     )

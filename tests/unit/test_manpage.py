@@ -141,6 +141,7 @@ def test_page_has_every_section() -> None:
         ".SH OPTIONS",
         ".SH COMMANDS",
         ".SH OUTPUT FORMATS",
+        ".SH METRICS",
         ".SH EXIT STATUS",
         ".SH ENVIRONMENT",
         ".SH FILES",
@@ -255,7 +256,7 @@ def test_yaml_page_documents_every_key_with_type_and_default() -> None:
     blocks = key_blocks()
     assert set(blocks) == set(SCHEMA), "KEYS of pve-gpu-hook.yaml(5) differ from settings.SCHEMA"
     for key, option in SCHEMA.items():
-        first = blocks[key].splitlines()[0]
+        first = " ".join(blocks[key].split("\n.br\n")[0].split())  # a long one is filled
         assert first == f"Type: {option.expected}; default: {yaml_value(option.default)}.", key
 
 

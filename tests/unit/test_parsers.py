@@ -97,6 +97,9 @@ def build_host(root: Path) -> Path:
     (root / "sys/class/drm/version").write_text("drm 1.1.0 20060810\n")
     add_nvidia(root, "0000:01:00.0", 0)
     add_nvidia(root, "0000:04:00.0", 1)
+    # behind an Intel VMD controller: a PCI domain of 5 hex digits
+    add_function(root, "10000:e1:00.0", group="40", driver="nvme")
+    add_function(root, "10000:e1:00.1", group="40")
     return root
 
 
@@ -132,6 +135,10 @@ def fresh_host(host_root: Path) -> Path:
         ("0000:0A:1F.3", "0000:0a:1f.3"),
         ("01:00.1", "0000:01:00.1"),
         ("  05:00.0\n", "0000:05:00.0"),
+        # PVE's $PCIRE takes a domain of 4 or more hex digits (VMD: 10000)
+        ("10000:e1:00.0", "10000:e1:00.0"),
+        ("10000:E1:00", "10000:e1:00"),
+        ("abcdef:01:1f.7", "abcdef:01:1f.7"),
     ],
 )
 def test_normalize_accepts_every_pve_id_form(text: str, expected: str) -> None:
@@ -154,6 +161,9 @@ def test_normalize_accepts_every_pve_id_form(text: str, expected: str) -> None:
         "0000:01:00.0.1",
         "000:01:00.0",
         "0000:01:00:00.0",
+        "1000g:01:00.0",
+        "10000:e1:0.0",
+        "10000:e1:00.8",
         "01",
         "01:00.0;02:00.0",
         "host=01:00.0",
@@ -166,7 +176,12 @@ def test_normalize_rejects_junk(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("address", "device"),
-    [("0000:01:00.1", "0000:01:00"), ("0000:01:00", "0000:01:00"), ("0001:af:1f.7", "0001:af:1f")],
+    [
+        ("0000:01:00.1", "0000:01:00"),
+        ("0000:01:00", "0000:01:00"),
+        ("0001:af:1f.7", "0001:af:1f"),
+        ("10000:e1:00.1", "10000:e1:00"),
+    ],
 )
 def test_device_of(address: str, device: str) -> None:
     assert pci.device_of(address) == device
@@ -199,6 +214,9 @@ def test_sysfs_unit(host: Path, function: str, unit: str) -> None:
         ("0000:09:00", []),
         ("0000:09:00.0", []),
         ("0000:01:0", []),  # a prefix is not a device
+        ("10000:e1:00", ["10000:e1:00.0", "10000:e1:00.1"]),
+        ("10000:e1:00.1", ["10000:e1:00.1"]),
+        ("0000:e1:00", []),  # another domain
     ],
 )
 def test_sysfs_functions(host: Path, address: str, functions: list[str]) -> None:
@@ -215,6 +233,8 @@ def test_sysfs_functions(host: Path, address: str, functions: list[str]) -> None
         ("0000:03:00", {"dev:0000:03:00", "fn:0000:03:00.2"}),
         ("0000:09:00.0", {"dev:0000:09:00"}),  # unknown to sysfs: falls back to the device
         ("0000:09:00", {"dev:0000:09:00"}),
+        ("10000:e1:00", {"group:40"}),
+        ("10000:e2:00.0", {"dev:10000:e2:00"}),
     ],
 )
 def test_sysfs_units(host: Path, address: str, units: set[str]) -> None:
@@ -277,6 +297,7 @@ def test_nvidia_information_without_minor_is_ignored(fresh_host: Path) -> None:
         ("/dev/dri/by-path/pci-0000:01:00.0-render", ["0000:01:00.0"]),
         ("/dev/dri/by-path/pci-0000:04:00.0-card", ["0000:04:00.0"]),
         ("/dev/dri/by-path/pci-junk-render", []),
+        ("/dev/dri/by-path/pci-10000:e1:00.0-card", ["10000:e1:00.0"]),
         ("/dev/nvidia0", ["0000:01:00.0"]),
         ("/dev/nvidia1", ["0000:04:00.0"]),
         ("/dev/nvidia7", []),
@@ -733,6 +754,14 @@ G15 = ["group:15"]
             ],
         ),
         ("hostpci0: 03:00.2", [("hostpci0", [[("0000:03:00.2", ["fn:0000:03:00.2"], EXCLUSIVE)]])]),
+        (
+            "hostpci0: 10000:e1:00,pcie=1",
+            [("hostpci0", [[("10000:e1:00", ["group:40"], EXCLUSIVE)]])],
+        ),
+        (
+            "args: -device vfio-pci,sysfsdev=/sys/bus/pci/devices/10000:e1:00.1",
+            [("args", [[("10000:e1:00.1", ["group:40"], EXCLUSIVE)]])],
+        ),
         ("hostpci0: 03:00.0", [("hostpci0", [[("0000:03:00.0", ["dev:0000:03:00"], EXCLUSIVE)]])]),
         ("hostpci0: 09:00.0", [("hostpci0", [[("0000:09:00.0", ["dev:0000:09:00"], EXCLUSIVE)]])]),
         (
@@ -990,6 +1019,31 @@ def test_mappings_given_to_the_reader(host: Path) -> None:
     assert shape(needs) == [("hostpci0", [[("0000:02:00.0", G15, EXCLUSIVE)]])]
 
 
+def test_mapping_with_a_long_pci_domain(host: Path) -> None:
+    text = "vmd\n\tmap node=pve1,path=10000:e1:00.0;10000:e1:00.1,id=10de:2204,iommugroup=40\n"
+    mappings, warnings = parse_pci_mapping(text, "/x")
+    assert warnings == []
+    reader = ClaimReader(pci.Sysfs(), "pve1", mappings)
+    needs, warnings = reader.vm_needs(parse_guest_config("hostpci0: mapping=vmd", VM_CONF), False)
+    assert warnings == []
+    assert shape(needs) == [
+        (
+            "hostpci0",
+            [
+                [
+                    ("10000:e1:00.0", ["group:40"], EXCLUSIVE),
+                    ("10000:e1:00.1", ["group:40"], EXCLUSIVE),
+                ]
+            ],
+        )
+    ]
+
+
+def test_nvidia_gpu_in_a_long_pci_domain(fresh_host: Path) -> None:
+    write(fresh_host, "proc/driver/nvidia/gpus/10000:e1:00.0/information", "Device Minor: 2\n")
+    assert pci.Sysfs().nvidia_minors()[2] == "10000:e1:00.0"
+
+
 def test_args_quoted_device(host: Path) -> None:
     needs = vm_needs("args: -device 'vfio-pci,host=02:00.0,id=gpu'")
     assert shape(needs) == [("args", [[("0000:02:00.0", G15, EXCLUSIVE)]])]
@@ -1076,6 +1130,105 @@ def test_ct_claims(host: Path, line: str, functions: list[str]) -> None:
     assert all(c.kind == SHARED for c in claims)
     assert all(c.source.endswith("(line 2)") for c in claims)
     assert all(c.units == pci.Sysfs().units(c.address) for c in claims)
+
+
+NVIDIA_ALL = "lxc.cgroup2.devices.allow: c 195:* rwm"
+DRM_ALL = "lxc.cgroup2.devices.allow: c 226:* rwm"
+MOUNT = "lxc.mount.entry: {} dev/{} none bind,optional,create=file"
+
+
+@pytest.mark.parametrize(
+    ("lines", "used"),
+    [
+        # the common recipe: the wildcard allows, the mounted or passed node is the use
+        ([NVIDIA_ALL, MOUNT.format("/dev/nvidia0", "nvidia0")], {ADDR0: [3]}),
+        ([MOUNT.format("/dev/nvidia1", "nvidia1"), NVIDIA_ALL], {ADDR1: [2]}),
+        ([NVIDIA_ALL, "dev0: /dev/nvidia1,gid=44"], {ADDR1: [3]}),
+        ([DRM_ALL, "dev0: /dev/dri/renderD128,gid=104"], {ADDR0: [3]}),
+        ([DRM_ALL, "dev0: /dev/dri/card1"], {ADDR1: [3]}),
+        (
+            [DRM_ALL, MOUNT.format("/dev/dri/by-path/pci-0000:04:00.0-render", "dri/renderD129")],
+            {ADDR1: [3]},
+        ),
+        # the /dev/dri directory names every DRM node
+        ([DRM_ALL, MOUNT.format("/dev/dri", "dri")], {ADDR0: [3], ADDR1: [3]}),
+        # the "key = value" form of raw LXC keys
+        (
+            [
+                "lxc.cgroup2.devices.allow = c 195:* rwm",
+                "lxc.mount.entry = /dev/nvidia1 dev/nvidia1 none bind,optional,create=file",
+            ],
+            {ADDR1: [3]},
+        ),
+        # no GPU node of that major named: the CT may make its own, so it may use them all
+        ([NVIDIA_ALL], {ADDR0: [2], ADDR1: [2]}),
+        (
+            [
+                NVIDIA_ALL,
+                MOUNT.format("/dev/nvidiactl", "nvidiactl"),
+                MOUNT.format("/dev/nvidia-uvm", "nvidia-uvm"),
+            ],
+            {ADDR0: [2], ADDR1: [2]},
+        ),
+        ([NVIDIA_ALL, "dev0: /dev/dri/renderD128"], {ADDR0: [2, 3], ADDR1: [2]}),
+        ([DRM_ALL, "dev0: /dev/nvidia1"], {ADDR0: [2], ADDR1: [2, 3]}),
+        # a node of that major that this host lacks still says which GPU the CT wants
+        ([NVIDIA_ALL, "dev0: /dev/nvidia7"], {}),
+        # a rule for one minor names that one GPU, wildcard or not
+        (
+            [
+                NVIDIA_ALL,
+                "lxc.cgroup2.devices.allow: c 195:1 rwm",
+                MOUNT.format("/dev/nvidia0", "x"),
+            ],
+            {ADDR0: [4], ADDR1: [3]},
+        ),
+        (
+            ["lxc.cgroup2.devices.allow: c 195:1 rwm", "dev0: /dev/nvidia0"],
+            {ADDR0: [3], ADDR1: [2]},
+        ),
+        ([NVIDIA_ALL, DRM_ALL, "dev0: /dev/dri/renderD129"], {ADDR0: [2], ADDR1: [2, 4]}),
+    ],
+)
+def test_ct_claims_wildcard_rule_is_a_permission(
+    host: Path, lines: list[str], used: dict[str, list[int]]
+) -> None:
+    reader = ClaimReader(pci.Sysfs(), "pve1")
+    config = parse_guest_config("arch: amd64\n" + "\n".join(lines) + "\n", CT_CONF)
+    found: dict[str, list[int]] = {}
+    for claim in reader.ct_claims(config):
+        found.setdefault(claim.address, []).append(int(claim.source.split("line ")[1][:-1]))
+    assert found == used
+
+
+def test_ct_claims_wildcard_rule_with_a_node_in_pending(host: Path) -> None:
+    text = f"{NVIDIA_ALL}\n[pve:pending]\ndev0: /dev/nvidia1\n"
+    reader = ClaimReader(pci.Sysfs(), "pve1")
+    config = parse_guest_config(text, CT_CONF)
+    assert sorted(c.address for c in reader.ct_claims(config)) == [ADDR0, ADDR1]
+    assert [c.address for c in reader.ct_claims(config, with_pending=True)] == [ADDR1]
+
+
+@pytest.mark.parametrize(
+    ("node", "major"),
+    [
+        ("/dev/nvidia0", 195),
+        ("/dev/nvidia12", 195),
+        ("/dev/nvidiactl", None),
+        ("/dev/nvidia-uvm", None),
+        ("/dev/nvidia-caps/nvidia-cap1", None),
+        ("/dev/dri", 226),
+        ("/dev/dri/", 226),
+        ("/dev/dri/card0", 226),
+        ("/dev/dri/renderD128", 226),
+        ("/dev/dri/by-path/pci-0000:01:00.0-render", 226),
+        ("/dev/driver", None),
+        ("/dev/net/tun", None),
+        ("", None),
+    ],
+)
+def test_gpu_node_major(node: str, major: int | None) -> None:
+    assert pci.gpu_node_major(node) == major
 
 
 def test_ct_claims_pending(host: Path) -> None:
@@ -1185,13 +1338,61 @@ def test_qemu_system_binary_counts(host_root: Path) -> None:
     assert runtime.qemu_cmdline(104) == argv
 
 
-def test_ct_running(host_root: Path) -> None:
+def test_ct_running_by_cgroup_only_without_proc_net_unix(host_root: Path) -> None:
     (host_root / "sys/fs/cgroup/lxc/200").mkdir(parents=True)
     write(host_root, "sys/fs/cgroup/lxc/300", "not a directory")
     assert runtime.ct_running(200)
     assert runtime.running("lxc", 200)
     assert not runtime.ct_running(201)
     assert not runtime.ct_running(300)
+
+
+UNIX = "Num       RefCount Protocol Flags    Type St Inode Path\n"
+
+
+def unix_line(path: str = "", inode: int = 41234, address: str = "0" * 16) -> str:
+    """A /proc/net/unix line as the kernel writes it (net/unix/af_unix.c unix_seq_show)."""
+    return f"{address}: 00000002 00000000 00010000 0001 01 {inode:5d}" + (
+        f" {path}" if path else ""
+    )
+
+
+@pytest.mark.parametrize(
+    ("lines", "running"),
+    [
+        ([], []),
+        ([unix_line("@/var/lib/lxc/200/command")], [200]),
+        (
+            [unix_line("@/var/lib/lxc/201/command", 7), unix_line("@/var/lib/lxc/200/command")],
+            [200, 201],
+        ),
+        # a listening socket and a connection to it show the same path
+        (
+            [unix_line("@/var/lib/lxc/200/command"), unix_line("@/var/lib/lxc/200/command", 9)],
+            [200],
+        ),
+        ([unix_line("@/var/lib/lxc/200/command", address="ffff9a8a4c7d2400")], [200]),
+        ([unix_line("/var/lib/lxc/200/command")], []),  # not the abstract socket
+        ([unix_line("@/var/lib/lxc/200/monitor-sock")], []),
+        ([unix_line("@/var/lib/lxc/abc/command")], []),
+        ([unix_line("@/var/lib/lxc/200/command@")], []),
+        ([unix_line("@/var/lib/lxc/200/command") + " extra"], []),
+        (["0000: 00000002 @/var/lib/lxc/200/command"], []),
+        ([unix_line("@/var/lib/lxc/200/command", address="ABCD")], []),
+        ([unix_line("@/var/lib/lxc/200/command", address="")], []),
+        ([unix_line("@/var/lib/lxc/200/command").replace("41234", "x")], []),
+        ([unix_line(), unix_line("/run/systemd/private"), "garbage"], []),
+    ],
+)
+def test_running_cts_from_proc_net_unix(
+    host_root: Path, lines: list[str], running: list[int]
+) -> None:
+    """PVE's check_running: the CT's command socket in /proc/net/unix, cgroup or not."""
+    write(host_root, "proc/net/unix", UNIX + "".join(line + "\n" for line in lines))
+    (host_root / "sys/fs/cgroup/lxc/300").mkdir(parents=True)  # a cgroup is not a running CT
+    assert runtime.running_cts() == running
+    assert [v for v in (200, 201, 300) if runtime.ct_running(v)] == running
+    assert runtime.running("lxc", 200) is (200 in running)
 
 
 def test_vm_candidates_and_running_cts(host_root: Path) -> None:
@@ -1216,6 +1417,7 @@ def test_reservations(host_root: Path) -> None:
         f"0000:04:00.0 106 time:{now + 100}",  # reserved for a starting VM
         f"0000:04:00.1 107 time:{now - 100}",  # expired
         f"0000:0A:00.0 112 time:{now + 100}",
+        f"10000:e1:00.0 114 time:{now + 100}",
         "garbage",
         "",
         "0000:05:00.0 abc pid:4242",
@@ -1230,6 +1432,7 @@ def test_reservations(host_root: Path) -> None:
         104: ["0000:01:00.0", "0000:01:00.1"],
         106: ["0000:04:00.0"],
         112: ["0000:0a:00.0"],
+        114: ["10000:e1:00.0"],
     }
 
 

@@ -58,7 +58,14 @@ SIBLING = claim("0000:00:1f.0", "group:14")  # another device in the GPU's IOMMU
 RESERVED_GPU = claim("0000:01:00.0", "group:14", source=RESERVED)
 RESERVED_GPU2 = claim("0000:02:00.0", "group:15", source=RESERVED)
 CT_GPU = claim("0000:01:00.0", "group:14", SHARED, "dev0 (line 3)")
+CT_GPU2 = claim("0000:02:00.0", "group:15", SHARED, "dev0 (line 3)")
+CT_SIBLING = claim("0000:00:1f.0", "group:14", SHARED, "dev0 (line 3)")
 MDEV_GPU = claim("0000:01:00.0", "group:14", MDEV)
+MDEV_GPU2 = claim("0000:02:00.0", "group:15", MDEV)
+RUNNING_GPU = claim("0000:01:00.0", "group:14", source="running")  # an args device: not reserved
+CARD = claim("0000:01:00", "group:14")  # host=01:00: every function of the device
+GPU3 = claim("0000:03:00.0", "group:16")
+RESERVED_GPU3 = claim("0000:03:00.0", "group:16", source=RESERVED)
 
 
 # ---- plan_free ----------------------------------------------------------------------------------
@@ -181,6 +188,92 @@ FREE_CASES = [
         frozenset({104, 110}),
         [],
         (104, "is protected"),
+    ),
+    # PVE's $used: an alternative an earlier hostpciN of the same VM took is skipped
+    (
+        "mapping twice: the second takes the next alternative, and its holder stops",
+        [need([GPU], [GPU2], mapping="m"), need([GPU], [GPU2], mapping="m")],
+        [holder(200, CT_GPU2, kind=LXC)],
+        NONE,
+        [(200, CT_GPU2.address)],
+        None,
+    ),
+    (
+        "mapping twice: the first reserved, so the second can only get it back",
+        [need([GPU], [GPU2], mapping="m"), need([GPU], [GPU2], mapping="m")],
+        [holder(104, RESERVED_GPU)],
+        NONE,
+        [(104, RESERVED_GPU.address)],
+        None,
+    ),
+    (
+        "mapping twice: the second one's holder is protected",
+        [need([GPU], [GPU2], mapping="m"), need([GPU], [GPU2], mapping="m")],
+        [holder(200, CT_GPU2, kind=LXC)],
+        frozenset({200}),
+        [],
+        (200, "is protected"),
+    ),
+    (
+        "mapping thrice on two alternatives: each is freed once, the third has none left",
+        [need([GPU], [GPU2], mapping="m")] * 3,
+        [holder(104, RESERVED_GPU), holder(110, RESERVED_GPU2)],
+        NONE,
+        [(104, RESERVED_GPU.address), (110, RESERVED_GPU2.address)],
+        None,
+    ),
+    (
+        "a fixed device marks its functions taken for a later mapping",
+        [need([GPU]), need([GPU], [GPU2], mapping="m")],
+        [holder(200, CT_GPU2, kind=LXC)],
+        NONE,
+        [(200, CT_GPU2.address)],
+        None,
+    ),
+    (
+        "a whole device marks each of its functions taken",
+        [need([CARD]), need([AUDIO], [GPU2], mapping="m")],
+        [holder(200, CT_GPU2, kind=LXC)],
+        NONE,
+        [(200, CT_GPU2.address)],
+        None,
+    ),
+    (
+        "a mapping after the fixed device of another group is not affected",
+        [need([GPU2]), need([GPU], [GPU3], mapping="m")],
+        [holder(200, CT_GPU2, kind=LXC)],
+        NONE,
+        [(200, CT_GPU2.address)],
+        None,
+    ),
+    (
+        "an mdev marks nothing taken",
+        [need([MDEV_GPU]), need([GPU], [GPU2], mapping="m")],
+        [holder(200, CT_GPU2, kind=LXC)],
+        NONE,
+        [],
+        None,
+    ),
+    (
+        "an mdev of a mapping goes where it can be created, reservation or not",
+        [need([MDEV_GPU], [MDEV_GPU2], mapping="m")],
+        [holder(104, RUNNING_GPU)],
+        NONE,
+        [],
+        None,
+    ),
+    # PVE chooses after every stop: a VM stopped for a later need frees an earlier alternative
+    (
+        "a VM stopped for another need frees the first alternative, which PVE then takes",
+        [need([GPU], [GPU2], mapping="m"), need([GPU3])],
+        [
+            holder(104, RESERVED_GPU, RESERVED_GPU3),
+            holder(200, CT_GPU2, kind=LXC),
+            holder(201, CT_SIBLING, kind=LXC),
+        ],
+        NONE,
+        [(104, RESERVED_GPU.address), (201, CT_SIBLING.address)],
+        None,
     ),
 ]
 
@@ -440,6 +533,22 @@ def test_decide_backup(
 
 
 # ---- plan_restart ------------------------------------------------------------------------------
+
+
+def test_running_vm_with_a_mapping_twice_keeps_both_devices_in_stop_mode() -> None:
+    """vzdump's restart gives hostpci1 the alternative hostpci0 does not take (PVE's $used):
+    each line gets back the device it had, and nothing moves."""
+    needs = [need([GPU], [GPU2], mapping="m"), need([GPU], [GPU2], mapping="m")]
+    decision = decide_backup(
+        guest(120),
+        job_mode="stop",
+        running=True,
+        needs=needs,
+        holders=[holder(120, RESERVED_GPU, RESERVED_GPU2)],
+        protect=NONE,
+    )
+    assert decision.verdict == Verdict.NOTHING
+    assert decision.moves == [] and decision.restart_first == []
 
 
 def test_restart_order_mapped_last_then_startup_order_then_vmid() -> None:

@@ -44,10 +44,11 @@ TEMPLATE = """\
 DEFAULTS = {
     "shutdown_timeout": 180,
     "force_stop": False,
-    "start_timeout": 120,
+    "start_timeout": 0,  # no wait beyond what PVE allows for the guest
     "shutdown_watch": 1800,
     "protect": [],
     "restart": "after-guest",
+    "metrics_file": "/var/lib/prometheus/node-exporter/pve-gpu-hook.prom",
 }
 
 
@@ -97,6 +98,8 @@ def test_yaml_comment_only_document_parses_to_defaults() -> None:
         ("shutdown_timeout: 1", "shutdown_timeout", 1),
         ("shutdown_timeout: 86400", "shutdown_timeout", 86400),
         ("start_timeout: 5", "start_timeout", 5),
+        ("start_timeout: 0", "start_timeout", 0),
+        ("start_timeout: 600", "start_timeout", 600),
         ("shutdown_watch: 0", "shutdown_watch", 0),
         ("shutdown_watch: 600", "shutdown_watch", 600),
         ("force_stop: true", "force_stop", True),
@@ -108,6 +111,11 @@ def test_yaml_comment_only_document_parses_to_defaults() -> None:
         ("restart: after-job", "restart", "after-job"),
         ("restart: after-guest", "restart", "after-guest"),
         ("restore: after-job", "restart", "after-job"),  # the old name, still read
+        ("metrics_file: /srv/textfiles/gpu.prom", "metrics_file", "/srv/textfiles/gpu.prom"),
+        ("metrics_file: false", "metrics_file", False),
+        ("metrics_file: off", "metrics_file", False),  # YAML 1.1: off is false
+        ("metrics_file:", "metrics_file", False),
+        ('metrics_file: ""', "metrics_file", False),
     ],
 )
 def test_each_key(host_root: Path, text: str, key: str, value: object) -> None:
@@ -119,7 +127,7 @@ def test_all_keys_together(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(
         "---\nshutdown_timeout: 20  # short\nforce_stop: true\nstart_timeout: 10\n"
-        "protect: [101]\nrestart: after-job\n"
+        "protect: [101]\nrestart: after-job\nmetrics_file: /run/m.prom\n"
     )
     settings = load_settings(str(path))
     assert settings.as_dict() == {
@@ -129,6 +137,7 @@ def test_all_keys_together(tmp_path: Path) -> None:
         "shutdown_watch": 1800,
         "protect": [101],
         "restart": "after-job",
+        "metrics_file": "/run/m.prom",
     }
     assert settings.protect == frozenset({101})
     assert settings.source == str(path)
@@ -157,6 +166,8 @@ def test_unknown_key_names_file_line_and_key(host_root: Path) -> None:
         ("shutdown_timeout: 1.5", 2, "shutdown_timeout"),
         ("shutdown_timeout:", 2, "shutdown_timeout"),
         ("start_timeout: false", 2, "start_timeout"),
+        ("start_timeout: -1", 2, "start_timeout"),
+        ("start_timeout: 86401", 2, "start_timeout"),
         ("shutdown_watch: -1", 2, "shutdown_watch"),
         ("shutdown_watch: 30m", 2, "shutdown_watch"),
         ("start_timeout: [1]", 2, "start_timeout"),
@@ -173,6 +184,11 @@ def test_unknown_key_names_file_line_and_key(host_root: Path) -> None:
         ("restart: true", 2, "restart"),
         ("restart: [after-job]", 2, "restart"),
         ("restore: sometimes", 2, "restart"),
+        ("metrics_file: true", 2, "metrics_file"),
+        ("metrics_file: gpu.prom", 2, "metrics_file"),  # relative: to what?
+        ("metrics_file: /var/lib/prometheus/node-exporter/gpu.txt", 2, "metrics_file"),
+        ("metrics_file: [/a.prom]", 2, "metrics_file"),
+        ("metrics_file: 5", 2, "metrics_file"),
     ],
 )
 def test_wrong_type_names_key_and_line(text: str, line: int, key: str) -> None:
@@ -640,11 +656,14 @@ def test_record_from_bad_dict(data: object) -> None:
 def test_job_tally(host_root: Path) -> None:
     store = StateStore()
     assert store.job() is None
+    win11 = Record(104, GuestKind.QEMU, "win11", 102, [])
+    plex = Record(110, GuestKind.LXC, "plex", 103, [])
     with store.hold(1.0, "test"):
-        store.note_stop("4242", None, 104, 102, at=100.0)
+        store.note_stop("4242", None, win11, at=100.0)
         store.note_start(104, at=160.0, ok=True)
-        store.note_stop("4242", None, 104, 103, at=200.0)
-        store.note_stop("4242", None, 110, 103, at=200.0)
+        win11.for_vmid = 103
+        store.note_stop("4242", None, win11, at=200.0)
+        store.note_stop("4242", None, plex, at=200.0)
         store.note_start(110, at=230.0, ok=False)
         store.note_start(999, at=230.0, ok=True)  # stopped by no job of the tally: ignored
         tally = store.end_job("4242", "job-end", at=300.0)
@@ -655,8 +674,14 @@ def test_job_tally(host_root: Path) -> None:
     assert (read.holders_stopped, read.cycles, read.failed_restarts) == (2, 3, 1)
     assert read.downtime(now=300.0) == 60.0 + 100.0 + 100.0  # 104 back, 104 and 110 still off
     assert (read.ended, read.end_phase) == (300.0, "job-end")
+    assert read.summary(now=300.0) == (
+        "this job: 2 guest(s) shut down to free a GPU, 3 shutdown/boot cycle(s), 4 min down "
+        "in all, 1 failed restart(s): VM 104 (win11) shut down 2 times for 102, 103, down "
+        "3 min (not started again); CT 110 (plex) shut down once for 103, down 100 s "
+        "(not started again)"
+    )
     with store.hold(1.0, "test"):
-        store.note_stop("4343", "UPID:pve1:x", 104, 102, at=400.0)  # the next job: a new tally
+        store.note_stop("4343", "UPID:pve1:x", win11, at=400.0)  # the next job: a new tally
     again = StateStore().job()
     assert again is not None and (again.job, again.upid, again.cycles) == ("4343", "UPID:pve1:x", 1)
     (state_dir(host_root) / "job.json").write_text("{damaged")
