@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pvegpuhook.model import RESERVED, Claim, Guest, GuestKind, Holder, Need, start_failure
+from pvegpuhook.model import (
+    RESERVED,
+    Claim,
+    ClaimKind,
+    Guest,
+    GuestKind,
+    Holder,
+    Need,
+    start_failure,
+)
 
 UNORDERED = 1 << 62  # PVE starts guests without a startup order after those with one
 
@@ -94,23 +103,62 @@ def _unstoppable(holder: Holder, protect: frozenset[int]) -> str | None:
     return None
 
 
+def _taken(alternative: tuple[Claim, ...], used: list[str]) -> bool:
+    return any(same_function(claim.address, u) for claim in alternative for u in used)
+
+
+def _reserves(holder: Holder) -> bool:
+    return any(held.source == RESERVED for held in holder.claims)
+
+
 def plan_free(
     target: Guest, needs: list[Need], holders: list[Holder], protect: frozenset[int]
 ) -> FreePlan:
     """Who must shut down so that every need of ``target`` has a free alternative.
 
-    For a mapping, PVE takes the first alternative none of whose functions a running VM has
-    reserved, whatever else uses its IOMMU group: that one must then be made usable. When every
-    alternative is reserved we free the one that costs the fewest further stops (and no
-    protected or locked guest), the first on a tie — PVE then takes that one.
+    PVE chooses the devices at the start, after every stop, so a choice depends on which
+    reserving VMs are gone by then: plan until the VMs a plan assumes gone are the ones it
+    stops (at once, unless stopping one frees an earlier alternative of another need).
+    """
+    holders = [h for h in holders if h.vmid != target.vmid]
+    gone: frozenset[int] = frozenset()
+    plan = _plan_free(target, needs, holders, protect, gone)
+    for _ in holders:
+        stopped = frozenset(s.holder.vmid for s in plan.stops if _reserves(s.holder))
+        if stopped == gone:
+            break
+        gone = stopped
+        plan = _plan_free(target, needs, holders, protect, gone)
+    return plan
+
+
+def _plan_free(
+    target: Guest,
+    needs: list[Need],
+    holders: list[Holder],
+    protect: frozenset[int],
+    gone: frozenset[int],
+) -> FreePlan:
+    """One plan, assuming the VMs ``gone`` have released their reservations.
+
+    PVE chooses each ``hostpciN``'s device in index order (qemu-server PVE/QemuServer/PCI.pm
+    choose_hostpci_devices; docs/pve-facts.md §5): one alternative is taken as it is; of
+    several, it skips those with a function an earlier ``hostpciN`` of the same VM took, and
+    takes the first none of whose functions a running VM has reserved, whatever else uses its
+    IOMMU group: that one must then be made usable. When every alternative left is reserved we
+    free the one that costs the fewest further stops (and no protected or locked guest), the
+    first on a tie — PVE then takes that one. A classic mdev reserves nothing and marks nothing
+    taken: PVE creates it on the first alternative where that works.
     """
     plan = FreePlan(target)
     chosen: dict[int, Stop] = {}
-    holders = [h for h in holders if h.vmid != target.vmid]
+    used: list[str] = []  # functions that earlier needs took, PVE's $used
     for need in needs:
         alternatives = need.alternatives
-        if len(alternatives) > 1:
-            leaving = set(chosen)
+        mdev = any(c.kind == ClaimKind.MDEV for c in need.claims())
+        if len(alternatives) > 1 and not mdev:
+            alternatives = [a for a in alternatives if not _taken(a, used)]
+            leaving = gone | set(chosen)
             picked = next((a for a in alternatives if not _reserved(a, holders, leaving)), None)
             if picked is not None:
                 alternatives = [picked]
@@ -130,6 +178,10 @@ def plan_free(
                 continue
             if best is None or len(new) < best[0]:
                 best = (len(new), index, new)
+        if not mdev and len(alternatives) == 1:
+            used.extend(c.address for c in alternatives[0])  # taken, free or not
+        elif not mdev and best is not None:
+            used.extend(c.address for c in alternatives[best[1]])
         if best is None:
             if first_refusal is not None and plan.refusal is None:
                 plan.refusal = first_refusal
@@ -158,7 +210,8 @@ class BackupDecision:
 
     ``failure``: vzdump will fail this backup whatever the hook does (PVE refuses to start the
     VM with its devices): the verdict is then NOTHING, so that nobody is stopped for it.
-    ``picks``: per need, the index of the alternative the guest gets (see :class:`FreePlan`).
+    ``picks``: per need, the index of the alternative the guest gets (see :class:`FreePlan`);
+    for a running VM restarted in stop mode, only when a need moves to another alternative.
     """
 
     __slots__ = (
@@ -271,17 +324,23 @@ def _decide_restart_in_stop_mode(
     plan = plan_free(guest, needs, others, frozenset())  # its own reservations go at its shutdown
     held = [c.address for c in own.claims] if own is not None else []
     decision = BackupDecision(guest, "stop", Verdict.NOTHING, "running: vzdump restarts it")
+    had: list[str] = []  # what earlier needs had: two lines on one pool had two alternatives
+    gets: list[int | None] = []  # the alternative each need has after the restart
     for need, pick in zip(needs, plan.picks, strict=True):
-        if pick is None or len(need.alternatives) < 2:
-            continue
         mine = next(
             (
                 i
                 for i, alternative in enumerate(need.alternatives)
-                if any(same_function(c.address, a) for c in alternative for a in held)
+                if not _taken(alternative, had)
+                and any(same_function(c.address, a) for c in alternative for a in held)
             ),
             None,
         )
+        if mine is not None:
+            had.extend(c.address for c in need.alternatives[mine])
+        gets.append(mine)
+        if pick is None or len(need.alternatives) < 2:
+            continue
         if mine is None or pick == mine:
             continue
         taken = [c.address for c in need.alternatives[pick]]
@@ -297,6 +356,9 @@ def _decide_restart_in_stop_mode(
                 f"{', '.join(taken)} (mapping {need.mapping}: PVE takes the first free device; "
                 f"it held {', '.join(c.address for c in need.alternatives[mine])})"
             )
+            gets[-1] = pick
+    if decision.moves:
+        decision.picks = gets
     blocker = (
         plan.refusal.holder if plan.refusal else (plan.stops[0].holder if plan.stops else None)
     )

@@ -301,6 +301,18 @@ def _reasons(forecast: JobForecast, picks: Picks) -> list[str]:
             lines.append(f"{g.guest.label}: {g.outcome}: {g.reason} ({failed.blame})")
         elif g.reason:
             lines.append(f"{g.guest.label}: {g.outcome}: {g.reason}")
+        if g.decision.restart_first and g.outcome == Forecast.OK:
+            first = g.decision.restart_first
+            verb = "is" if len(first) == 1 else "are"
+            lines.append(
+                f"{g.guest.label}: {join_and([f'VM {v}' for v in first])} {verb} started again "
+                "before vzdump restarts it, to take its device back first"
+            )
+        if g.decision.moves:  # as the hook says it at backup-start
+            lines += [
+                f"{g.guest.label} will take {m} at vzdump's restart" for m in g.decision.moves
+            ]
+            continue
         chosen = picks.get(g.guest.vmid, {})
         for need in g.needs:
             index = chosen.get(need.source)

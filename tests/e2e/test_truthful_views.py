@@ -313,6 +313,41 @@ def test_dry_run_says_which_alternative_it_gets(tmp_path: Path) -> None:
     assert guest(data, 106)["stops"] == [{"vmid": 105, "address": "0000:01:00.0"}]
 
 
+def test_stop_mode_restart_of_a_mapped_vm_shows_the_device_it_comes_back_with(
+    tmp_path: Path,
+) -> None:
+    """vzdump restarts a running VM backed up in stop mode, and PVE then takes the mapping's first
+    free device: dry-run shows that one, with the hook's own words, not the one held now."""
+    node = seed_node(tmp_path, FAST + "restart: after-job\n")
+    node.stop(104)
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.set_mapping(MAPPING)
+    node.add_vm(107, hostpci=["01:00.0"], running=True)
+    node.add_vm(109, hostpci=["mapping=gpu"], running=True)  # 01:00.0 is 107's: it gets 02:00.0
+    node.add_vm(101, hostpci=["01:00.0"])
+    # the hook stops 107 for 101 and starts it again before vzdump restarts 109
+    text = cli(node, "dry-run", "101", "109", "--mode", "stop").stdout
+    assert (
+        "VM 109: VM 107 is started again before vzdump restarts it, to take its device back first"
+    ) in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line[:3].isdigit()}
+    assert rows["109"][3] == "0000:02:00.0"
+    node.stop(107)  # now 01:00.0 is free: the restart takes it
+    move = (
+        "VM 109 will take 0000:01:00.0 (mapping gpu: PVE takes the first free device; it held "
+        "0000:02:00.0) at vzdump's restart"
+    )
+    text = cli(node, "dry-run", "109", "--mode", "stop").stdout
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line[:3].isdigit()}
+    assert rows["109"][3] == "0000:01:00.0"
+    assert move in text and "holds" not in text
+    code, data = dry_run(node, "109", "--mode", "stop")
+    assert code == 0 and guest(data, 109)["needs"][0]["picked"] == 0
+    job = run_job(node, [109], mode="stop")
+    assert job.guests[109].ok
+    assert f"INFO: pve-gpu-hook: note: {move}" in hook_lines(job)
+
+
 # ---- item 6 (scan): onboot guests that can take each other's device -----------------------------
 
 
