@@ -36,6 +36,11 @@ demo:
 bench:
 	$(PYTHON) -m tools.bench
 
+# what each restart: policy costs the holders over the soak's random nights (BENCHMARKS.md)
+.PHONY: bench-policies
+bench-policies: $(DEV_STAMP)
+	$(VPY) -m tools.policies
+
 # the soak (tools/soak.py): >= 2,000 random jobs through the simulator, invariants after each;
 # bounded by --max-seconds (default 1500); prints the seed to replay a counterexample
 .PHONY: soak

@@ -124,16 +124,23 @@ def _confirm(
     return Outcome(False, seconds, text or f"exit code {code}", left_running=code is None)
 
 
-def shutdown(kind: GuestKind, vmid: int, timeout: int) -> Outcome:
+def shutdown(kind: GuestKind, vmid: int, timeout: int, wait: float | None = None) -> Outcome:
     """Graceful shutdown (PVE's ``--timeout``), confirmed: the guest is gone and its PCI
-    reservations are released."""
+    reservations are released. ``wait``: stop waiting sooner than PVE may take (the command is
+    left running, never killed)."""
     argv = [tool(kind), "shutdown", str(vmid), "--timeout", str(timeout)]
-    return _confirm(argv, timing.shutdown_wait(kind, timeout), lambda: _holds_nothing(kind, vmid))
+    limit = timing.shutdown_wait(kind, timeout)
+    return _confirm(argv, _sooner(limit, wait), lambda: _holds_nothing(kind, vmid))
 
 
-def hard_stop(kind: GuestKind, vmid: int) -> Outcome:
+def hard_stop(kind: GuestKind, vmid: int, wait: float | None = None) -> Outcome:
     argv = [tool(kind), "stop", str(vmid)]
-    return _confirm(argv, timing.hard_stop_wait(), lambda: _holds_nothing(kind, vmid))
+    limit = _sooner(timing.hard_stop_wait(), wait)
+    return _confirm(argv, limit, lambda: _holds_nothing(kind, vmid))
+
+
+def _sooner(limit: float, wait: float | None) -> float:
+    return limit if wait is None else max(0.0, min(limit, wait))
 
 
 def start(kind: GuestKind, vmid: int, wait: int) -> Outcome:
@@ -151,7 +158,8 @@ def ha_set(kind: GuestKind, vmid: int, state: str) -> Outcome:
     """``ha-manager set <sid> --state <state>``, confirmed in resources.cfg.
 
     ``ignored`` takes a guest out of HA's hands (qm/pct then act on it directly); setting it
-    back to ``started`` makes HA start it if it is off (docs/pve-facts.md §9).
+    back to ``started`` makes HA start it if it is off, ``stopped`` keeps it off (docs/pve-facts.md
+    §9).
     """
     from pvegpuhook.pveconf import ha_resources
 
@@ -272,3 +280,31 @@ def spawn_detached(argv: list[str]) -> str | None:
 def _seam_env() -> dict[str, str]:
     """The test seam and the import path travel with a detached pve-gpu-hook process."""
     return {k: v for k, v in os.environ.items() if k in ("PVE_GPU_HOOK_ROOT", "PYTHONPATH")}
+
+
+def set_hookscript(kind: GuestKind, vmid: int, volid: str | None) -> Outcome:
+    """``qm set``/``pct set <vmid> --hookscript <volid>`` (``--delete hookscript`` for None).
+
+    PVE checks the script on the way (pve-guest-common PVE/GuestHelpers.pm check_hookscript);
+    the option applies at once, also to a running guest (docs/pve-facts.md §10)."""
+    option = ["--hookscript", volid] if volid else ["--delete", "hookscript"]
+    began = time.monotonic()
+    code, text = run([tool(kind), "set", str(vmid), *option], GRACE)
+    ok = code == 0
+    return Outcome(ok, time.monotonic() - began, "" if ok else (text or f"exit code {code}"))
+
+
+def link_snippet(path: str, target: str) -> str | None:
+    """Make ``path`` (a file in a storage's snippets directory) a symlink to ``target``: PVE runs
+    whatever the link points to, so an upgrade of the package reaches every guest. None, or why
+    it failed. Never replaces a file that is not already such a link."""
+    try:
+        if os.path.islink(path) and os.readlink(path) == target:
+            return None
+        if os.path.lexists(path):
+            return f"{path} exists and is not a link to {target}: not replaced"
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        os.symlink(target, path)
+    except OSError as error:
+        return f"cannot link {path} to {target}: {error.strerror}"
+    return None

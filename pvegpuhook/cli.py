@@ -19,7 +19,7 @@ from pvegpuhook import __version__
 from pvegpuhook.errors import EXIT_USAGE, GpuHookError
 from pvegpuhook.log import clean
 
-COMMANDS = ("dry-run", "recover", "status", "register", "unregister", "scan")
+COMMANDS = ("dry-run", "recover", "status", "register", "unregister", "scan", "start", "handover")
 
 
 def build_parser() -> argparse.ArgumentParser:

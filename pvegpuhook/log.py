@@ -95,6 +95,7 @@ class Log:
 
 TAIL = 4 * 1024 * 1024  # the last job is near the end; a rotated-late log may be big
 JOB_END_PHASES = ("job-end", "job-abort")
+HANDOVER = "handover"  # the phase of the lines of pve-gpu-hook start and the guest hookscript
 
 
 class LogLine:
@@ -144,6 +145,8 @@ def last_job(lines: list[LogLine]) -> dict[str, object] | None:
     actions: list[dict[str, object]] = []
     for line in lines:
         phase, message = line.phase, line.message
+        if phase == HANDOVER:
+            continue  # a hand-over at a guest's start is no part of a backup job
         if phase == "job-start" and (
             job is None or job["end"] is not None or message.startswith(CALLED)
         ):

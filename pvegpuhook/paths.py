@@ -48,6 +48,10 @@ QM = "usr/sbin/qm"
 PCT = "usr/sbin/pct"
 HA_MANAGER = "usr/sbin/ha-manager"
 VMLIST = "etc/pve/.vmlist"
+USER_CFG = "etc/pve/user.cfg"  # users, ACLs and resource pools (pool:<name>:<comment>:<vmids>:...)
+STORAGE_CFG = "etc/pve/storage.cfg"
+GUEST_HOOK = "usr/share/pve-gpu-hook/guest-hook"  # the guest hookscript the package installs
+GUEST_HOOK_SNIPPET = "pve-gpu-hook-guest-hook"  # its name in a storage's snippets directory
 
 
 def shown(relative: str) -> str:

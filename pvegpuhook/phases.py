@@ -8,18 +8,25 @@ from __future__ import annotations
 import os
 import time
 
-from pvegpuhook import act, metrics, paths, runtime, timing
+from pvegpuhook import act, metrics, paths, runtime, timing, vzdumpjob
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import ConfigError, StateError
-from pvegpuhook.inventory import Inventory
+from pvegpuhook.inventory import Inventory, config_path, load_guest, local_vmids
 from pvegpuhook.log import Log
-from pvegpuhook.model import Guest, GuestKind
-from pvegpuhook.plan import BackupDecision, Verdict, decide_backup
+from pvegpuhook.model import RESERVED, Claim, ClaimKind, Guest, GuestKind, Holder, Need
+from pvegpuhook.plan import (
+    BackupDecision,
+    Verdict,
+    decide_backup,
+    keep_down_through,
+    keep_down_until,
+)
 from pvegpuhook.pveconf import parse_guest_config
 from pvegpuhook.records import Record, RecordStatus, duration
 from pvegpuhook.restart import restart
 from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
+from pvegpuhook.vzdumpjob import Unknown
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -189,8 +196,6 @@ def job_identity(log: Log | None = None) -> tuple[str, int, str | None]:
     the next; the pid is its worker's. The UPID only when vzdump's pid file names a task that runs
     now (vzdump writes it before job-start; pid and start time tell it is this job): then it is
     also the key. Else the key is vzdump's pid (the hook's parent)."""
-    from pvegpuhook import vzdumpjob
-
     task = vzdumpjob.running_job()
     if isinstance(task, vzdumpjob.Unknown):
         if log is not None:
@@ -199,11 +204,107 @@ def job_identity(log: Log | None = None) -> tuple[str, int, str | None]:
     return task.text, task.pid, task.text
 
 
+Later = list[tuple[Guest, bool, list[Need]]]
+
+
+def job_ahead(vmid: int, inventory: Inventory) -> tuple[Later, dict[int, float]] | Unknown:
+    """The guests of this backup job that come after ``vmid`` (in vzdump's order, whether they
+    run, what their start will claim) and their previous backup durations: what job-aware
+    restarts decide on. Unknown when the job cannot be learnt from PVE's files."""
+    task = vzdumpjob.running_job()
+    if isinstance(task, Unknown):
+        return task
+    spec = vzdumpjob.read_job(task)
+    if isinstance(spec, Unknown):
+        return spec
+    local = local_vmids()
+    pools = vzdumpjob.read_pools() if spec.pool is not None else {}
+    if isinstance(pools, Unknown):
+        return pools
+    order = vzdumpjob.included_guests(spec, set(local), pools)
+    if isinstance(order, Unknown):
+        return order
+    if vmid not in order:
+        return Unknown(f"VM {vmid} is not among the guests of the job line ({spec.command})")
+    later: Later = []
+    durations: dict[int, float] = {}
+    for other in order[order.index(vmid) + 1 :]:
+        guest = load_guest(other, local[other])
+        if guest is None:
+            continue  # its config is gone: vzdump fails it at once
+        needs, _ = inventory.needs(guest, for_start=True)
+        later.append((guest, runtime.running(guest.kind, other), needs))
+        seconds = vzdumpjob.last_backup_seconds(guest.kind, other)
+        if not isinstance(seconds, Unknown):
+            durations[other] = float(seconds)
+    return later, durations
+
+
+def _as_holder(record: Record, inventory: Inventory) -> Holder:
+    """A stopped holder as it will be when started again: holding the units it held (a VM
+    reserving them, as PVE does at its start)."""
+    guest = load_guest(record.vmid, record.kind) or Guest(
+        record.vmid, record.kind, parse_guest_config("", config_path(record.kind, record.vmid))
+    )
+    if record.kind == GuestKind.QEMU:
+        kind, source = ClaimKind.EXCLUSIVE, RESERVED
+    else:
+        kind, source = ClaimKind.SHARED, "record"
+    claims = [Claim(a, inventory.sysfs.units(a), kind, source) for a in record.addresses]
+    return Holder(guest, claims)
+
+
+def _until_whom(
+    log: Log, store: StateStore, settings: Settings, decision: BackupDecision, inventory: Inventory
+) -> Callable[[Record], str]:
+    """How the shutdown line ends: when the holder will be started again."""
+    if settings.restart == "after-job":
+        return lambda record: "it will be started again at the end of the job"
+    after_this = "it will be started again after this backup"
+    if settings.restart == "after-guest":
+        return lambda record: after_this
+    ahead = job_ahead(decision.guest.vmid, inventory)
+    if isinstance(ahead, Unknown):
+        text = (
+            f"restart: job-aware cannot learn this job's guests ({ahead.reason}): holders are "
+            "started again after each backup that needed them, as with after-guest"
+        )
+
+        def unknown(record: Record) -> str:
+            # said after the shutdown (the record comes first), once per job
+            job_key, _, upid = job_identity()
+            try:
+                if store.say_once(job_key, upid, text, time.time()):
+                    log.say(text)
+            except StateError as error:
+                log.file(f"{text} (cannot note it: {error})")
+            return after_this
+
+        return unknown
+    later, durations = ahead
+    stopping = {s.holder.vmid for s in decision.stops}
+    others = [h for h in inventory.holders() if h.vmid not in stopping]
+
+    def until(record: Record) -> str:
+        last = keep_down_through(
+            _as_holder(record, inventory), later, durations, settings.keep_down_max, others
+        )
+        if last is None:
+            return after_this
+        return (
+            f"it stays down for the job's later backups that need it, and is started again "
+            f"after the backup of VM {last}"
+        )
+
+    return until
+
+
 def _stop_holders(
     log: Log, store: StateStore, settings: Settings, decision: BackupDecision, inventory: Inventory
 ) -> int:
     vmid = decision.guest.vmid
     job_key, job, upid = job_identity(log)
+    until_whom = _until_whom(log, store, settings, decision, inventory)
     for stop in decision.stops:
         guest = stop.holder.guest
         drivers = {}
@@ -272,8 +373,7 @@ def _stop_holders(
         took = duration(time.monotonic() - began)  # the whole of it, a hard stop included
         log.say(
             f"{guest.label} {how} in {took}{via}: it held {stop.address}, "
-            f"needed by VM {vmid}; it will be started again after "
-            f"{'this backup' if settings.restart == 'after-guest' else 'the job'}"
+            f"needed by VM {vmid}; {until_whom(record)}"
         )
     return 0
 
@@ -302,12 +402,24 @@ def _take_from_ha(log: Log, store: StateStore, record: Record, address: str) -> 
 
 
 def restart_after_backup(log: Log, vmid: int) -> int:
-    """log-end: with ``restart: after-guest``, start the guests stopped for this backup."""
+    """log-end: start the guests stopped for this backup (``after-guest``), or those this job
+    no longer needs down soon (``job-aware``): a later guest of the job that needs a holder's
+    unit, expected within ``keep_down_max``, keeps that holder down until its own log-end."""
     settings, _ = settings_or_error(log)  # an invalid override file never keeps guests off
-    if settings.restart != "after-guest":
+    if settings.restart == "after-job":
         return 0
     store = StateStore(report=log.say)
-    if not any(r.for_vmid == vmid for r in store.records()):
+    _, _, upid = job_identity()
+    aware = settings.restart == "job-aware"
+
+    def ours(record: Record) -> bool:
+        return record.for_vmid == vmid or (aware and upid is not None and record.upid == upid)
+
+    candidates = [r for r in store.records() if ours(r)]
+    if not candidates:
+        return 0
+    keep = _kept_down(log, vmid, candidates, settings) if aware else set()
+    if len(keep) == len(candidates):
         return 0
     # the paused QEMU vzdump started for the backup must be gone before the holders can start
     deadline = time.monotonic() + settings.shutdown_timeout
@@ -315,9 +427,34 @@ def restart_after_backup(log: Log, vmid: int) -> int:
         log.say(f"VM {vmid} still runs; guests stopped for it will be started at job end")
         return 0
     with store.hold(lock_timeout(settings), f"log-end of VM {vmid}"):
-        restart(store, settings, log, lambda r: r.for_vmid == vmid)
+        restart(store, settings, log, lambda r: ours(r) and r.vmid not in keep)
         metrics.update(log, store, settings)
     return 0  # a failed start keeps its record; job-end retries it and fails the job
+
+
+def _kept_down(log: Log, vmid: int, records: list[Record], settings: Settings) -> set[int]:
+    """The recorded holders job-aware restarts keep down after ``vmid``'s backup."""
+    stopped = [r for r in records if r.status == RecordStatus.STOPPED]
+    if not stopped:
+        return set()
+    inventory = Inventory()
+    ahead = job_ahead(vmid, inventory)
+    if isinstance(ahead, Unknown):
+        log.file(f"the job's guests are unknown ({ahead.reason}): starting as after-guest")
+        return set()  # those stopped for ``vmid`` start now; job-end starts any other
+    later, durations = ahead
+    others = inventory.holders()
+    keep = set()
+    for record in stopped:
+        holder = _as_holder(record, inventory)
+        until = keep_down_until(holder, later, durations, settings.keep_down_max, others)
+        if until is not None and not runtime.running(record.kind, record.vmid):
+            keep.add(record.vmid)
+            log.say(
+                f"{record.label} stays down: the backup of VM {until} needs "
+                f"{', '.join(record.addresses)} next in this job"
+            )
+    return keep
 
 
 def _watch(log: Log, records: list[Record], settings: Settings) -> None:

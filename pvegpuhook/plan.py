@@ -21,6 +21,8 @@ from pvegpuhook.model import (
 )
 
 UNORDERED = 1 << 62  # PVE starts guests without a startup order after those with one
+# the expected length of a backup without a previous one to go by (docs/pve-facts.md §3)
+UNKNOWN_DURATION = 600.0
 
 
 class Stop:
@@ -381,6 +383,81 @@ def _decide_restart_in_stop_mode(
     return decision
 
 
+# ---- handing a GPU over to a guest the admin starts --------------------------------------------
+
+
+class HandoverVerdict(StrEnum):
+    RUNNING = "running"  # it runs already, with its devices: nothing to do
+    START = "start"  # shut these holders down (maybe none), then start it
+    REFUSE = "refuse"  # stop nobody: a holder must not stop, or PVE would not start the guest
+
+
+class HandoverDecision:
+    """Who gives a guest's devices up before the admin's start of it; decided in full before
+    anybody is stopped, so that a refusal leaves every guest as it was."""
+
+    __slots__ = ("guest", "verdict", "reason", "stops", "refusal")
+
+    def __init__(self, guest: Guest, verdict: HandoverVerdict, reason: str = "") -> None:
+        self.guest = guest
+        self.verdict = verdict
+        self.reason = reason
+        self.stops: list[Stop] = []
+        self.refusal: Refusal | None = None
+
+
+def decide_handover(
+    guest: Guest,
+    *,
+    running: bool,
+    needs: list[Need],
+    holders: list[Holder],
+    protect: frozenset[int],
+    starting: bool = False,
+) -> HandoverDecision:
+    """The hand-over of every unit ``guest`` claims at its next start (its ``needs``: a VM's
+    passthrough lines with pending changes applied, mapping pools picked as PVE picks them; a
+    CT's device nodes) from the running ``holders``. Holders are not started again: the admin
+    chose this guest. ``protect``ed, locked and starting holders are never stopped.
+    ``starting``: PVE is starting it now (its guest hookscript's ``pre-start``), its own checks
+    passed."""
+
+    def refuse(reason: str) -> HandoverDecision:
+        return HandoverDecision(guest, HandoverVerdict.REFUSE, reason)
+
+    if running:
+        return HandoverDecision(guest, HandoverVerdict.RUNNING, f"{guest.label} runs already")
+    if guest.template and not starting:
+        return refuse(f"{guest.label} is a template: PVE starts no template")
+    # a hibernated VM (lock: suspended) is resumed by its start (qemu-server vm_start)
+    if guest.lock and guest.lock != "suspended" and not starting:
+        return refuse(f"{guest.label} is locked ({guest.lock}): PVE would not start it")
+    if not needs:
+        return HandoverDecision(guest, HandoverVerdict.START, "no passthrough device")
+    plan = plan_free(guest, needs, holders, protect)
+    if plan.refusal is not None:
+        refusal = plan.refusal
+        decision = refuse(
+            f"cannot free {refusal.address}: {refusal.holder.guest.label} {refusal.reason}"
+        )
+        decision.refusal = refusal
+        return decision
+    for need, pick in zip(needs, plan.picks, strict=True):
+        if pick is None:
+            return refuse(f"{need.source}: none of its devices is available on this node")
+    for stop in plan.stops:  # its start reserved the device: it cannot be stopped half-started
+        if stop.holder.starting:
+            return refuse(
+                f"cannot free {stop.address}: {stop.holder.guest.label} is starting right now "
+                "(try again once it runs)"
+            )
+    decision = HandoverDecision(guest, HandoverVerdict.START)
+    decision.stops = plan.stops
+    if not plan.stops:
+        decision.reason = "every device it needs is free"
+    return decision
+
+
 # ---- starting recorded guests again -------------------------------------------------------------
 
 
@@ -454,6 +531,64 @@ def plan_restart(
     return steps
 
 
+# ---- when the job no longer needs a holder's GPU ------------------------------------------------
+
+
+def next_needer(
+    holder: Holder, later: list[tuple[Guest, bool, list[Need]]], others: list[Holder]
+) -> int | None:
+    """Index in ``later`` (the job's guests still to come, whether they run, their needs) of the
+    first one whose backup would shut ``holder`` down again if it ran: a stopped VM started
+    paused for its backup, with ``others`` (the guests running now) holding what they hold."""
+    for index, (guest, running, needs) in enumerate(later):
+        if guest.kind != GuestKind.QEMU or running or guest.template or not needs:
+            continue
+        plan = plan_free(guest, needs, [*others, holder], frozenset())
+        if any(stop.holder.vmid == holder.vmid for stop in plan.stops):
+            return index
+    return None
+
+
+def keep_down_until(
+    holder: Holder,
+    later: list[tuple[Guest, bool, list[Need]]],
+    durations: dict[int, float],
+    keep_down_max: float,
+    others: list[Holder],
+) -> int | None:
+    """Job-aware restarts: the VMID of the next guest of the job that needs the (stopped)
+    holder's unit when its backup is expected to begin within ``keep_down_max`` seconds (keep
+    the holder down until that guest's ``log-end``); None: start it now.
+
+    The wait is the previous backup durations of the guests in between (``durations``; a guest
+    without one counts UNKNOWN_DURATION). The holder's own backup may come in between: it is
+    then backed up as the stopped guest it is (consistent, as after a shutdown).
+    """
+    index = next_needer(holder, later, others)
+    if index is None:
+        return None
+    wait = sum(durations.get(g.vmid, UNKNOWN_DURATION) for g, _, _ in later[:index])
+    return later[index][0].vmid if wait <= keep_down_max else None
+
+
+def keep_down_through(
+    holder: Holder,
+    later: list[tuple[Guest, bool, list[Need]]],
+    durations: dict[int, float],
+    keep_down_max: float,
+    others: list[Holder],
+) -> int | None:
+    """The guest of ``later`` whose ``log-end`` is expected to start the holder again (None:
+    the current guest's): :func:`keep_down_until` followed from needer to needer."""
+    last = None
+    while True:
+        until = keep_down_until(holder, later, durations, keep_down_max, others)
+        if until is None:
+            return last
+        last = until
+        later = later[next(i for i, (g, _, _) in enumerate(later) if g.vmid == until) + 1 :]
+
+
 # ---- a whole job ---------------------------------------------------------------------------------
 
 
@@ -497,11 +632,29 @@ class GuestForecast:
         return ""
 
 
+class HolderCost:
+    """What a job costs one holder: shutdown/boot cycles, time down, and whose backups it was
+    down for."""
+
+    __slots__ = ("label", "cycles", "down_seconds", "during")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.cycles = 0
+        self.down_seconds = 0.0
+        self.during: list[int] = []  # guests backed up while it was down
+
+
 class JobForecast:
     def __init__(self) -> None:
         self.guests: list[GuestForecast] = []
         self.restarted_at_end: list[int] = []
-        self.down_for: dict[int, int] = {}  # holder vmid → number of guest backups it is down
+        self.holders: dict[int, HolderCost] = {}
+
+    @property
+    def down_for(self) -> dict[int, int]:
+        """Holder VMID → the number of guest backups during which it is down."""
+        return {vmid: len(cost.during) for vmid, cost in self.holders.items()}
 
     @property
     def ok(self) -> bool:
@@ -516,18 +669,35 @@ def forecast_job(
     protect: frozenset[int],
     restart: str,
     ha: set[int],
+    durations: dict[int, float] | None = None,
+    keep_down_max: float = 1800.0,
 ) -> JobForecast:
     """Walk a vzdump job guest by guest, as the hook will: who stops for whom, when they return.
 
     ``order``: every guest of the job in vzdump's order, whether it runs now, and its needs as
     its next start sees them. ``holders``: the guests running now with what they hold.
+    ``durations``: each guest's previous backup in seconds, for the timeline (job-aware restarts
+    and the cost per holder); a guest without one counts UNKNOWN_DURATION.
     """
+    durations = durations or {}
     forecast = JobForecast()
     running = {h.vmid for h in holders}
     running.update(g.vmid for g, is_running, _ in order if is_running)
+    held = {h.vmid: h.claims for h in holders}
+    by_vmid = {h.vmid: h for h in holders}
+    labels = {h.vmid: h.guest.label for h in holders}
     stopped_for: dict[int, int] = {}  # holder → the guest it was stopped for
-    held = {h.vmid: [c.address for c in h.claims] for h in holders}
-    for guest, _, needs in order:
+    down_since: dict[int, float] = {}  # holder → when it went down, on the job's timeline
+    clock = 0.0
+
+    def bring_back(vmid: int, at: float, step: GuestForecast | None) -> None:
+        del stopped_for[vmid]
+        running.add(vmid)
+        forecast.holders[vmid].down_seconds += at - down_since.pop(vmid)
+        if step is not None:
+            step.restarted.append(vmid)
+
+    for index, (guest, _, needs) in enumerate(order):
         decision = decide_backup(
             guest,
             job_mode=mode,
@@ -536,24 +706,35 @@ def forecast_job(
             holders=[h for h in holders if h.vmid in running],
             protect=protect,
             ha_started=guest.vmid in ha,
-            waiting={v: held.get(v, []) for v in stopped_for},
+            waiting={v: [c.address for c in held.get(v, [])] for v in stopped_for},
         )
         step = GuestForecast(decision, [c.address for n in needs for c in n.claims()], needs)
         forecast.guests.append(step)
         for vmid in decision.restart_first:  # started again before this guest's restart
-            step.restarted.append(vmid)
-            del stopped_for[vmid]
-            running.add(vmid)
+            bring_back(vmid, clock, step)
         for stop in decision.stops:
-            running.discard(stop.holder.vmid)
-            stopped_for[stop.holder.vmid] = guest.vmid
+            vmid = stop.holder.vmid
+            running.discard(vmid)
+            stopped_for[vmid] = guest.vmid
+            down_since[vmid] = clock
+            cost = forecast.holders.setdefault(vmid, HolderCost(labels.get(vmid, str(vmid))))
+            cost.cycles += 1
         for vmid in stopped_for:
-            forecast.down_for[vmid] = forecast.down_for.get(vmid, 0) + 1
-        if restart == "after-guest":
-            back = sorted(v for v, w in stopped_for.items() if w == guest.vmid)
-            step.restarted += back
-            for vmid in back:
-                del stopped_for[vmid]
-                running.add(vmid)
+            forecast.holders[vmid].during.append(guest.vmid)
+        clock += durations.get(guest.vmid, UNKNOWN_DURATION)
+        later = [(g, g.vmid in running, n) for g, _, n in order[index + 1 :]]
+        for vmid in sorted(stopped_for):
+            if restart == "after-guest":
+                back = stopped_for[vmid] == guest.vmid
+            elif restart == "job-aware":
+                others = [h for h in holders if h.vmid in running]
+                until = keep_down_until(by_vmid[vmid], later, durations, keep_down_max, others)
+                back = until is None
+            else:
+                back = False
+            if back:
+                bring_back(vmid, clock, step)
     forecast.restarted_at_end = sorted(stopped_for)
+    for vmid in forecast.restarted_at_end:
+        forecast.holders[vmid].down_seconds += clock - down_since[vmid]
     return forecast

@@ -427,3 +427,46 @@ def node_name() -> str:
     import socket
 
     return socket.gethostname().split(".", 1)[0]
+
+
+class Storage:
+    """One storage of ``/etc/pve/storage.cfg`` (only what the hand-over's snippet needs)."""
+
+    __slots__ = ("storeid", "type", "path", "content", "disabled", "nodes")
+
+    def __init__(self, storeid: str, type_: str) -> None:
+        self.storeid = storeid
+        self.type = type_
+        self.path: str | None = None
+        self.content: list[str] = []
+        self.disabled = False
+        self.nodes: list[str] = []  # empty: every node
+
+
+def parse_storage_cfg(text: str) -> list[Storage]:
+    """PVE's section config (pve-storage PVE/Storage/Plugin.pm parse_config): ``<type>: <id>``
+    headers, then indented ``<key> <value>`` lines; a flag (``disable``) has no value."""
+    storages: list[Storage] = []
+    current: Storage | None = None
+    for raw in text.splitlines():
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        if not raw[0].isspace():
+            type_, colon, storeid = raw.partition(":")
+            current = Storage(storeid.strip(), type_.strip()) if colon else None
+            if current is not None:
+                storages.append(current)
+            continue
+        if current is None:
+            continue
+        key, _, value = raw.strip().partition(" ")
+        value = value.strip()
+        if key == "path":
+            current.path = value
+        elif key == "content":
+            current.content = [c.strip() for c in value.split(",") if c.strip()]
+        elif key == "disable":
+            current.disabled = value in ("", "1")
+        elif key == "nodes":
+            current.nodes = [n.strip() for n in value.split(",") if n.strip()]
+    return storages

@@ -154,7 +154,7 @@ class Cycle:
 class JobTally:
     """What one backup job did to holders: the night in numbers."""
 
-    __slots__ = ("job", "upid", "started", "ended", "end_phase", "stops")
+    __slots__ = ("job", "upid", "started", "ended", "end_phase", "stops", "said")
 
     def __init__(self, job: str, upid: str | None, started: float) -> None:
         self.job = job  # the job's identity: its UPID when known, else the vzdump pid
@@ -163,6 +163,7 @@ class JobTally:
         self.ended: float | None = None
         self.end_phase: str | None = None
         self.stops: list[Cycle] = []
+        self.said: list[str] = []  # what the task log was told once for the whole job
 
     @property
     def holders_stopped(self) -> int:
@@ -194,6 +195,8 @@ class JobTally:
         ended = data.get("ended")
         tally.ended = float(ended) if isinstance(ended, (int, float)) else None
         tally.end_phase = _text(data.get("end_phase"))
+        said = data.get("said")
+        tally.said = [str(s) for s in said] if isinstance(said, list) else []
         for item in data.get("stops") or []:
             vmid = int(item["vmid"])
             tally.stops.append(

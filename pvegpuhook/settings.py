@@ -15,7 +15,7 @@ from pvegpuhook import paths
 from pvegpuhook.errors import ConfigError
 from pvegpuhook.vmid import is_vmid
 
-RESTART_POLICIES = ("after-guest", "after-job")
+RESTART_POLICIES = ("job-aware", "after-guest", "after-job")
 SECONDS = "a whole number of seconds (1-86400)"
 # the directory Debian's prometheus-node-exporter reads with its textfile collector
 METRICS_FILE = "/var/lib/prometheus/node-exporter/pve-gpu-hook.prom"
@@ -118,17 +118,33 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "restart",
-        " or ".join(RESTART_POLICIES),
-        "after-guest",
-        "When stopped holders start again: after-guest (the backup that needed the GPU is "
-        "done) or after-job.",
-        "When the guests the hook stopped are started again. ``after-guest``: as soon as the "
-        "backup that needed their GPU is done (at its ``log-end`` phase), so they are down for "
-        "as short a time as possible; the next backup that needs the same GPU stops them again. "
-        "``after-job``: at the end of the whole backup job (``job-end`` or ``job-abort``), so a "
-        "holder is stopped once per job however many backups need its GPU. In both cases every "
-        "guest still recorded is started at the end of the job. Before version 0.2 this key "
-        "was called ``restore``; that name is still read (``pve-gpu-hook status`` notes it).",
+        ", ".join(RESTART_POLICIES[:-1]) + " or " + RESTART_POLICIES[-1],
+        "job-aware",
+        "When stopped holders start again: job-aware (once the job no longer needs their GPU), "
+        "after-guest or after-job.",
+        "When the guests the hook stopped are started again. ``job-aware`` (the default): the "
+        "hook reads which guests the backup job still has to back up (from vzdump's task log) "
+        "and keeps a holder down while a later guest of the job needs its GPU and that guest's "
+        "backup is expected to begin within ``keep_down_max``; it starts the holder right after "
+        "the last such backup. A holder is then shut down once per night instead of once per "
+        "backup that needs its GPU. When the job's guest list cannot be learned, it behaves as "
+        "``after-guest`` and says so once in the task log. ``after-guest``: as soon as the "
+        "backup that needed their GPU is done (at its ``log-end`` phase); the next backup that "
+        "needs the same GPU stops them again. ``after-job``: at the end of the whole backup job "
+        "(``job-end`` or ``job-abort``). In every case every guest still recorded is started at "
+        "the end of the job. Before version 0.2 this key was called ``restore``; that name is "
+        "still read (``pve-gpu-hook status`` notes it).",
+    ),
+    Option(
+        "keep_down_max",
+        "a whole number of seconds (0-86400)",
+        1800,
+        "job-aware: the longest expected wait (s) until the next backup that needs a holder's "
+        "GPU for which it stays down.",
+        "With ``restart: job-aware``, a holder stays down between two backups that need its GPU "
+        "only when the backups in between are expected to take at most this long: the sum of "
+        "their previous durations, read from vzdump's per-guest logs (a guest never backed up "
+        "counts 10 minutes). A longer gap starts it in between, as ``after-guest`` would.",
     ),
     Option(
         "metrics_file",
@@ -158,6 +174,7 @@ class Settings:
         "start_timeout",
         "shutdown_watch",
         "protect",
+        "keep_down_max",
         "restart",
         "metrics_file",
         "source",
@@ -170,8 +187,9 @@ class Settings:
         self.start_timeout = 0  # 0: as long as PVE allows for the guest (pvegpuhook.timing)
         self.shutdown_watch = 1800
         self.protect: frozenset[int] = frozenset()
-        self.restart = "after-guest"
         self.metrics_file: str | None = METRICS_FILE  # None: no metrics file
+        self.restart = "job-aware"
+        self.keep_down_max = 1800
         self.source: str | None = None  # the file the values came from, None for defaults
         self.notes: list[str] = []  # e.g. an old key name that was read
 
@@ -184,6 +202,7 @@ class Settings:
             "protect": sorted(self.protect),
             "restart": self.restart,
             "metrics_file": self.metrics_file or False,
+            "keep_down_max": self.keep_down_max,
         }
 
 
@@ -300,6 +319,10 @@ def _apply(settings: Settings, key: str, value: object, path: str, line: int) ->
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 86400:
             raise wrong()
         settings.shutdown_watch = value
+    elif key == "keep_down_max":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 86400:
+            raise wrong()
+        settings.keep_down_max = value
     elif key == "force_stop":
         if not isinstance(value, bool):
             raise wrong()

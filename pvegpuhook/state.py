@@ -172,6 +172,17 @@ class StateStore:
         tally.stops.append(Cycle(record.vmid, record.label, record.for_vmid, at))
         self._write_job(tally)
 
+    def say_once(self, job: str, upid: str | None, text: str, at: float) -> bool:
+        """Whether ``text`` is new to job ``job``'s task log (then it is noted as said)."""
+        tally = self.job()
+        if tally is None or tally.job != job:
+            tally = JobTally(job, upid, at)
+        if text in tally.said:
+            return False
+        tally.said.append(text)
+        self._write_job(tally)
+        return True
+
     def note_start(self, vmid: int, at: float, *, ok: bool) -> None:
         """A recorded guest was started again (``ok``) or its start failed."""
         tally = self.job()

@@ -127,3 +127,19 @@ def lock_wait(settings: Settings) -> int:
         shutdown_wait("lxc", settings.shutdown_timeout),
         start_wait("qemu", None, settings.start_timeout),
     )
+
+
+# a CT's start has no time limit of its own: a hand-over to one gets what PVE gives a GPU VM of
+# up to 30 GiB (30 s, four times for its hostpci)
+CT_HANDOVER_BUDGET = 120
+
+
+def handover_budget(kind: str, config: GuestConfig | None) -> int:
+    """How long a guest hookscript's hand-over may take at a start (``pre-start``): the guest's
+    own start timeout, as PVE computes it for this start (config_aware_timeout). PVE does not
+    bound hookscripts, but whoever starts the guest (the GUI, ``qm start``, the hook's own
+    restarts) waits about that long for a start to finish."""
+    if kind != "qemu" or config is None:
+        return CT_HANDOVER_BUDGET
+    resume = resuming(config)
+    return config_aware_timeout(config.values(with_pending=not resume), resume)

@@ -293,6 +293,53 @@ def read_job(upid: Upid) -> JobSpec | Unknown:
     return parse_job_line(line)
 
 
+def parse_pools(text: str) -> dict[str, set[int]]:
+    """Resource pools of ``user.cfg``: ``pool:<name>:<comment>:<vmids>:<storages>`` lines, the
+    VMIDs a list; a VMID already in another pool is ignored, as PVE ignores it
+    (pve-access-control PVE/AccessControl.pm parse_user_config)."""
+    pools: dict[str, set[int]] = {}
+    seen: set[int] = set()
+    for line in text.splitlines():
+        fields = [field.strip() for field in line.strip().split(":")]
+        if len(fields) < 2 or fields[0] != "pool" or not fields[1]:
+            continue
+        members = pools.setdefault(fields[1], set())
+        for item in _split_list(fields[3] if len(fields) > 3 else ""):
+            if item.isascii() and item.isdigit() and int(item) not in seen:
+                seen.add(int(item))
+                members.add(int(item))
+    return pools
+
+
+def read_pools() -> dict[str, set[int]] | Unknown:
+    try:
+        with open(paths.host(paths.USER_CFG), encoding="utf-8", errors="replace") as f:
+            return parse_pools(f.read())
+    except FileNotFoundError:
+        return {}
+    except OSError as error:
+        return Unknown(f"cannot read /{paths.USER_CFG}: {error.strerror}")
+
+
+def included_guests(
+    spec: JobSpec, local: set[int], pools: dict[str, set[int]] | None = None
+) -> list[int] | Unknown:
+    """The job's guests on this node in the order vzdump backs them up: its pool's members, its
+    VMIDs, or every guest but the excluded ones; ascending, VMs and CTs mixed (pve-manager
+    PVE/VZDump.pm get_included_guests, check_vmids). ``local``: the guests of this node."""
+    if spec.pool is not None:
+        if pools is None or spec.pool not in pools:
+            return Unknown(f"the job's pool {spec.pool!r} is not in /{paths.USER_CFG}")
+        wanted = pools[spec.pool]  # vzdump applies no --exclude to a pool
+    elif spec.vmids:
+        wanted = set(spec.vmids)
+    elif spec.all:
+        wanted = local - set(spec.exclude)
+    else:
+        return Unknown("the job's command line names no guests")
+    return sorted(wanted & local)
+
+
 # ---- a guest's last backup ----------------------------------------------------------------------
 
 

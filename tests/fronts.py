@@ -46,6 +46,27 @@ def hook(node: FakeNode, *args: str, vmtype: str | None = "qemu") -> subprocess.
     return _run(["pvegpuhook.hook", *args], env)
 
 
+GUEST_HOOK = "usr/share/pve-gpu-hook/guest-hook"
+
+
+def install_guest_hook(node: FakeNode) -> Path:
+    """The package's guest hookscript under the node's root, as ``bin/guest-hook`` but finding
+    the library in this checkout. PVE runs it with its caller's environment, maybe emptied: the
+    root is where this file lives (after the snippet's symlink)."""
+    path = node.root / GUEST_HOOK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import os\nimport sys\nfrom pathlib import Path\n\n"
+        'os.environ["PVE_GPU_HOOK_ROOT"] = str(Path(__file__).resolve().parents[3])\n'
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from pvegpuhook.guesthook import main  # noqa: E402\n\n"
+        "sys.exit(main())\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """``pve-gpu-hook ARGV`` in this process: (exit status, stdout, stderr)."""
     from pvegpuhook import cli as front

@@ -319,13 +319,20 @@ is in place (``status``), which guests fight for which GPU (``scan``), what a ba
 (``dry-run``), starts what a crash left off (``recover``) and edits ``/etc/vzdump.conf``
 (``register``, ``unregister``). The optional settings are in ``/etc/pve-gpu-hook/config.yaml``,
 see ``pve-gpu-hook.yaml(5)``.
+
+It also hands a GPU over outside backups: ``start`` shuts down, gracefully, the running guests that
+hold the devices of a guest, then starts that guest; the holders stay off. ``handover enable``
+attaches the guest hookscript ``/usr/share/pve-gpu-hook/guest-hook`` to a guest, so that every
+start of it (from the GUI too) does the same before PVE reserves its devices; when a holder must
+not stop, PVE's start fails with ``hookscript error for <vmid> on pre-start``. vzdump's start of a
+stopped VM for its backup (``lock: backup``) is left to the vzdump hook.
 """
 
 OUTPUT = """
-The read commands (``status``, ``scan``, ``dry-run``) take ``--output-format``, as PVE's own
-tools do: ``text`` (the default), ``json`` (one line, keys sorted), ``json-pretty`` (indented,
-keys sorted) or ``yaml``. Their shapes, below, are stable: scripts and monitoring can rely on
-them.
+The read commands (``status``, ``scan``, ``dry-run``) and ``start`` take ``--output-format``,
+as PVE's own tools do: ``text`` (the default), ``json`` (one line, keys sorted), ``json-pretty``
+(indented, keys sorted) or ``yaml``. Their shapes, below, are stable: scripts and monitoring can
+rely on them.
 
 On a terminal ``text`` prints tables; a table too wide for the terminal is printed in the plain
 form rather than cut, so a PCI address or a VMID is always whole. Piped, it prints plain aligned
@@ -402,7 +409,9 @@ EXIT_STATUS = (
         "1",
         "Something needs attention or failed: ``status`` found something the admin must see (use "
         "it from monitoring), ``dry-run`` predicts a failing backup, ``recover`` could not start a "
-        "guest (its record is kept), ``register`` refused to replace another hook script.",
+        "guest (its record is kept), ``register`` refused to replace another hook script, "
+        "``start`` was refused (nobody was stopped) or its guest did not start, ``handover "
+        "enable`` found another hookscript or no storage for snippets.",
     ),
     (
         "2",
@@ -428,6 +437,11 @@ FILES = (
         "``unregister`` takes it out again.",
     ),
     ("/usr/share/pve-gpu-hook/vzdump-hook", "The hook script vzdump runs."),
+    (
+        "/usr/share/pve-gpu-hook/guest-hook",
+        "The guest hookscript of ``handover enable``, linked as ``pve-gpu-hook-guest-hook`` into "
+        "the ``snippets`` directory of a directory storage of ``/etc/pve/storage.cfg``.",
+    ),
     ("/etc/pve-gpu-hook/config.yaml", "The optional override file, see ``pve-gpu-hook.yaml(5)``."),
     (
         "/var/lib/pve-gpu-hook/state.json",
@@ -482,6 +496,15 @@ EXAMPLES = (
         ["pve-gpu-hook status", "pve-gpu-hook recover --dry-run", "pve-gpu-hook recover"],
     ),
     (
+        "Start VM 102, shutting down the guest that holds its GPU; or have every start of it do "
+        "that:",
+        [
+            "pve-gpu-hook start 102 --dry-run",
+            "pve-gpu-hook start 102",
+            "pve-gpu-hook handover enable 102",
+        ],
+    ),
+    (
         "Register the hook where another hook script is already set in /etc/vzdump.conf, keeping "
         "it (it runs after ours):",
         ["pve-gpu-hook register --chain"],
@@ -492,7 +515,7 @@ HEADS = (".SH", ".SS")
 SEE_ALSO = ("vzdump(1)", "qm(1)", "pct(1)", "pve-gpu-hook.yaml(5)")
 
 # the read commands whose module docstrings document their JSON shapes
-SHAPES = ("status", "scan", "dry-run")
+SHAPES = ("status", "scan", "dry-run", "start")
 
 
 def _tagged(items: Iterable[tuple[str, str]], *, tag: Callable[[str], str] = bold) -> list[str]:

@@ -417,10 +417,12 @@ def make_scenario(seed: int, number: int) -> Scenario:
     protect = (
         frozenset(rng.sample(candidates, 1)) if candidates and rng.random() < 0.15 else frozenset()
     )
-    restart = rng.choice(["after-guest", "after-job"])
+    # job-aware, the default, most often; its bridged gaps vary with keep_down_max
+    restart = more.choices(["job-aware", "after-guest", "after-job"], [2, 1, 1])[0]
     override = (
         f"shutdown_timeout: {SHUTDOWN_TIMEOUT}\nshutdown_watch: {SHUTDOWN_WATCH}\n"
         f"force_stop: {'true' if force_stop else 'false'}\nrestart: {restart}\n"
+        f"keep_down_max: {more.choice([0, 60, 1800])}\n"
         + (f"protect: [{', '.join(map(str, sorted(protect)))}]\n" if protect else "")
     )
     return Scenario(

@@ -13,14 +13,15 @@ guest holds; the notes name the other alternatives. Warnings also name a device 
 without a reset method that tonight's job starts or whose holder it shuts down.
 
 Text: one row per guest (``VMID NAME MODE DEVICES STOPS BACK OUTCOME``: STOPS lists the VMIDs the
-hook shuts down for it, BACK when they are started again: ``after-guest`` or ``after-job``), then
-the reasons, warnings and a summary. Piped, each cell is one awk field::
+hook shuts down for it, BACK when they are started again: ``after-guest``, ``after-VMID`` (after
+a later guest's backup) or ``after-job``), then the reasons, warnings and a summary. Piped, each
+cell is one awk field::
 
     pve-gpu-hook dry-run --all --noheader | awk '$7 == "fail" {print $1}'
 
 JSON shape (``--output-format json``)::
 
-    {"format": 1, "mode": "stop", "restart": "after-guest", "ok": true,
+    {"format": 1, "mode": "stop", "restart": "job-aware", "ok": true,
      "guests": [{"vmid": 102, "type": "qemu", "name": "gpu2", "mode": "stop",
                  "devices": ["0000:01:00.0"],          # every address its config names
                  "needs": [{"source": "hostpci0", "mapping": "gpu" | null,
@@ -28,10 +29,16 @@ JSON shape (``--output-format json``)::
                             "picked": 1 | null,        # index of the alternative it gets
                             "failure": str | null}],   # PVE's error: its start dies here
                  "stops": [{"vmid": 104, "address": "0000:01:00.0"}],
-                 "restarted_after": [104], "outcome": "ok" | "fail",
-                 "reason": ""}],                       # why it fails; for a template: that it
+                 "restarted_after": [], "outcome": "ok" | "fail",
+                 "reason": ""}, ...],                  # why it fails; for a template: that it
                                                        # is backed up without its devices
-     "restarted_at_job_end": [], "down_for_backups": {"104": 3}, "warnings": []}
+     "restarted_at_job_end": [], "down_for_backups": {"104": 3},
+     "holders": {"104": {"cycles": 1, "down_seconds": 840, "during": [102, 103, 105]}},
+     "warnings": []}
+
+``restarted_after``: holders started again after this guest's backup; ``down_seconds``: the
+expected time down, from the guests' previous backup durations (10 minutes for a guest
+without one).
 
 ``outcome`` was ``skip`` for a template before: a template's backup succeeds, so it is ``ok``.
 
@@ -42,12 +49,12 @@ from __future__ import annotations
 
 import argparse
 
-from pvegpuhook import completion, pci, runtime
+from pvegpuhook import completion, pci, runtime, vzdumpjob
 from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, ConfigError, GpuHookError
 from pvegpuhook.findings import health_problem, join_and
 from pvegpuhook.inventory import Inventory, all_guests
-from pvegpuhook.model import Holder, guest_label, start_failure
+from pvegpuhook.model import Guest, Holder, Need, start_failure
 from pvegpuhook.output import Table, add_output_options, emit
 from pvegpuhook.plan import (
     Forecast,
@@ -139,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         protect=settings.protect,
         restart=settings.restart,
         ha={vmid for vmid, state in inventory.ha_states().items() if state == "started"},
+        durations=_durations(order),
+        keep_down_max=settings.keep_down_max,
     )
     picks = _picks(forecast, inventory.holders())
     warnings.extend(w for w in _health(forecast, picks, inventory.sysfs) if w not in warnings)
@@ -147,6 +156,16 @@ def run(args: argparse.Namespace) -> int:
     text_notes = _reasons(forecast, picks) + notes + _summary(forecast)
     emit(args, data, _tables(forecast, picks), text_notes)
     return EXIT_OK if forecast.ok else EXIT_ATTENTION
+
+
+def _durations(order: list[tuple[Guest, bool, list[Need]]]) -> dict[int, float]:
+    """Each guest's previous backup, from vzdump's per-guest logs (as the hook reads them)."""
+    found = {}
+    for guest, _, _ in order:
+        seconds = vzdumpjob.last_backup_seconds(guest.kind, guest.vmid)
+        if not isinstance(seconds, vzdumpjob.Unknown):
+            found[guest.vmid] = float(seconds)
+    return found
 
 
 Picks = dict[int, dict[str, int]]  # vmid → need source → index of the alternative it gets
@@ -251,14 +270,38 @@ def _as_data(
         ],
         "restarted_at_job_end": forecast.restarted_at_end,
         "down_for_backups": {str(k): v for k, v in sorted(forecast.down_for.items())},
+        "holders": {
+            str(vmid): {
+                "cycles": cost.cycles,
+                "down_seconds": round(cost.down_seconds),
+                "during": cost.during,
+            }
+            for vmid, cost in sorted(forecast.holders.items())
+        },
         "warnings": notes,
     }
+
+
+def _back(forecast: JobForecast, step: GuestForecast) -> str | None:
+    """When the holders stopped for ``step`` run again, one word each: ``after-guest`` (this
+    backup), ``after-VMID`` (a later guest's backup) or ``after-job``."""
+    whens = []
+    later = forecast.guests[forecast.guests.index(step) :]
+    for stop in step.stops:
+        back = next((g for g in later if stop.holder.vmid in g.restarted), None)
+        if back is None:
+            whens.append("after-job")
+        elif back is step:
+            whens.append("after-guest")
+        else:
+            whens.append(f"after-{back.guest.vmid}")
+    return ",".join(dict.fromkeys(whens)) or None
 
 
 def _tables(forecast: JobForecast, picks: Picks) -> list[Table]:
     rows = []
     for g in forecast.guests:
-        back = ("after-guest" if g.restarted else "after-job") if g.stops else None
+        back = _back(forecast, g)
         rows.append(
             {
                 "vmid": g.guest.vmid,
@@ -334,12 +377,27 @@ def _reasons(forecast: JobForecast, picks: Picks) -> list[str]:
 
 
 def _summary(forecast: JobForecast) -> list[str]:
+    """Per holder what the night costs it, in words: cycles, time down, whose backups."""
     lines = []
     labels = {s.holder.vmid: s.holder.guest.label for g in forecast.guests for s in g.stops}
-    for vmid, count in sorted(forecast.down_for.items()):
-        label = labels.get(vmid, guest_label("qemu", vmid))
-        lines.append(f"{label} is down during {count} guest backup(s)")
+    for vmid, cost in sorted(forecast.holders.items()):
+        times = {1: "once", 2: "twice"}.get(cost.cycles, f"{cost.cycles} times")
+        during = ", ".join(str(v) for v in cost.during)
+        lines.append(
+            f"{labels.get(vmid, cost.label)}: shut down {times}, down about "
+            f"{_about(cost.down_seconds)}, during the backups of {during}"
+        )
     if forecast.restarted_at_end:
         names = ", ".join(labels.get(v, str(v)) for v in forecast.restarted_at_end)
         lines.append(f"started again at job end: {names}")
     return lines
+
+
+def _about(seconds: float) -> str:
+    """An expected duration, rounded as an estimate deserves."""
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return "a minute"
+    if minutes < 120:
+        return f"{minutes} min"
+    return f"{seconds / 3600:.1f} h"

@@ -50,8 +50,10 @@ JSON shape of ``scan`` (keys sorted by ``emit``)::
                               "held": bool | null,     # it holds this very device now
                               "alternative": 0 | null, # index of the pool alternative this
                                                        # device is part of; null: not a pool
-                              "picked": bool | null}], # a pool: the alternative it holds or
+                              "picked": bool | null,   # a pool: the alternative it holds or
                                                        # gets at its next start; else null
+                              "handover": bool}],      # its start shuts the holders down
+                                                       # (pve-gpu-hook handover enable)
                   "held_by": [104]}],                  # running guests using it now
      "warnings": [str, ...]}
 
@@ -95,6 +97,7 @@ from pvegpuhook import completion, pci
 from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_OK, EXIT_USAGE, ConfigError, GpuHookError
 from pvegpuhook.findings import Finding, findings, join_and
+from pvegpuhook.handover import is_ours
 from pvegpuhook.inventory import Inventory
 from pvegpuhook.model import Claim, Guest, GuestKind, Holder, Need, guest_label, start_failure
 from pvegpuhook.nodeview import NodeView, cluster_views, local_view
@@ -107,6 +110,7 @@ USE_LEGEND = (
     "USE: holds = the guest holds that device now; next = of its mapping's devices, the one it "
     "gets if started now (the one the hook frees for its backup); alt = another one"
 )
+HANDOVER = "its start shuts the holders of its devices down (pve-gpu-hook handover enable)"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -214,6 +218,7 @@ def node_report(view: NodeView, found: list[Finding]) -> Json:
             "held": view.held(entry),
             "alternative": entry.alternative if pool else None,
             "picked": (index == entry.alternative) if pool and index is not None else None,
+            "handover": is_ours(guest.config.values().get("hookscript")),
         }
         seen[mark] = claim
         row["claims"].append(claim)
@@ -389,6 +394,10 @@ def _notes(node: Json) -> list[str]:
                 f"{row['address']} shares IOMMU group {row['iommu_group']} with "
                 f"{', '.join(row['group_members'])}: a VM passing one through takes them all"
             )
+    handover = {c["vmid"]: c for d in node["devices"] for c in d["claims"] if c["handover"]}
+    for claim in handover.values():
+        label = guest_label(claim["type"], claim["vmid"])
+        notes.append(f"{label} (hand-over): {HANDOVER}")
     if any(c["alternative"] is not None for d in node["devices"] for c in d["claims"]):
         notes.append(USE_LEGEND)
     return notes
@@ -554,6 +563,8 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
         )
     elif needs and refusal is None:
         notes.append(f"every device {guest.label} needs is free now")
+    if is_ours(guest.config.values().get("hookscript")):
+        notes.append(f"{guest.label} (hand-over): {HANDOVER}")
     if any(len(n.alternatives) > 1 for n in shown):
         notes.append(USE_LEGEND)
 

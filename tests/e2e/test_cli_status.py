@@ -143,8 +143,9 @@ def test_all_fine(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "start_timeout": 0,
             "shutdown_watch": 1800,
             "protect": [],
-            "restart": "after-guest",
             "metrics_file": "/var/lib/prometheus/node-exporter/pve-gpu-hook.prom",
+            "restart": "job-aware",
+            "keep_down_max": 1800,
         },
     }
 

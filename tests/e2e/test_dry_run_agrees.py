@@ -17,7 +17,7 @@ import pytest
 from tests.e2e.test_hook import MAPPING
 from tests.fronts import FAST, cli, seed_node
 from tests.sim.node import FakeNode
-from tests.sim.vzdump import run_job
+from tests.sim.vzdump import JobOutcome, run_job
 
 Scenario = Callable[[Path], tuple[FakeNode, list[int] | None]]
 
@@ -249,6 +249,17 @@ def stops_in_log(node: FakeNode) -> dict[int, list[int]]:
     return found
 
 
+def restarts_in(job: JobOutcome) -> dict[int, list[int | None]]:
+    """Holder → the guest whose hook phase started it again (None: job-end or job-abort)."""
+    found: dict[int, list[int | None]] = {}
+    for call in job.hook_calls:
+        for line in call.lines:
+            match = re.search(r"(?:VM|CT) (\d+) (?:\([^)]*\) )?started again", line)
+            if match:
+                found.setdefault(int(match.group(1)), []).append(call.vmid)
+    return found
+
+
 @pytest.mark.parametrize("mode", ["stop", "snapshot"])
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_dry_run_matches_the_night(tmp_path: Path, name: str, mode: str) -> None:
@@ -270,4 +281,11 @@ def test_dry_run_matches_the_night(tmp_path: Path, name: str, mode: str) -> None
         assert predicted == sorted(actual_stops.get(vmid, [])), (vmid, guest, job.log)
         assert (guest["outcome"] != "fail") == job.guests[vmid].ok, (vmid, guest, job.log)
     assert forecast["ok"] == all(g.ok for g in job.guests.values())
+    predicted_back: dict[int, list[int | None]] = {}
+    for guest in forecast["guests"]:
+        for holder in guest["restarted_after"]:
+            predicted_back.setdefault(holder, []).append(guest["vmid"])
+    for holder in forecast["restarted_at_job_end"]:
+        predicted_back.setdefault(holder, []).append(None)
+    assert predicted_back == restarts_in(job), (forecast, job.log)
     assert (result.returncode == 0) == forecast["ok"]

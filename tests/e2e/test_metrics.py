@@ -97,9 +97,8 @@ def test_a_night_a_crash_and_recover(tmp_path: Path, crash: str) -> None:
     got = scrape(node)
     assert value(got, "guests_waiting") == 0
     assert waiting(got) == {}
-    assert value(got, "last_job_holders_stopped") >= 1  # 104 gave its GPU to each of them
-    assert value(got, "last_job_holders_stopped") == 1
-    assert value(got, "last_job_shutdown_cycles") == 3
+    assert value(got, "last_job_holders_stopped") == 1  # 104 gave its GPU to all of them
+    assert value(got, "last_job_shutdown_cycles") == 1  # once (restart: job-aware)
     assert value(got, "last_job_failed_restarts") == 0
     assert value(got, "last_job_success") == 1
     assert 0 < value(got, "last_job_holder_downtime_seconds") < time.time() - began

@@ -258,7 +258,9 @@ def test_make_deb_gives_source_and_binary_packages(build: Build) -> None:
         assert (built / name).read_bytes() == (REPO / "debian" / name).read_bytes(), name
     # the orig tarball carries what debian/rules installs, which setuptools' sdist leaves out
     orig = run(["tar", "-tzf", str(build.orig)]).stdout.split()
-    for name in ("bin/pve-gpu-hook", "bin/vzdump-hook", "etc/config.yaml", "setup.cfg"):
+    for name in ("bin/pve-gpu-hook", "bin/vzdump-hook", "bin/guest-hook", "etc/config.yaml"):
+        assert f"{PACKAGE}-{upstream}/{name}" in orig
+    for name in ("setup.cfg",):
         assert f"{PACKAGE}-{upstream}/{name}" in orig
     assert not any(name.startswith(f"{PACKAGE}-{upstream}/debian/") for name in orig)
 
@@ -291,7 +293,11 @@ def test_contents(build: Build, tmp_path: Path) -> None:
     for name in ("__init__.py", "cli.py", "hook.py", "commands/__init__.py"):
         assert (lib / name).is_file(), name
     assert not (tree / "usr/bin").exists(), "the command belongs in /usr/sbin"
-    for path, marker in (("usr/sbin/pve-gpu-hook", "# PYTHON_ARGCOMPLETE_OK"), (HOOK[1:], "")):
+    for path, marker in (
+        ("usr/sbin/pve-gpu-hook", "# PYTHON_ARGCOMPLETE_OK"),
+        (HOOK[1:], ""),
+        ("usr/share/pve-gpu-hook/guest-hook", "pvegpuhook.guesthook"),
+    ):
         script = tree / path
         assert script.stat().st_mode & 0o777 == 0o755, path
         text = script.read_text()

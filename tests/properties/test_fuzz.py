@@ -901,7 +901,7 @@ def valid_setting(key: object, value: object) -> bool:
     if key in ("shutdown_timeout", "start_timeout"):
         least = 0 if key == "start_timeout" else 1
         return type(value) is int and least <= value <= 86400
-    if key == "shutdown_watch":
+    if key in ("shutdown_watch", "keep_down_max"):
         return type(value) is int and 0 <= value <= 86400
     if key == "force_stop":
         return type(value) is bool

@@ -41,6 +41,10 @@ FUNCTION_CLASSES = {
     "3": ("0x0c8000", "nvidia-gpu"),
 }
 FAKE_COMMANDS = ("qm", "pct", "ha-manager")
+DEFAULT_STORAGE = (
+    "dir: local\n\tpath /var/lib/vz\n\tcontent iso,vztmpl,backup\n\n"
+    "lvmthin: local-lvm\n\tthinpool data\n\tvgname pve\n\tcontent rootdir,images\n"
+)
 
 
 class FakeNode:
@@ -94,6 +98,9 @@ class FakeNode:
             marker.touch()
         if not (r / "proc/net/unix").exists():
             write_atomic(r / "proc/net/unix", UNIX_HEADER + HOST_SOCKETS)
+        if not (pve / "storage.cfg").exists():
+            # what a fresh PVE install writes: 'local' without the snippets content type
+            write_atomic(pve / "storage.cfg", DEFAULT_STORAGE)
         if not (pve / ".vmlist").exists():
             write_atomic(pve / ".vmlist", json.dumps({"version": 1, "ids": {}}, indent=1) + "\n")
         self._write_members()
@@ -358,6 +365,10 @@ class FakeNode:
             res[sid] = {"state": state}
         self.pve.write_ha_resources(res)
 
+    def set_storage(self, text: str) -> None:
+        """/etc/pve/storage.cfg in PVE's format (tab-indented property lines)."""
+        write_atomic(self.root / "etc/pve/storage.cfg", textwrap.dedent(text).lstrip("\n"))
+
     def set_fault(self, vmid: int, **faults: object) -> None:
         """Merge faults for a guest: ignore_shutdown, start_fails, shutdown_delay, start_delay,
         ha_delay, start_paused, cleanup_delay (s between QEMU exit and reservation release),
@@ -395,6 +406,12 @@ class FakeNode:
     def set_time_scale(self, scale: float) -> None:
         """Real seconds per simulated second of the fake PVE (its timeouts, waits and delays)."""
         write_atomic(self.root / "run/fake-pve/clock.json", json.dumps({"scale": scale}) + "\n")
+
+    def add_pool(self, name: str, vmids: list[int]) -> None:
+        """A resource pool in user.cfg (Datacenter → Permissions → Pools)."""
+        path = self.root / "etc/pve/user.cfg"
+        text = path.read_text() if path.exists() else ""
+        write_atomic(path, text + f"pool:{name}::{','.join(map(str, vmids))}::\n")
 
     def write_override(self, yaml_text: str) -> None:
         write_atomic(

@@ -414,6 +414,30 @@ class Pve:
                 ids.update(int(f.stem) for f in d.glob("*.conf") if f.stem.isdigit())
         return sorted(ids)
 
+    def pool_members(self, pool: str) -> list[int]:
+        """A resource pool's guests (pve-manager PVE/API2Tools.pm get_resource_pool_guest_members:
+        the pool's VMIDs from user.cfg that .vmlist knows; pve-access-control
+        PVE/AccessControl.pm parse_user_config: ``pool:<name>:<comment>:<vmids>:<storages>:``,
+        a VMID already in another pool ignored). vzdump dies when the pool does not exist."""
+        path = self.p("etc/pve/user.cfg")
+        text = path.read_text() if path.exists() else ""
+        seen: set[int] = set()
+        found: set[int] | None = None
+        for line in text.splitlines():
+            fields = [f.strip() for f in line.strip().split(":")]
+            if len(fields) < 2 or fields[0] != "pool":
+                continue
+            vmids = {
+                int(v) for v in re.split(r"[,;\s]+", fields[3] if len(fields) > 3 else "") if v
+            } - seen
+            seen |= vmids
+            if fields[1] == pool:
+                found = vmids
+        if found is None:
+            raise PveError(f"pool '{pool}' does not exist")
+        known = set(self.local_guests()) | {int(k) for k in self.vmlist().get("ids", {})}
+        return sorted(found & known)
+
     def read_config(self, kind: str, vmid: int) -> Config:
         path = self.conf_path(kind, vmid)
         try:
@@ -1513,6 +1537,113 @@ class Pve:
             timeout = max(timeout, 150)
         return timeout + 5 * sum(1 for k in keys if re.match(r"net\d+", k))
 
+    # ---- storage and guest hookscripts ---------------------------------------------------------
+
+    def storages(self) -> dict[str, dict[str, str]]:
+        """/etc/pve/storage.cfg: section config, ``<type>: <id>`` then indented ``key value``
+        lines (pve-storage PVE/Storage/Plugin.pm parse_config): id → {"type", "path", ...}."""
+        try:
+            text = self.p("etc/pve/storage.cfg").read_text()
+        except FileNotFoundError:
+            return {}
+        found: dict[str, dict[str, str]] = {}
+        current: dict[str, str] | None = None
+        for line in text.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if not line[0].isspace():
+                kind, _, storeid = line.partition(":")
+                current = found.setdefault(storeid.strip(), {"type": kind.strip()})
+            elif current is not None:
+                key, _, value = line.strip().partition(" ")
+                current[key] = value.strip()
+        return found
+
+    def volume_path(self, volid: str) -> tuple[Path, str]:
+        """PVE::Storage::path for a directory storage: (host path under the root, vtype); the
+        volume name ``snippets/<file>`` is of type ``snippets`` in ``<path>/snippets``
+        (pve-storage PVE/Storage/Plugin.pm parse_volname, get_subdir)."""
+        storeid, colon, volname = volid.partition(":")
+        if not colon:
+            raise PveError(f"unable to parse volume ID '{volid}'")
+        storage = self.storages().get(storeid)
+        if storage is None:
+            raise PveError(f"storage '{storeid}' does not exist")
+        if "path" not in storage:
+            raise PveError(f"storage '{storeid}' has no directory (type {storage['type']})")
+        vtype, slash, name = volname.partition("/")
+        if not slash or "/" in name or vtype not in ("snippets", "iso", "vztmpl", "images"):
+            raise PveError(f"unable to parse directory volume name '{volname}'")
+        return self.p(f"{storage['path'].lstrip('/')}/{vtype}/{name}"), vtype
+
+    def check_hookscript(self, volid: str) -> Path:
+        """pve-guest-common PVE/GuestHelpers.pm check_hookscript: in a snippets directory, a
+        file, executable (both after symlinks)."""
+        path, vtype = self.volume_path(volid)
+        if vtype != "snippets":
+            raise PveError(f"'{volid}' is not in the snippets directory")
+        if not path.is_file():
+            raise PveError(f"script '{volid}' does not exist")
+        if not os.access(path, os.X_OK):
+            raise PveError(f"script '{volid}' is not executable")
+        return path
+
+    def exec_hookscript(
+        self, cfg: Config, vmid: int, phase: str, out: Out, stop_on_error: bool = False
+    ) -> None:
+        """pve-guest-common PVE/GuestHelpers.pm exec_hookscript: nothing without ``hookscript``;
+        else run ``<path> <vmid> <phase>`` (run_command: the caller's environment plus
+        LC_ALL=C, no timeout, its output to the task). A failure dies only with stop_on_error
+        (qemu-server and pve-container pass it for pre-start alone), else it is a warning:
+        ``hookscript error for <vmid> on <phase>: <error>``."""
+        volid = cfg.get("hookscript")
+        if not volid:
+            return
+        try:
+            path = self.check_hookscript(volid)
+            shown = "/" + str(path.relative_to(self.root))
+            result = subprocess.run(
+                [str(path), str(vmid), phase],
+                env={**os.environ, "LC_ALL": "C"},
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            for line in (result.stdout + result.stderr).splitlines():
+                if line.strip():
+                    out.info(line)
+            if result.returncode != 0:
+                how = (
+                    f"got signal {-result.returncode}"
+                    if result.returncode < 0
+                    else f"exit code {result.returncode}"
+                )
+                raise PveError(f"command '{shown} {vmid} {phase}' failed: {how}")
+        except PveError as error:
+            message = f"hookscript error for {vmid} on {phase}: {error.message}"
+            if stop_on_error:
+                raise PveError(message) from None
+            out.warn(message)
+
+    def set_option(self, kind: str, vmid: int, opts: dict[str, str]) -> None:
+        """``qm set``/``pct set`` of the ``hookscript`` option (a fast-plug option, written at once
+        also for a running guest: qemu-server PVE/API2/Qemu.pm update_vm_api; pve-container
+        PVE/LXC/Config.pm update_pct_config), checked by check_hookscript; under the config lock,
+        refused while the guest is locked."""
+        with self.guest_lock(kind, vmid):
+            cfg = self.read_config(kind, vmid)
+            lock = cfg.get("lock")
+            if lock and not is_true(opts.get("skiplock")):
+                raise PveError(f"{'VM' if kind == 'qemu' else 'CT'} is locked ({lock})")
+            for key in (opts.get("delete") or "").split(","):
+                if key.strip():
+                    cfg.delete(key.strip())
+            if "hookscript" in opts:
+                self.check_hookscript(opts["hookscript"])
+                cfg.set("hookscript", opts["hookscript"])
+            self.write_config(kind, vmid, cfg)
+
     def vm_start(
         self,
         vmid: int,
@@ -1542,8 +1673,12 @@ class Pve:
             if not resume:
                 cfg = self.apply_pending("qemu", vmid, cfg)
             faults = self.faults(vmid) if use_faults else {}
-            # the guest hookscript's pre-start: after pending, before the PCI choice; PVE does
-            # not bound it (fault hookscript_delay: how long it takes)
+            # the guest hookscript's pre-start (qemu-server PVE/QemuServer.pm vm_start_nolock:
+            # exec_hookscript(..., 'pre-start', 1)): with the config loaded and locked, after
+            # pending, before the PCI choice and reservation; also for vzdump's paused start
+            # (then with lock: backup). PVE does not bound it (fault hookscript_delay: how long
+            # it takes)
+            self.exec_hookscript(cfg, vmid, "pre-start", out, stop_on_error=True)
             self.sleep(float(faults.get("hookscript_delay", 0)))
             # Templates are started for backup with their disks only (qemu-server >= 8.2.2).
             devices = [] if template else self.parse_hostpci_devices(vmid, cfg, out)
@@ -1579,6 +1714,8 @@ class Pve:
                 self.remove_reservations(vmid)
                 self.remove_mdevs(vmid)
                 raise
+            # vm_start_nolock's end: post-start, a failure only warns
+            self.exec_hookscript(cfg, vmid, "post-start", out)
             return pid
 
     def prepare_pci(
@@ -1799,6 +1936,9 @@ class Pve:
             if self.ct_running(vmid):
                 raise PveError(f"CT {vmid} already running")
             cfg = self.apply_pending("lxc", vmid, cfg)
+            # pve-container PVE/LXC.pm vm_start: pre-start (stop_on_error) before systemctl
+            # start pve-container@<vmid>, post-start after it
+            self.exec_hookscript(cfg, vmid, "pre-start", out, stop_on_error=True)
             faults = self.faults(vmid) if use_faults else {}
             failed = [f'__lxc_start: 2027 Failed to initialize container "{vmid}"']
             self.apply_sysfs_writes()
@@ -1829,6 +1969,7 @@ class Pve:
                 (tmp / "cgroup.freeze").write_text("0\n")
                 os.replace(tmp, cg)  # the cgroup appears complete or not at all
             self.unix_socket(vmid, True)  # running, for PVE, from here on
+            self.exec_hookscript(cfg, vmid, "post-start", out)
 
     def ct_stop(
         self,
@@ -1913,6 +2054,7 @@ OPTIONS: dict[str, dict[str, dict[str, str]]] = {
         "config": {"current": "bool"},
         "unlock": {},
         "resume": {"skiplock": "bool"},
+        "set": {"hookscript": "str", "delete": "str", "skiplock": "bool"},
     },
     "pct": {
         "start": {"skiplock": "bool"},
@@ -1921,6 +2063,7 @@ OPTIONS: dict[str, dict[str, dict[str, str]]] = {
         "status": {"verbose": "bool"},
         "config": {"current": "bool"},
         "unlock": {},
+        "set": {"hookscript": "str", "delete": "str"},
     },
 }
 
@@ -2054,6 +2197,9 @@ def guest_cli(pve: Pve, prog: str, argv: list[str], out: Out) -> int:
         return 0
     if cmd == "unlock":
         pve.remove_lock(kind, vmid)
+        return 0
+    if cmd == "set":
+        pve.set_option(kind, vmid, opts)
         return 0
     if cmd == "resume":
         if not running:

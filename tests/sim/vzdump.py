@@ -181,6 +181,7 @@ class _Job:
         self.interrupted = False
         self.upid = ""
         self.worker = 0
+        self.pid_file = True  # False: a fault, the hook cannot learn the job from PVE's files
         self.errors: list[str] = []
         self.guests: dict[int, GuestOutcome] = {}  # kept when vzdump "crashes" mid-job
         self.stamp = time.strftime("%Y_%m_%d-%H_%M_%S")
@@ -309,7 +310,8 @@ class _Job:
             return False, False, err
         # getlock: the node lock, then the UPID into the pid file, then exec_backup
         with self.node_lock():
-            write_atomic(self.pve.p("run/vzdump.pid"), self.upid)  # no newline
+            if self.pid_file:
+                write_atomic(self.pve.p("run/vzdump.pid"), self.upid)  # no newline
             self.info(f"starting new backup job: {line}")  # exec_backup
             if skipped:
                 self.info(f"skip external VMs: {', '.join(map(str, sorted(skipped)))}")
@@ -740,6 +742,7 @@ def run_job(
     mode: str = "stop",
     *,
     exclude: Iterable[int] = (),
+    pool: str | None = None,
     hook_cmd: Sequence[str] | None = None,
     abort_during: int | None = None,
     crash_after: tuple[str, int | None] | None = None,
@@ -749,13 +752,15 @@ def run_job(
     env_at: tuple[str, int | None] | None = None,
     job_options: Mapping[str, str] | None = None,
     rng: random.Random | None = None,
+    pid_file: bool = True,
 ) -> JobOutcome:
     """Run one vzdump job on ``node``.
 
-    ``vmids`` None = every guest of this node (``--all 1``, minus ``exclude``); guests on other
-    nodes are skipped. ``hook_cmd`` None = the project's hook (``python -m pvegpuhook.hook``); an
-    empty sequence = no hook script; INPROCESS = the project's hook called in this process (fast,
-    see run_hook_inprocess). ``abort_during`` = a signal arrives while that guest is archived;
+    ``vmids`` None = every guest of this node (``--all 1``, minus ``exclude``), or with ``pool``
+    the pool's members (``--pool``); guests on other nodes are skipped. ``hook_cmd`` None = the
+    project's hook (``python -m pvegpuhook.hook``); an empty sequence = no hook script;
+    INPROCESS = the project's hook called in this process (fast, see run_hook_inprocess).
+    ``abort_during`` = a signal arrives while that guest is archived;
     ``crash_after`` = (phase, vmid or None): vzdump dies right after that hook call, or with phase
     "archive" while that guest is being archived (its paused QEMU stays up); ``hang_after``: the
     same, but vzdump hangs there (say, on a dead storage): its worker still runs, and the pid
@@ -763,6 +768,7 @@ def run_job(
     every call or, with ``env_at`` = (phase, vmid or None), only for that call; e.g.
     ``{"PVE_GPU_HOOK_CRASH_AT": "after-record"}``. ``job_options`` are further parameters of the
     job line (``{"quiet": "1"}``); ``rng`` orders its options (Perl's hash order).
+    ``pid_file`` False: a fault, no UPID in /var/run/vzdump.pid (the hook cannot learn its job).
     """
     if mode not in ("stop", "suspend", "snapshot"):
         raise ValueError(f"bad mode {mode!r}")
@@ -770,11 +776,23 @@ def run_job(
     job = _Job(
         node, mode, cmd, abort_during, crash_after, hook_timeout, env_extra, env_at, hang_after
     )
+    job.pid_file = pid_file
     pve = job.pve
     excluded = set(exclude)
     skipped: list[int] = []
     options = {"mode": mode, "storage": STOREID, **(job_options or {})}
-    if vmids is None:
+    if pool is not None:
+        # get_included_guests: the pool's members, no --exclude; then this node's only
+        options["pool"] = pool
+        given = None
+        ids = []
+        for v in pve.pool_members(pool):
+            entry = pve.vmlist().get("ids", {}).get(str(v))
+            if entry and entry.get("node") != pve.node:
+                skipped.append(v)
+            else:
+                ids.append(v)
+    elif vmids is None:
         ids = pve.local_guests()
         options["all"] = "1"
         if excluded:

@@ -156,7 +156,9 @@ def test_every_subcommand_option_and_help_is_in_its_section() -> None:
     blocks = plain(section(roff, ".SH SYNOPSIS", (".SH",))).split(".SY pve-gpu-hook\n")
     synopses = {block.split()[0]: " ".join(block.split()) for block in blocks if block.strip()}
     commands = subcommands()
-    assert set(commands) == {"status", "scan", "dry-run", "recover", "register", "unregister"}
+    assert set(commands) == {
+        *("status", "scan", "dry-run", "recover", "register", "unregister", "start", "handover")
+    }
     for name, parser in commands.items():
         text = plain(section(roff, f".SS {manpage.escape(name)}"))
         assert " ".join((parser.description or "").split()) in " ".join(text.split()), name

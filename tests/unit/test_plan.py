@@ -24,6 +24,8 @@ from pvegpuhook.plan import (
     Verdict,
     decide_backup,
     forecast_job,
+    keep_down_through,
+    keep_down_until,
     plan_free,
     plan_restart,
 )
@@ -627,3 +629,115 @@ def test_forecast_with_a_protected_holder_fails_those_backups() -> None:
     assert not forecast.ok
     assert "VM 104 is protected" in forecast.guests[0].reason
     assert forecast.down_for == {}
+
+
+# ---- job-aware restarts ------------------------------------------------------------------------
+
+
+def night(restart: str, *, durations: dict[int, float], between: list[int] = ()) -> object:
+    """vzdump 102 103 [between...] 104 105 --mode stop; 102-105 share the GPU; only 104 runs;
+    the guests ``between`` have no passthrough."""
+    order = [
+        (guest(102), False, [need([GPU])]),
+        (guest(103), False, [need([GPU])]),
+        *[(guest(v), False, []) for v in between],
+        (guest(104), True, []),
+        (guest(105), False, [need([GPU])]),
+    ]
+    order.sort(key=lambda item: item[0].vmid)
+    return forecast_job(
+        order,
+        [holder(104, GPU)],
+        mode="stop",
+        protect=NONE,
+        restart=restart,
+        ha=set(),
+        durations=durations,
+        keep_down_max=1800,
+    )
+
+
+def test_job_aware_shuts_the_holder_down_once_for_the_night() -> None:
+    forecast = night("job-aware", durations={102: 300, 103: 300, 104: 600, 105: 300})
+    cost = forecast.holders[104]
+    assert cost.cycles == 1
+    assert cost.during == [102, 103, 104, 105]  # its own backup too: it is down for it
+    assert [g.restarted for g in forecast.guests] == [[], [], [], [104]]
+    assert cost.down_seconds == 300 + 300 + 600 + 300
+    assert forecast.restarted_at_end == []
+
+
+def test_after_guest_cycles_once_per_needing_backup() -> None:
+    forecast = night("after-guest", durations={102: 300, 103: 300, 104: 600, 105: 300})
+    assert forecast.holders[104].cycles == 3
+    assert forecast.holders[104].down_seconds == 900
+
+
+def gap_night(durations: dict[int, float]) -> object:
+    """vzdump 102 110 111 120 --mode stop: 102 and 120 need the GPU VM 150 holds (150 is not
+    in the job); 110 and 111 have no passthrough."""
+    order = [
+        (guest(102), False, [need([GPU])]),
+        (guest(110), False, []),
+        (guest(111), False, []),
+        (guest(120), False, [need([GPU])]),
+    ]
+    return forecast_job(
+        order,
+        [holder(150, GPU)],
+        mode="stop",
+        protect=NONE,
+        restart="job-aware",
+        ha=set(),
+        durations=durations,
+        keep_down_max=1800,
+    )
+
+
+def test_job_aware_starts_the_holder_in_a_long_gap() -> None:
+    """Unrelated backups between two needers longer than keep_down_max: start it in between."""
+    forecast = gap_night({102: 300, 110: 1500, 111: 1500, 120: 300})
+    cost = forecast.holders[150]
+    assert cost.cycles == 2  # down for 102, up during 110 and 111, down again for 120
+    assert [g.guest.vmid for g in forecast.guests if g.restarted] == [102, 120]
+    assert cost.down_seconds == 300 + 300
+    assert cost.during == [102, 120]
+
+
+def test_job_aware_bridges_a_short_gap() -> None:
+    forecast = gap_night({102: 300, 110: 60, 111: 60, 120: 300})
+    cost = forecast.holders[150]
+    assert cost.cycles == 1
+    assert cost.during == [102, 110, 111, 120]
+    assert cost.down_seconds == 300 + 60 + 60 + 300
+
+
+def test_unknown_durations_count_ten_minutes() -> None:
+    # 110 and 111 were never backed up: 2 x 600 s <= 1800 s; 2 x 1000 s > 1800 s
+    assert gap_night({102: 300, 120: 300}).holders[150].cycles == 1
+    assert gap_night({102: 300, 110: 1000, 111: 1000, 120: 300}).holders[150].cycles == 2
+
+
+def test_keep_down_through_follows_the_needers() -> None:
+    """After 102: 103 and 105 need the GPU next; 104 (the holder, stopped) in between."""
+    later = [
+        (guest(103), False, [need([GPU])]),
+        (guest(104), False, []),
+        (guest(105), False, [need([GPU])]),
+        (guest(110), False, []),
+    ]
+    desk = holder(104, RESERVED_GPU)
+    assert keep_down_until(desk, later, {}, 1800, []) == 103
+    assert keep_down_through(desk, later, {}, 1800, []) == 105
+    assert keep_down_through(desk, later, {104: 2000}, 1800, []) == 103  # 104 takes > 30 min
+    assert keep_down_through(desk, later[3:], {}, 1800, []) is None  # nobody needs it: start now
+
+
+def test_a_pool_needer_needs_the_holder_only_when_the_other_card_is_taken() -> None:
+    """VM 120 has a mapping of two GPUs. Holder 104 (stopped) had the first; with the second
+    free, 120 takes it and 104 may start; with VM 130 running on the second, 120's backup
+    would shut 104 down again: keep it down."""
+    later = [(guest(120), False, [need([GPU], [GPU2], mapping="pool")])]
+    desk = holder(104, RESERVED_GPU)
+    assert keep_down_until(desk, later, {}, 1800, []) is None
+    assert keep_down_until(desk, later, {}, 1800, [holder(130, RESERVED_GPU2)]) == 120

@@ -47,8 +47,9 @@ DEFAULTS = {
     "start_timeout": 0,  # no wait beyond what PVE allows for the guest
     "shutdown_watch": 1800,
     "protect": [],
-    "restart": "after-guest",
     "metrics_file": "/var/lib/prometheus/node-exporter/pve-gpu-hook.prom",
+    "restart": "job-aware",
+    "keep_down_max": 1800,
 }
 
 
@@ -138,6 +139,7 @@ def test_all_keys_together(tmp_path: Path) -> None:
         "protect": [101],
         "restart": "after-job",
         "metrics_file": "/run/m.prom",
+        "keep_down_max": 1800,
     }
     assert settings.protect == frozenset({101})
     assert settings.source == str(path)

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from pvegpuhook import vzdumpjob
-from pvegpuhook.vzdumpjob import JobSpec, Unknown, Upid
+from pvegpuhook.vzdumpjob import (
+    JobSpec,
+    Unknown,
+    Upid,
+    included_guests,
+    parse_job_line,
+    parse_pools,
+)
 
 UPID = "UPID:pve1:000A1B2C:0012D687:6650A1F3:vzdump::root@pam:"
 
@@ -327,3 +334,28 @@ def test_importing_it_is_cheap() -> None:
     ).stdout
     loaded = eval(out)  # our own printed list
     assert [m for m in loaded if not m.startswith(("pvegpuhook", "__future__"))] == []
+
+
+# ---- the job's guests -----------------------------------------------------------------------
+
+
+def test_pools_as_pve_reads_user_cfg() -> None:
+    text = (
+        "user:root@pam:1:0:::root@example.invalid:::\n"
+        "pool:gpu:GPU guests:102,103 105:local:\n"
+        "pool:other::103,110::\n"  # 103 is in gpu already: PVE ignores it here
+        "pool:empty::::\n"
+    )
+    assert parse_pools(text) == {"gpu": {102, 103, 105}, "other": {110}, "empty": set()}
+
+
+def test_included_guests_in_vzdumps_order() -> None:
+    local = {100, 102, 103, 104, 105, 110}
+    spec = parse_job_line("INFO: starting new backup job: vzdump 105 102 999 --mode stop")
+    assert included_guests(spec, local) == [102, 105]  # sorted; 999 is not on this node
+    spec = parse_job_line("INFO: starting new backup job: vzdump --exclude 104,110 --all 1")
+    assert included_guests(spec, local) == [100, 102, 103, 105]
+    spec = parse_job_line("INFO: starting new backup job: vzdump --pool gpu --exclude 102")
+    assert included_guests(spec, local, {"gpu": {102, 105, 300}}) == [102, 105]  # no exclude
+    unknown = included_guests(spec, local, {})
+    assert isinstance(unknown, Unknown) and "pool 'gpu'" in unknown.reason
