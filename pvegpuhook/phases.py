@@ -413,21 +413,28 @@ def restart_after_backup(log: Log, vmid: int) -> int:
     aware = settings.restart == "job-aware"
 
     def ours(record: Record) -> bool:
-        return record.for_vmid == vmid or (aware and upid is not None and record.upid == upid)
+        # job-aware: also the holders this job keeps down (those whose shutdown timed out
+        # still run: they are watched, and left to job-end)
+        kept = record.status == RecordStatus.STOPPED and upid is not None and record.upid == upid
+        return record.for_vmid == vmid or (aware and kept)
 
     candidates = [r for r in store.records() if ours(r)]
     if not candidates:
         return 0
     keep = _kept_down(log, vmid, candidates, settings) if aware else set()
-    if len(keep) == len(candidates):
-        return 0
-    # the paused QEMU vzdump started for the backup must be gone before the holders can start
-    deadline = time.monotonic() + settings.shutdown_timeout
-    if not act.wait_until(lambda: not runtime.vm_running(vmid), deadline):
-        log.say(f"VM {vmid} still runs; guests stopped for it will be started at job end")
+    now = {r.vmid for r in candidates if r.vmid not in keep}
+    if any(r.for_vmid == vmid for r in candidates if r.vmid in now):
+        # the paused QEMU vzdump started for this backup must be gone before the guests stopped
+        # for it can start (a guest backed up running, in snapshot mode, keeps running: then
+        # nobody was stopped for it)
+        deadline = time.monotonic() + settings.shutdown_timeout
+        if not act.wait_until(lambda: not runtime.vm_running(vmid), deadline):
+            log.say(f"VM {vmid} still runs; guests stopped for it will be started at job end")
+            now -= {r.vmid for r in candidates if r.for_vmid == vmid}
+    if not now:
         return 0
     with store.hold(lock_timeout(settings), f"log-end of VM {vmid}"):
-        restart(store, settings, log, lambda r: ours(r) and r.vmid not in keep)
+        restart(store, settings, log, lambda r: r.vmid in now)
         metrics.update(log, store, settings)
     return 0  # a failed start keeps its record; job-end retries it and fails the job
 
@@ -450,10 +457,15 @@ def _kept_down(log: Log, vmid: int, records: list[Record], settings: Settings) -
         until = keep_down_until(holder, later, durations, settings.keep_down_max, others)
         if until is not None and not runtime.running(record.kind, record.vmid):
             keep.add(record.vmid)
-            log.say(
+            why = (
                 f"{record.label} stays down: the backup of VM {until} needs "
                 f"{', '.join(record.addresses)} next in this job"
             )
+            # in the task log after the backup it was stopped for; then in the log file only
+            if record.for_vmid == vmid:
+                log.say(why)
+            else:
+                log.file(why)
     return keep
 
 

@@ -309,8 +309,11 @@ def watch(store: StateStore, settings: Settings, log: Log, seconds: float) -> Re
         expired = [
             r for r in pending if r.since is None or time.time() - r.since >= watch_window(settings)
         ]
-        if down or expired or time.monotonic() >= deadline:
-            ending = time.monotonic() >= deadline
+        # the watch ends when its time is up, but never inside a record's window: started
+        # before it ends (the job-end rounds its seconds down), it would keep that record
+        waiting = [r for r in pending if r not in expired]
+        ending = time.monotonic() >= deadline and not waiting
+        if down or expired or ending:
             acting = {r.vmid for r in (down + expired)}
 
             def select(record: Record, acting: set[int] = acting, ending: bool = ending) -> bool:
@@ -322,7 +325,7 @@ def watch(store: StateStore, settings: Settings, log: Log, seconds: float) -> Re
             final.started += report.started
             final.dropped += report.dropped
             final.kept += report.kept
-            if time.monotonic() >= deadline:
+            if ending:
                 final.watching = report.watching
                 return final
         time.sleep(WATCH_POLL)

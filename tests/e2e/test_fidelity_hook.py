@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.fronts import FAST, cli, commands, hook, hook_lines, records, seed_node
+from tests.fronts import FAST, cli, commands, hook, hook_lines, records, seed_node, write_state
 from tests.sim.node import FakeNode
 from tests.sim.vzdump import run_job
 
@@ -75,6 +75,28 @@ def test_a_holder_powering_off_late_is_started_again(tmp_path: Path) -> None:
     assert wait_for(lambda: node.calls("guest")), "the guest never powered off"
     assert wait_for(lambda: node.is_running(104) and not records(node)), node.calls()
     assert any(c["argv"][:3] == ["qm", "start", "104"] for c in node.calls())
+
+
+def test_a_watch_ends_only_after_its_records_window(tmp_path: Path) -> None:
+    """job-end rounds the watch's seconds down: a watch ending a moment before a record's window
+    must not leave that record behind (a running guest listed as waiting until the next job)."""
+    node = seed_node(tmp_path, "shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 4\n")
+    record = {
+        "vmid": 104,
+        "kind": "qemu",
+        "name": "win11",
+        "for_vmid": 102,
+        "addresses": ["0000:01:00.0"],
+        "since": time.time() - 1,  # its window ends 3 s from now
+        "status": "stop-failed",
+    }
+    state = tmp_path / "var/lib/pve-gpu-hook/state.json"
+    state.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_state(state, [record])
+    result = cli(node, "recover", "--watch", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert records(node) == [] and node.is_running(104)
+    assert commands(node, "start") == []  # it ran all along
 
 
 def test_a_container_powering_off_late_is_started_again(tmp_path: Path) -> None:

@@ -39,7 +39,8 @@ def test_the_seeds_night_shuts_the_desktop_down_once(tmp_path: Path) -> None:
         "VM 104 (win11) shut down in" in line and "started again after the backup of VM 105" in line
         for line in lines
     ), lines
-    assert sum("VM 104 (win11) stays down" in line for line in lines) == 2  # after 102, 103
+    # said after 102, the backup it was stopped for; after 103 in the log file only
+    assert sum("VM 104 (win11) stays down" in line for line in lines) == 1
     summary = [line for line in lines if "this job:" in line]
     assert summary and "1 shutdown/boot cycle(s)" in summary[0], lines
 

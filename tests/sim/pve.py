@@ -1237,7 +1237,7 @@ class Pve:
     def spawn_ha_worker(self, action: str, kind: str, vmid: int, timeout: int) -> None:
         self.spawn_worker("ha-worker", action, kind, vmid, timeout)
 
-    def spawn_worker(self, worker: str, action: str, kind: str, vmid: int, timeout: int) -> None:
+    def spawn_worker(self, worker: str, action: str, kind: str, vmid: int, timeout: float) -> None:
         """A detached process acting later on the guest (the HA stack, a guest powering off)."""
         pending = self.sim / "ha-pending"
         pending.mkdir(parents=True, exist_ok=True)
@@ -1313,7 +1313,7 @@ class Pve:
         timed out."""
         delay = self.take_fault(vmid, "late_poweroff")
         if delay is not None:
-            self.spawn_worker("late-poweroff", "poweroff", kind, vmid, int(str(delay)))
+            self.spawn_worker("late-poweroff", "poweroff", kind, vmid, float(str(delay)))
 
     def move_guest(self, kind: str, vmid: int, node: str) -> None:
         """The guest's config moves to another node of the cluster (a migration/relocation)."""
@@ -1328,7 +1328,7 @@ class Pve:
             vmlist["version"] = int(vmlist.get("version", 1)) + 1
             write_atomic(self.p("etc/pve/.vmlist"), json.dumps(vmlist, indent=1) + "\n")
 
-    def late_poweroff_worker(self, kind: str, vmid: int, delay: int) -> None:
+    def late_poweroff_worker(self, kind: str, vmid: int, delay: float) -> None:
         """A guest whose shutdown request timed out powers off later anyway: the ACPI or
         guest-agent request stays delivered (qemu-server API2/Qemu.pm vm_shutdown; lxc-stop
         --nokill, pve-container PVE/LXC.pm vm_stop). qmeventd then runs ``qm cleanup``, which
@@ -2317,9 +2317,9 @@ def _worker_main(worker: str, argv: list[str]) -> int:
     root, action, kind, vmid, timeout, marker = argv
     try:
         if worker == "late-poweroff":
-            Pve(root).late_poweroff_worker(kind, int(vmid), int(timeout))
+            Pve(root).late_poweroff_worker(kind, int(vmid), float(timeout))
         else:
-            Pve(root).ha_worker(action, kind, int(vmid), int(timeout))
+            Pve(root).ha_worker(action, kind, int(vmid), int(float(timeout)))
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(marker)
