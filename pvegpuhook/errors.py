@@ -31,6 +31,29 @@ class ConfigError(GpuHookError):
         self.line = line
 
 
+class NotPermitted(GpuHookError):
+    """A file the answer depends on cannot be read by this user: any answer would be a guess.
+
+    ``/etc/pve`` (0640 root:www-data) and ``/var/lib/pve-gpu-hook`` (0700) are root's: a run as
+    another user (a monitoring agent) must say so, never answer "none" from what it could not see.
+    """
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, path: str) -> None:
+        import os
+
+        from pvegpuhook import paths
+
+        shown = paths.unhost(path)
+        if os.geteuid() != 0:
+            message = f"must be run as root: cannot read {shown}"
+        else:
+            message = f"cannot read {shown}: permission denied"
+        super().__init__(message)
+        self.path = path
+
+
 class LockTimeout(GpuHookError):
     pass
 

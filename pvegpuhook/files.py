@@ -14,7 +14,7 @@ import os
 import time
 
 from pvegpuhook.crashpoints import crash_point
-from pvegpuhook.errors import LockTimeout, StateError
+from pvegpuhook.errors import LockTimeout, NotPermitted, StateError
 
 
 def write_atomic(
@@ -105,7 +105,9 @@ def remove(path: str) -> bool:
 def untrusted_dir(path: str) -> str | None:
     """Why a private directory must not be used (a symlink, someone else's), or None.
 
-    A directory that does not exist yet is fine: :func:`private_dir` creates it.
+    A directory that does not exist yet is fine: :func:`private_dir` creates it. Raises
+    NotPermitted when it is root's and we are not root: not an attack, a run without the right
+    to look (its answer must not be "nothing recorded").
     """
     import stat
 
@@ -113,11 +115,15 @@ def untrusted_dir(path: str) -> str | None:
         info = os.lstat(path)
     except FileNotFoundError:
         return None
+    except PermissionError:
+        raise NotPermitted(path) from None
     except OSError as error:
         return f"cannot use {path}: {error.strerror}"
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         return f"{path} is not a directory (a symlink?): refusing to use it"
     if info.st_uid != os.geteuid():
+        if info.st_uid == 0:
+            raise NotPermitted(path)
         return f"{path} is owned by uid {info.st_uid}, not by us: refusing to use it"
     return None
 
@@ -137,11 +143,15 @@ def private_dir(path: str) -> None:
 
 
 def read_private(path: str) -> bytes | None:
-    """A private file's bytes; None when absent. StateError when it is not ours or unreadable."""
+    """A private file's bytes; None when absent. StateError when it is not ours or unreadable,
+    NotPermitted when this user may not read it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except PermissionError:
+        directory = os.path.dirname(path)
+        raise NotPermitted(path if os.access(directory, os.X_OK) else directory) from None
     except OSError as error:
         raise StateError(f"cannot read {path}: {error.strerror}") from None
     import stat
@@ -192,10 +202,15 @@ class FileLock:
     def acquire(self, timeout: float, purpose: str) -> None:
         import fcntl
 
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        if os.geteuid() != 0 and os.stat(directory).st_uid == 0 and not os.path.lexists(self.path):
+            raise NotPermitted(self.path)  # root's lock, made by another user, would lock root out
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(self.path, flags, 0o600)
+        except PermissionError:
+            raise NotPermitted(self.path) from None
         except OSError as error:
             raise StateError(f"cannot open lock {self.path}: {error.strerror}") from None
         if os.fstat(fd).st_uid != os.geteuid():

@@ -52,11 +52,7 @@ def guest_configs(node: str | None = None) -> dict[int, tuple[GuestKind, str]]:
     base = "etc/pve" if node is None else f"etc/pve/nodes/{node}"
     found: dict[int, tuple[GuestKind, str]] = {}
     for kind, folder in ((GuestKind.QEMU, f"{base}/qemu-server"), (GuestKind.LXC, f"{base}/lxc")):
-        try:
-            names = os.listdir(paths.host(folder))
-        except OSError:
-            continue
-        for name in names:
+        for name in paths.listdir(paths.host(folder)):
             stem = name[:-5]
             if name.endswith(".conf") and is_number(stem):
                 found.setdefault(int(stem), (kind, paths.host(folder, name)))

@@ -116,19 +116,34 @@ class LogLine:
 
 
 def read_tail(path: str | None = None, limit: int = TAIL) -> list[LogLine]:
-    """The parsed lines of the log's last ``limit`` bytes (none when it cannot be read)."""
+    """The parsed lines of the log's last ``limit`` bytes; none when there is no log yet.
+
+    GpuHookError when it cannot be read (a directory, a symlink, an I/O error), NotPermitted
+    when this user may not read it: "no job in the log" must mean that.
+    """
+    import stat
+
+    from pvegpuhook.errors import GpuHookError, NotPermitted
+
     path = path or paths.host(paths.LOG_FILE)
+    shown = paths.unhost(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    except FileNotFoundError:
         return []
+    except PermissionError:
+        raise NotPermitted(path) from None
+    except OSError as error:
+        raise GpuHookError(f"cannot read the log file {shown}: {error.strerror}") from None
     try:
         with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise GpuHookError(f"cannot read the log file {shown}: not a regular file")
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - limit))
             raw = f.read()
-    except OSError:  # a directory, an I/O error: nothing to read
-        return []
+    except OSError as error:
+        raise GpuHookError(f"cannot read the log file {shown}: {error.strerror}") from None
     lines = raw.decode("utf-8", "replace").split("\n")
     if size > limit:
         lines = lines[1:]  # a partial first line
@@ -175,3 +190,35 @@ def last_job(lines: list[LogLine]) -> dict[str, object] | None:
     job["result"] = result
     job["errors"] = errors
     return job
+
+
+# what the hook says when it takes a guest down to free a GPU, and when that guest is back
+# (phases._stop_holders, restart.restart/_start, recover --forget): "<label> <what> ..."
+STOPPED_WORDS = ("shut down in ", "stopped hard ")
+BACK_WORDS = ("started again", "is running; record dropped", "record dropped")
+
+
+def not_started_again(lines: list[LogLine]) -> list[tuple[str, int, LogLine]]:
+    """The guests the log shows the hook took down to free a GPU and does not show back since:
+    (``VM``/``CT``, VMID, the line of that shutdown), in log order.
+
+    For a damaged state file: these lines say which guests the damaged records may have named.
+    """
+    import re
+
+    label = re.compile(r"(VM|CT) (\d+)(?: \([^)]*\))? (.*)")
+    down: dict[int, tuple[str, LogLine]] = {}
+    for line in lines:
+        if line.phase == "recover" and line.message.startswith("record dropped"):
+            down.pop(line.vmid or -1, None)  # recover --forget: the admin took it over
+            continue
+        match = label.match(line.message)
+        if match is None:
+            continue
+        word, vmid, rest = match.group(1), int(match.group(2)), match.group(3)
+        if rest.startswith(STOPPED_WORDS):
+            down[vmid] = (word, line)
+        elif any(words in rest for words in BACK_WORDS):
+            down.pop(vmid, None)
+    found = [(word, vmid, line) for vmid, (word, line) in down.items()]
+    return sorted(found, key=lambda item: lines.index(item[2]))

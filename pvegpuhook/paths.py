@@ -54,6 +54,27 @@ GUEST_HOOK = "usr/share/pve-gpu-hook/guest-hook"  # the guest hookscript the pac
 GUEST_HOOK_SNIPPET = "pve-gpu-hook-guest-hook"  # its name in a storage's snippets directory
 
 
+def unhost(path: str) -> str:
+    """A path under the root as the admin knows it on the host (``/etc/pve/...``)."""
+    top = root().rstrip("/")
+    if top and (path == top or path.startswith(top + "/")):
+        return path[len(top) :] or "/"
+    return path
+
+
+def listdir(path: str) -> list[str]:
+    """The names in a directory; none when it does not exist. NotPermitted when it cannot be
+    read: an empty answer would look like data."""
+    try:
+        return os.listdir(path)
+    except PermissionError:
+        from pvegpuhook.errors import NotPermitted
+
+        raise NotPermitted(path) from None
+    except OSError:
+        return []
+
+
 def shown(relative: str) -> str:
     """A host path as the admin knows it (``/etc/vzdump.conf``), whatever the test root."""
     return "/" + relative.lstrip("/")
@@ -62,8 +83,5 @@ def shown(relative: str) -> str:
 def corrupt_state_files() -> list[str]:
     """Damaged state files kept aside, oldest first (cheap: every hook phase asks)."""
     directory = host(STATE_DIR)
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
+    names = listdir(directory)
     return sorted(os.path.join(directory, n) for n in names if CORRUPT_MARK in n)

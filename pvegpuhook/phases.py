@@ -314,8 +314,12 @@ def _stop_holders(
                 if driver and driver != "vfio-pci":
                     drivers[claim.address] = driver
         ha_state = inventory.ha_states().get(guest.vmid)
+        take = ha_state not in (None, "ignored")
         if ha_state == "ignored":
-            ha_state = None  # HA leaves it alone: qm/pct act on it directly
+            # HA leaves it alone: qm/pct act on it directly. When the hook set that, for an
+            # earlier shutdown that timed out, the state to give back is the one recorded then.
+            earlier = next((r for r in store.records() if r.vmid == guest.vmid), None)
+            ha_state = earlier.ha_state if earlier is not None else None
         record = Record(
             guest.vmid,
             guest.kind,
@@ -332,7 +336,7 @@ def _stop_holders(
         store.add(record)  # before the guest is touched: a crash leaves the record
         metrics.update(log, store, settings)  # and a metrics file that says it waits
         crash_point("after-record")
-        if ha_state is not None and not _take_from_ha(log, store, record, stop.address):
+        if take and not _take_from_ha(log, store, record, stop.address):
             return 1
         timeout = timing.shutdown_timeout(guest.config, settings.shutdown_timeout)
         if timeout != settings.shutdown_timeout:
@@ -367,7 +371,7 @@ def _stop_holders(
             return 1
         via = (
             f"; HA resource {act.ha_sid(guest.kind, guest.vmid)} set to ignored for it"
-            if ha_state
+            if take
             else ""
         )
         took = duration(time.monotonic() - began)  # the whole of it, a hard stop included

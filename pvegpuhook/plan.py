@@ -738,3 +738,65 @@ def forecast_job(
     for vmid in forecast.restarted_at_end:
         forecast.holders[vmid].down_seconds += clock - down_since[vmid]
     return forecast
+
+
+# ---- making room for a recorded guest -----------------------------------------------------------
+
+
+class Swap:
+    """The way out for a recorded guest whose device a running guest took (an ``onboot`` guest
+    of a PCI mapping after a power loss): shut ``blocker`` down, start ``target``, then start
+    ``blocker`` again, which then takes ``moves_to`` (PVE's pick among its alternatives)."""
+
+    __slots__ = ("target", "blocker", "address", "moves_to")
+
+    def __init__(self, target: Guest, blocker: Holder, address: str, moves_to: list[str]) -> None:
+        self.target = target
+        self.blocker = blocker
+        self.address = address  # what the blocker holds that the target needs
+        self.moves_to = moves_to
+
+
+def plan_swap(
+    target: Guest,
+    needs: list[Need],
+    holders: list[Holder],
+    blocker_needs: list[Need],
+    protect: frozenset[int],
+) -> tuple[Swap | None, str]:
+    """Whether one running VM keeps ``target`` (a stopped VM with these needs) from starting and
+    would find another device of its own if started after it: (the swap, "") or (None, why not).
+
+    ``blocker_needs``: the needs of that one holder as its next start sees them (the caller
+    asks :func:`plan_free` who it is first). The target's start reserves what it picks, and the
+    blocker's start then picks as PVE does, around those reservations.
+    """
+    plan = plan_free(target, needs, holders, frozenset())
+    if plan.refusal is not None:
+        return None, f"{plan.refusal.holder.guest.label} {plan.refusal.reason}"
+    if len(plan.stops) != 1:
+        return None, "it would take more than one guest to shut down"
+    stop = plan.stops[0]
+    blocker = stop.holder
+    label = blocker.guest.label
+    why = _unstoppable(blocker, protect)
+    if why is not None:
+        return None, f"{label} {why}"
+    if blocker.guest.kind != GuestKind.QEMU or blocker.starting:
+        return None, f"{label} has no other device to take"
+    reserved: list[Claim] = []
+    for need, pick in zip(needs, plan.picks, strict=True):
+        chosen = need.alternatives[pick] if pick is not None else ()
+        reserved += [Claim(c.address, c.units, c.kind, RESERVED) for c in chosen]
+    others = [h for h in holders if h.vmid not in (blocker.vmid, target.vmid)]
+    others.append(Holder(target, reserved))
+    back = plan_free(blocker.guest, blocker_needs, others, frozenset())
+    if back.stops or back.refusal is not None or None in back.picks:
+        return None, f"{label} would find no other free device if started after {target.label}"
+    moves_to = [
+        claim.address
+        for need, pick in zip(blocker_needs, back.picks, strict=True)
+        if pick is not None
+        for claim in need.alternatives[pick]
+    ]
+    return Swap(target, blocker, stop.address, moves_to), ""

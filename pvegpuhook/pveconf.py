@@ -20,10 +20,16 @@ def is_number(text: str) -> bool:
 
 
 def read_text(path: str) -> str | None:
-    """A file's text, or None when it does not exist or cannot be read."""
+    """A file's text, or None when it does not exist (or is not a file, or a process went away
+    while it was read). NotPermitted when this user may not read it: a guest config of
+    ``/etc/pve`` (0640) read as another user than root must not look like no config at all."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
+    except PermissionError:
+        from pvegpuhook.errors import NotPermitted
+
+        raise NotPermitted(path) from None
     except OSError:
         return None
 

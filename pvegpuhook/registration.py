@@ -18,7 +18,7 @@ import os
 import stat
 
 from pvegpuhook import files, paths
-from pvegpuhook.errors import GpuHookError, StateError
+from pvegpuhook.errors import GpuHookError, NotPermitted, StateError
 from pvegpuhook.log import Log, clean
 
 HOOK_PATH = "/usr/share/pve-gpu-hook/vzdump-hook"  # = vzdumpconf.HOOK_PATH, without its import
@@ -69,6 +69,8 @@ def read_conf(*, missing_ok: bool = False, follow: bool = False) -> ConfFile | N
         raise GpuHookError(
             f"{shown} does not exist: not a Proxmox VE host? nothing registered"
         ) from None
+    except PermissionError:
+        raise NotPermitted(path) from None
     except OSError as error:
         raise GpuHookError(f"cannot read {shown}: {error.strerror}") from None
     if stat.S_ISLNK(info.st_mode):
@@ -83,6 +85,8 @@ def read_conf(*, missing_ok: bool = False, follow: bool = False) -> ConfFile | N
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
         with os.fdopen(fd, "rb") as f:
             raw = f.read()
+    except PermissionError:
+        raise NotPermitted(path) from None
     except OSError as error:
         raise GpuHookError(f"cannot read {shown}: {error.strerror}") from None
     return ConfFile(path, raw, info)
@@ -256,6 +260,8 @@ def read_jobs() -> tuple[list[Job], str | None]:
             text = f.read().decode(ENCODING, ERRORS)
     except FileNotFoundError:
         return [], None
+    except PermissionError:
+        raise NotPermitted(path) from None
     except OSError as error:
         return [], f"cannot read {paths.shown(JOBS_CFG)}: {error.strerror}"
     return parse_jobs(text), None

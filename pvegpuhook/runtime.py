@@ -71,10 +71,7 @@ def _ct_cgroups() -> list[int]:
     """CTs with a cgroup ``/sys/fs/cgroup/lxc/<vmid>`` (cgroup v2 hosts only): read only where
     ``/proc/net/unix`` is missing, which on a host never happens. It keeps a root that stands
     for ``/`` and models running CTs by their cgroup alone (the test seam) working."""
-    try:
-        names = os.listdir(paths.host(paths.CT_CGROUPS))
-    except OSError:
-        return []
+    names = paths.listdir(paths.host(paths.CT_CGROUPS))
     return [
         int(n) for n in names if is_number(n) and os.path.isdir(paths.host(paths.CT_CGROUPS, n))
     ]
@@ -91,10 +88,7 @@ def running(kind: str, vmid: int) -> bool:
 
 def vm_candidates() -> list[int]:
     """VMIDs with a pid file (not yet checked for a live process)."""
-    try:
-        names = os.listdir(paths.host("run/qemu-server"))
-    except OSError:
-        return []
+    names = paths.listdir(paths.host("run/qemu-server"))
     return sorted(int(n[:-4]) for n in names if n.endswith(".pid") and is_number(n[:-4]))
 
 

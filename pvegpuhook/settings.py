@@ -224,6 +224,10 @@ def load_settings(path: str | None = None) -> Settings:
         return Settings()
     except IsADirectoryError:
         raise ConfigError(path, None, "cannot read: it is a directory") from None
+    except PermissionError:
+        from pvegpuhook.errors import NotPermitted
+
+        raise NotPermitted(path) from None
     except OSError as error:
         raise ConfigError(path, None, f"cannot read: {error.strerror}") from None
     except UnicodeDecodeError as error:
@@ -247,7 +251,7 @@ def parse_settings(text: str, path: str, settings: Settings | None = None) -> Se
         if line is not None and line > len(text.splitlines()) and error.context_mark is not None:
             line = error.context_mark.line + 1  # "end of file": point at what was left open
         problem = error.problem or error.context or "invalid YAML"
-        if "\t" in problem or "tab" in problem.lower():
+        if "\t" in problem or "\\t" in problem or "tab" in problem.lower():
             problem = "indent with spaces, not tabs"
         raise ConfigError(path, line, f"invalid YAML: {problem}") from None
     except yaml.YAMLError as error:  # e.g. a control character: no mark, but a position
@@ -297,6 +301,26 @@ def parse_settings(text: str, path: str, settings: Settings | None = None) -> Se
     return settings
 
 
+TRUE_WORDS = ("1", "on", "yes", "true")  # pve-common JSONSchema.pm parse_boolean
+FALSE_WORDS = ("0", "off", "no", "false")
+
+
+def boolean(value: object) -> bool | None:
+    """A boolean as PVE reads one in its own files; YAML reads ``yes`` as true but ``"yes"`` as a
+    string, and an admin means the same by both. None when it is none of these words."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    return None
+
+
 def _vmid(item: object, path: str, line: int) -> int:
     if not is_vmid(item):
         raise ConfigError(path, line, f"protect: {item!r} is not a VMID (100-999999999)")
@@ -324,9 +348,15 @@ def _apply(settings: Settings, key: str, value: object, path: str, line: int) ->
             raise wrong()
         settings.keep_down_max = value
     elif key == "force_stop":
-        if not isinstance(value, bool):
-            raise wrong()
-        settings.force_stop = value
+        flag = boolean(value)
+        if flag is None:
+            raise ConfigError(
+                path,
+                line,
+                f"{key}: expected true or false (yes/no, on/off and 1/0 too, quoted or not, as "
+                f"PVE reads its own booleans), got {value!r}",
+            )
+        settings.force_stop = flag
     elif key == "protect":
         if value is not None:  # "protect:" with nothing after it means none
             raise wrong()

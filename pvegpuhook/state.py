@@ -50,11 +50,15 @@ class StateStore:
         self._records: list[Record] | None = None  # read once per lock hold
         self.salvaged: str | None = None  # set when the file was found damaged
         self._report = report  # told once, where a damaged file is found
+        self._reported: set[str] = set()  # a file read again says the same: said once
 
     # ---- holding ------------------------------------------------------------------------------
 
     def acquire(self, timeout: float, purpose: str) -> None:
         """Take the lock; the file is read now, once, for every change made until release."""
+        problem = files.untrusted_dir(self.dir)  # first: another user must not make root's lock
+        if problem:
+            raise StateError(problem)
         self._lock.acquire(timeout, purpose)
         try:
             files.remove_stale_temps(self.dir)
@@ -128,7 +132,13 @@ class StateStore:
             while os.path.lexists(aside):  # never overwrite an earlier kept copy
                 number += 1
                 aside = f"{stamp}.{number}"
-            os.rename(self.path, aside)
+            try:
+                os.rename(self.path, aside)
+            except OSError as error:
+                raise StateError(
+                    f"the state file {self.path} is corrupt ({reason}), and it cannot be kept "
+                    f"aside: {error.strerror}"
+                ) from None
             self.salvaged = f"{aside} ({reason}); {count} intact record(s) kept"
             self._write(parsed.records)
             message = (
@@ -141,7 +151,8 @@ class StateStore:
             message = (
                 f"the state file {self.path} is corrupt ({reason}); {count} intact record(s) read"
             )
-        if self._report is not None:
+        if self._report is not None and message not in self._reported:
+            self._reported.add(message)
             self._report(message)
 
     # ---- changes (held only) ------------------------------------------------------------------

@@ -329,10 +329,10 @@ stopped VM for its backup (``lock: backup``) is left to the vzdump hook.
 """
 
 OUTPUT = """
-The read commands (``status``, ``scan``, ``dry-run``) and ``start`` take ``--output-format``,
-as PVE's own tools do: ``text`` (the default), ``json`` (one line, keys sorted), ``json-pretty``
-(indented, keys sorted) or ``yaml``. Their shapes, below, are stable: scripts and monitoring can
-rely on them.
+The read commands (``status``, ``scan``, ``dry-run``), ``recover`` and ``start`` take
+``--output-format``, as PVE's own tools do: ``text`` (the default), ``json`` (one line, keys
+sorted), ``json-pretty`` (indented, keys sorted) or ``yaml``. Their shapes, below, are stable:
+scripts and monitoring can rely on them.
 
 On a terminal ``text`` prints tables; a table too wide for the terminal is printed in the plain
 form rather than cut, so a PCI address or a VMID is always whole. Piped, it prints plain aligned
@@ -411,12 +411,17 @@ EXIT_STATUS = (
         "it from monitoring), ``dry-run`` predicts a failing backup, ``recover`` could not start a "
         "guest (its record is kept), ``register`` refused to replace another hook script, "
         "``start`` was refused (nobody was stopped) or its guest did not start, ``handover "
-        "enable`` found another hookscript or no storage for snippets.",
+        "enable`` found another hookscript or no storage for snippets. While a damaged state "
+        "file exists (``state.json``, or one kept aside as ``state.json.corrupt-*``), "
+        "``status``, ``scan``, ``dry-run`` and ``recover`` say so once on stderr and exit 1; "
+        "``unregister --check-waiting`` (asked before a package removal) refuses.",
     ),
     (
         "2",
         "Usage or configuration error: a bad option or argument, an unknown VMID, an invalid "
-        "override file (the message names the file and line).",
+        "override file (the message names the file and line). Also a command that cannot read "
+        "what its answer depends on: run as another user than root, it says "
+        "``must be run as root: cannot read`` and the file, and answers nothing.",
     ),
 )
 
@@ -515,7 +520,7 @@ HEADS = (".SH", ".SS")
 SEE_ALSO = ("vzdump(1)", "qm(1)", "pct(1)", "pve-gpu-hook.yaml(5)")
 
 # the read commands whose module docstrings document their JSON shapes
-SHAPES = ("status", "scan", "dry-run", "start")
+SHAPES = ("status", "scan", "dry-run", "recover", "start")
 
 
 def _tagged(items: Iterable[tuple[str, str]], *, tag: Callable[[str], str] = bold) -> list[str]:

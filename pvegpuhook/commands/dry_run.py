@@ -112,6 +112,14 @@ def _excluded(text: str) -> set[int]:
 def run(args: argparse.Namespace) -> int:
     if not args.vmids and not args.all:
         raise GpuHookError("name the guests to back up, or --all", EXIT_USAGE)
+    if args.vmids and (args.all or args.exclude):
+        # as vzdump: "option conflicts with option 'vmid'" (PVE/VZDump.pm verify_vzdump_parameters)
+        option = "--all" if args.all else "--exclude"
+        raise GpuHookError(
+            f"{option} conflicts with the VMIDs given ({', '.join(map(str, args.vmids))}), as in "
+            "vzdump: give the guests, or --all [--exclude ...]",
+            EXIT_USAGE,
+        )
     notes: list[str] = []
     try:
         settings = load_settings()

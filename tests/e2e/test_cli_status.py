@@ -38,8 +38,11 @@ KEYS = {
     "bypassing_jobs",
     "override",
     "waiting",
+    "state_error",
     "corrupt_state",
+    "not_started_again",
     "last_job",
+    "night",
     "format",
     "notes",
     "attention",
@@ -64,9 +67,13 @@ def install(root: Path, path: str, mode: int = 0o755) -> Path:
     return target
 
 
-def status(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
+def status(
+    capsys: pytest.CaptureFixture[str], *args: str, damaged: bool = False
+) -> tuple[int, dict]:
     code, out, err = run_main(capsys, "status", "--output-format", "json", *args)
-    assert err == ""
+    # a damaged state is said once on stderr (and in "attention"); nothing else goes there
+    assert (err != "") == damaged, err
+    assert len(err.splitlines()) == (1 if damaged else 0), err
     data = json.loads(out)
     assert set(data) == KEYS
     assert data["format"] == 1
@@ -147,7 +154,10 @@ def test_all_fine(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "restart": "job-aware",
             "keep_down_max": 1800,
         },
+        "unknown_protect": [],
     }
+    assert data["state_error"] is None and data["not_started_again"] == []
+    assert data["night"] is None
 
 
 def test_quiet_answers_by_exit_status_alone(root: Path, capsys) -> None:
@@ -171,6 +181,9 @@ def test_metrics_file_turned_off_is_shown(root: Path, capsys) -> None:
 def test_override_values_in_force(root: Path, capsys) -> None:
     (root / "etc/pve-gpu-hook").mkdir()
     (root / "etc/pve-gpu-hook/config.yaml").write_text("protect: [104, 101]\nforce_stop: true\n")
+    (root / "etc/pve/qemu-server").mkdir()
+    for vmid in (101, 104):
+        (root / f"etc/pve/qemu-server/{vmid}.conf").write_text("memory: 512\n")
     code, data = status(capsys)
     assert code == 0
     assert data["override"]["exists"] is True
@@ -178,18 +191,23 @@ def test_override_values_in_force(root: Path, capsys) -> None:
     assert data["override"]["values"]["force_stop"] is True
 
 
-def test_not_a_pve_host_is_not_an_alarm(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_without_vzdump_conf_nothing_is_fine(tmp_path: Path, monkeypatch, capsys) -> None:
+    """No /etc/vzdump.conf: vzdump does not call the hook, whatever else this host is."""
     monkeypatch.setenv("PVE_GPU_HOOK_ROOT", str(tmp_path))
     code, data = status(capsys)
-    assert code == 0
+    assert code == 1
     assert data["registered"] is False and data["vzdump_conf_exists"] is False
+    assert data["attention"] == [
+        "not registered: /etc/vzdump.conf does not exist (is this a Proxmox VE host? the file "
+        "belongs to pve-manager): restore it, then run 'pve-gpu-hook register'"
+    ]
 
 
 def test_status_writes_nothing(root: Path, capsys) -> None:
     add_record()
     (root / "var/lib/pve-gpu-hook/state.json").write_text("{garbage")  # corrupt, not moved
     before = sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
-    status(capsys)
+    status(capsys, damaged=True)
     status_text(capsys)
     assert sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
 
@@ -294,17 +312,17 @@ def test_corrupt_state_kept_aside(root: Path, capsys) -> None:
     aside = root / "var/lib/pve-gpu-hook/state.json.corrupt-20240501T210500"
     aside.parent.mkdir(parents=True, exist_ok=True)
     aside.write_text("{broken")
-    code, data = status(capsys)
+    code, data = status(capsys, damaged=True)
     assert code == 1
     assert data["corrupt_state"] == [str(aside)]
-    assert "corrupt state file(s) kept aside" in data["attention"][0]
+    assert "damaged state file(s) kept aside" in data["attention"][0]
 
 
 def test_corrupt_live_state_file_still_shows_intact_records(root: Path, capsys) -> None:
     add_record(104, 102)
     path = root / "var/lib/pve-gpu-hook/state.json"
     path.write_text(path.read_text().replace('{"format": 2}', '{"format": [[[', 1))
-    code, data = status(capsys)
+    code, data = status(capsys, damaged=True)
     assert code == 1
     assert data["corrupt_state"] == [str(path)]
     assert [w["vmid"] for w in data["waiting"]] == [104]  # salvaged, not forgotten
@@ -383,29 +401,38 @@ def test_log_line_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_piped_text(root: Path, capsys) -> None:
-    add_record(104, 102)
+    """Sections of "Key: value" lines as pvecm status prints them; VM/CT; PVE's local times."""
+    add_record(104, 102, since=1714590190.0)
     write_log(root, *GOOD_JOB)
     code, out = status_text(capsys)
     assert code == 1
     lines = out.splitlines()
-    assert lines[0] == "pve-gpu-hook"
-    assert lines[1].split() == ["ITEM", "STATE"]
-    assert "registered:      yes: /etc/vzdump.conf line 6" in lines
-    assert any(line.startswith("waiting guests:  1") for line in lines)
+    assert lines[:2] == ["Hook", "----"]
+    assert "ITEM" not in out and "STATE" not in out
+    squeezed = [" ".join(line.split()) for line in lines]
+    assert "Registered: yes (/etc/vzdump.conf line 6)" in squeezed
+    assert "Waiting guests: 1: VM 104 (win11)" in squeezed
+    assert "Damaged state: none" in squeezed
+    assert lines[lines.index("Last job") : lines.index("Last job") + 2] == ["Last job", "--------"]
+    local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1714590190.0))
     header = next(line for line in lines if line.startswith("VMID"))
     assert header.split("  ")[0:2] == ["VMID", "TYPE"]
-    row = lines[lines.index(header) + 1].split()
-    assert row[:4] == ["104", "qemu", "win11", "stopped"] and row[5] == "102"
+    row = lines[lines.index(header) + 1]
+    assert row.split()[:4] == ["104", "VM", "win11", "stopped"]
+    assert local in row and row.split()[6] == "102"
     assert "\x1b" not in out and "─" not in out  # plain: no colours, no box drawing
     assert any(line.startswith("warning: 1 guest(s) stopped by pve-gpu-hook") for line in lines)
-    assert "Last job" in lines
+    # the job summed up; its every action only with --verbose
+    assert "VM 104 (win11) started again after 17 min off" not in out
+    code, out = status_text(capsys, "--verbose")
+    assert "VM 104 (win11) started again after 17 min off" in out
 
 
 def test_piped_text_noheader(root: Path, capsys) -> None:
     code, out = status_text(capsys, "--noheader")
     assert code == 0
-    assert out.splitlines()[0].startswith("registered:")
-    assert "ITEM" not in out and "all fine: nothing needs attention" in out
+    assert out.splitlines()[0].startswith("Registered:")
+    assert "----" not in out and "all fine: nothing needs attention" in out
 
 
 @pytest.mark.parametrize("fmt", ["json-pretty", "yaml"])

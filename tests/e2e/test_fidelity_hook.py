@@ -169,6 +169,24 @@ def test_ha_container_ignoring_shutdown_is_not_left_in_ha_error(tmp_path: Path) 
     assert ha_state(node, 200) == "started"
 
 
+def test_ha_state_survives_a_second_try_at_a_stubborn_holder(tmp_path: Path) -> None:
+    """Two backups need the GPU of an HA CT that ignores its shutdown: the second try finds it
+    'ignored' (set by the first) and must still give back 'started' (found by the soak)."""
+    node = ct_on_the_gpu(tmp_path)  # restart: after-job: the record lasts the whole job
+    node.write_override(
+        "shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 15\nrestart: after-job\n"
+    )
+    node.set_ha(200)
+    node.set_fault(200, ignore_shutdown=True)
+    job = run_job(node, [102, 103])
+    assert not job.guests[102].ok and not job.guests[103].ok
+    assert len([c for c in commands(node, "shutdown") if c[2] == "200"]) == 2
+    # the watch ends with the window of the second try: the record goes, HA gets it back
+    assert wait_for(lambda: not records(node), 60)
+    node.wait_settled()
+    assert node.is_running(200) and ha_state(node, 200) == "started"
+
+
 def test_ha_state_is_given_back_by_recover_after_a_crash(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     node.set_ha(104)

@@ -132,7 +132,7 @@ def test_a_stop_of_the_backup_task_does_not_cut_a_restart_in_half(tmp_path: Path
     assert node.running_guests() == {104}
     # the record waits for a phase that sees the guest run: here the admin's recover
     result = cli(node, "recover")
-    assert "already running, record dropped" in result.stdout
+    assert "VM 104 (win11)  running: record dropped" in result.stdout
     assert records(node) == []
 
 

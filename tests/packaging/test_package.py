@@ -154,6 +154,20 @@ def tail(text: str, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def said(out: subprocess.CompletedProcess[str]) -> list[str]:
+    """What the maintainer scripts told the admin in apt's output: each line prefixed, said once
+    (apt's and dpkg's own lines never name the registration or vzdump.conf)."""
+    ours = [line for line in out.stdout.splitlines() if line.startswith("pve-gpu-hook: ")]
+    loose = [
+        line
+        for line in out.stdout.splitlines()
+        if not line.startswith("pve-gpu-hook: ") and re.search(r"regist|vzdump\.conf|recover", line)
+    ]
+    assert loose == [], out.stdout
+    assert len(ours) == len(set(ours)), out.stdout
+    return ours
+
+
 def deb_fields(deb: Path) -> dict[str, str]:
     out = run(["dpkg-deb", "--field", str(deb)])
     assert out.returncode == 0, out.stdout
@@ -607,6 +621,9 @@ class TestCleanRoot:
             root.file(METRICS_DIR).mkdir(parents=True)
             out = root.apt(f"install {in_root(build, 'older')}")
             assert root.installed_version() == f"{build.version}~pkgtest1"
+            assert [line.split(" line ")[0] for line in said(out)] == [
+                "pve-gpu-hook: registered: /etc/vzdump.conf"
+            ]
             conf = root.vzdump_conf()
             assert active_script(conf) == HOOK, f"{out.stdout}\n{conf}"
             assert conf.startswith(STOCK_VZDUMP_CONF.decode()), "the admin's lines must stay"
@@ -697,19 +714,39 @@ class TestCleanRoot:
             root.sh("pve-gpu-hook register")
             assert root.read("/etc/vzdump.conf") == root.notes["registered"]
 
+    def test_07b_remove_refuses_while_a_guest_is_waiting(self, root: Root, build: Build) -> None:
+        """VM 104, stopped by the hook, not yet started: its record and 'recover' would go with
+        the package and it would stay off with nothing to say why."""
+        with root.step("remove refused: waiting"):
+            registered = root.notes["registered"]
+            for command in ("remove", "purge"):
+                out = root.apt(f"{command} {PACKAGE}", check=False)
+                assert out.returncode != 0, out.stdout
+                assert said(out) == [
+                    "pve-gpu-hook: guests it stopped are waiting to be started again: "
+                    "VM 104 (gpu-holder)",
+                    "pve-gpu-hook: start them with 'pve-gpu-hook recover', or drop a record "
+                    "with 'pve-gpu-hook recover --forget VMID' (the guest is left as it is)",
+                    "pve-gpu-hook: the package is not removed (see above).",
+                ], out.stdout
+                assert root.installed_version() == build.version
+                assert root.read("/etc/vzdump.conf") == registered  # still starts it at job-end
+                assert root.read("/var/lib/pve-gpu-hook/state.json") == PENDING_STATE
+            root.sh("pve-gpu-hook recover --forget 104")
+
     def test_08_remove_restores_vzdump_conf_byte_for_byte(self, root: Root) -> None:
         with root.step("remove"):
             out = root.apt(f"remove {PACKAGE}")
             assert root.read("/etc/vzdump.conf") == STOCK_VZDUMP_CONF, out.stdout
             assert not root.file(HOOK).exists()
             assert root.sh("dpkg --verify pve-manager", check=False).stdout.strip() == ""
-            # remove keeps the conffiles and the records of guests still to be started
+            # remove keeps the conffiles and the state directory
             assert root.file("/etc/pve-gpu-hook/config.yaml").is_file()
-            assert root.read("/var/lib/pve-gpu-hook/state.json") == PENDING_STATE
-            # and the metrics say so: unregistered, a guest still waiting
+            assert root.file("/var/lib/pve-gpu-hook").is_dir()
+            # and the metrics say so: unregistered, no guest waiting (the record was dropped)
             metrics = root.file(f"{METRICS_DIR}/pve-gpu-hook.prom").read_text()
             assert "pve_gpu_hook_registered 0\n" in metrics
-            assert "pve_gpu_hook_guests_waiting 1\n" in metrics
+            assert "pve_gpu_hook_guests_waiting 0\n" in metrics
 
     def test_09_installing_again_registers_again(self, root: Root, build: Build) -> None:
         with root.step("install again"):
@@ -738,7 +775,12 @@ class TestCleanRoot:
             root.notes["foreign"] = foreign
             out = root.apt(f"install {in_root(build)}")
             assert root.read("/etc/vzdump.conf") == foreign
-            assert "pve-gpu-hook register --chain" in out.stdout, out.stdout
+            assert said(out) == [
+                "pve-gpu-hook: not registered: /etc/vzdump.conf already sets the hook script "
+                f"'{FOREIGN_HOOK}' (left unchanged; vzdump runs only one).",
+                "pve-gpu-hook: to run it after pve-gpu-hook's own work, type: "
+                "pve-gpu-hook register --chain",
+            ], out.stdout
 
     def test_12_register_chain_runs_the_foreign_hook_after_ours(self, root: Root) -> None:
         with root.step("register --chain"):
@@ -776,7 +818,8 @@ class TestCleanRoot:
             root.sh("dpkg --purge pve-manager")
             assert not root.file("/etc/vzdump.conf").exists()
             out = root.apt(f"install {in_root(build)}")
-            assert "not a Proxmox VE host" in out.stdout, out.stdout
+            [line] = said(out)
+            assert "not a Proxmox VE host" in line, out.stdout
             assert not root.file("/etc/vzdump.conf").exists()
             root.apt(f"purge {PACKAGE}")
             assert not root.file("/var/lib/pve-gpu-hook").exists()

@@ -897,6 +897,22 @@ def test_override_any_text(text: str) -> None:
     check_settings(text)
 
 
+def as_boolean(value: object) -> bool | None:
+    """A boolean as PVE reads its own (pve-common JSONSchema.pm parse_boolean): YAML's true and
+    false, 0 and 1, and the words yes/no, on/off, true/false, 1/0 in any case, quoted or not."""
+    if type(value) is bool:
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("1", "on", "yes", "true"):
+            return True
+        if word in ("0", "off", "no", "false"):
+            return False
+    return None
+
+
 def valid_setting(key: object, value: object) -> bool:
     if key in ("shutdown_timeout", "start_timeout"):
         least = 0 if key == "start_timeout" else 1
@@ -904,7 +920,7 @@ def valid_setting(key: object, value: object) -> bool:
     if key in ("shutdown_watch", "keep_down_max"):
         return type(value) is int and 0 <= value <= 86400
     if key == "force_stop":
-        return type(value) is bool
+        return as_boolean(value) is not None
     if key == "protect":
         return value is None or (
             isinstance(value, list) and all(type(v) is int and 100 <= v <= 999999999 for v in value)
@@ -969,6 +985,8 @@ def test_override_dumped_documents_agree_with_the_schema(
         assert not isinstance(result, ConfigError), (text, result)
         expected = {key: option.default for key, option in SCHEMA.items()}
         expected.update({RENAMED.get(k, k): v for k, v in document.items()})
+        if "force_stop" in document:
+            expected["force_stop"] = as_boolean(document["force_stop"])
         expected["protect"] = sorted(set(expected["protect"] or []))  # type: ignore[call-overload]
         expected["metrics_file"] = expected["metrics_file"] or False  # none: turned off
         assert result.as_dict() == expected  # type: ignore[attr-defined]

@@ -222,7 +222,8 @@ def test_json_shapes_name_every_key_the_commands_print(tmp_path: Path) -> None:
     # the shapes come from the modules' docstrings: check them against a real run's keys
     env = dict(os.environ, PVE_GPU_HOOK_ROOT=str(tmp_path), PYTHONPATH=str(REPO))
     roff = read(PAGE)
-    for name, args in (("status", []), ("scan", []), ("dry-run", ["--all"])):
+    commands = (("status", []), ("scan", []), ("dry-run", ["--all"]), ("recover", ["--dry-run"]))
+    for name, args in commands:
         result = subprocess.run(
             [sys.executable, "-m", "pvegpuhook", name, *args, "--output-format", "json"],
             env=env,
