@@ -7,9 +7,90 @@ with what they read (``file:line: ...``), never into a list shared between calle
 
 from __future__ import annotations
 
-from pvegpuhook import pci
+from pvegpuhook import paths, pci
 from pvegpuhook.model import Claim, ClaimKind, Need
-from pvegpuhook.pveconf import GuestConfig, PciMapping, is_number, split_options
+from pvegpuhook.pveconf import (
+    GuestConfig,
+    MapEntry,
+    PciMapping,
+    is_boolean,
+    is_number,
+    parse_property_string,
+    printable,
+    split_options,
+)
+
+# qemu-server PCI.pm $hostpci_fmt: the keys of a hostpciN value and what each must look like
+HOSTPCI_KEYS = (
+    "host", "mapping", "rombar", "romfile", "pcie", "x-vga", "legacy-igd", "mdev",
+    "vendor-id", "device-id", "sub-vendor-id", "sub-device-id", "driver",
+)  # fmt: skip
+_BOOLEAN_KEYS = ("rombar", "pcie", "x-vga", "legacy-igd")
+_PCIRE = r"(?:[a-f0-9]{4,}:)?[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?"
+_ID = (r"0x[0-9a-fA-F]{4}", "a hex id like 0x10de")
+_FORMATS = {  # key: (pattern, what a value must be)
+    "host": (f"{_PCIRE}(?:;{_PCIRE})*", "PCI ids in lower-case hex (0000:01:00.0;...)"),
+    "mapping": (r"[a-zA-Z][a-zA-Z0-9_-]+", "a mapping name"),  # pve-configid
+    "romfile": (r"[^,;]+", "a file name"),
+    "mdev": (r"[^/.:]+", "an mdev type"),
+    "vendor-id": _ID,
+    "device-id": _ID,
+    "sub-vendor-id": _ID,
+    "sub-device-id": _ID,
+    "driver": (r"vfio|keep", "vfio or keep"),
+}
+
+
+def hostpci_options(value: str) -> tuple[dict[str, str], str | None]:
+    """A ``hostpciN`` value's options, or why PVE rejects it when it reads the config (its
+    schema check, qemu-server QemuServer.pm parse_vm_config → check_type): PVE then warns
+    ``unable to parse value of 'hostpciN'`` and drops the line."""
+    import re
+
+    options, error = parse_property_string(value, HOSTPCI_KEYS, default_key="host")
+    if error is not None:
+        return options, error
+    for key, text in options.items():
+        if key in _BOOLEAN_KEYS:
+            if not is_boolean(text):
+                return options, f"{key}={text}: not a boolean (1, 0, yes, no...)"
+        elif not re.fullmatch(_FORMATS[key][0], text):
+            return options, f"{key}={text}: not {_FORMATS[key][1]}"
+    return options, None
+
+
+def invalid_map_entry(sysfs: pci.Sysfs, mapping: PciMapping, entry: MapEntry) -> str | None:
+    """Why PVE finds a ``map`` line of this node out of date with the hardware, or None
+    (pve-guest-common Mapping/PCI.pm assert_valid: each path must exist; ``id``,
+    ``subsystem-id`` and ``mdev`` must match sysfs, ``iommugroup`` too for the first path; a
+    property sysfs has must be configured and one it lacks must not be)."""
+    import re
+
+    configured = {
+        "id": entry.id,
+        "iommugroup": entry.iommugroup,
+        "mdev": "1" if mapping.mdev else "0",
+        "subsystem-id": entry.subsystem_id,
+    }
+    for index, path in enumerate(entry.paths):
+        if not re.search(r"\.[a-f0-9]", path, re.IGNORECASE):
+            path += ".0"  # a whole device: its first function
+        if not sysfs.functions(path):
+            return f"pci device '{path}' not found"
+        expected = sysfs.mapping_facts(path)
+        for prop in sorted(expected):
+            if prop == "iommugroup" and index > 0:
+                continue
+            want, have = expected[prop], configured[prop]
+            if want is None and have is None:
+                continue
+            if have is None:
+                return f"missing expected property '{prop}' for device '{path}'"
+            if want is None:
+                return f"unexpected property '{prop}' configured for device '{path}'"
+            if want.replace("0x", "") != have.replace("0x", ""):
+                return f"'{prop}' does not match for '{mapping.name}' ({want} != {have})"
+    return None
 
 
 class ClaimReader:
@@ -44,7 +125,12 @@ class ClaimReader:
 
     def vm_needs(self, config: GuestConfig, with_pending: bool) -> tuple[list[Need], list[str]]:
         """Every passthrough need of a VM (``hostpci0..15`` and raw ``args`` vfio-pci devices),
-        and the problems of its config lines that name them."""
+        and the problems of its config lines that name them.
+
+        A ``hostpciN`` value failing PVE's format is dropped, as PVE drops it when it reads the
+        config (the VM starts without it): a warning, no need. A need PVE will refuse at the
+        start (a device sysfs lacks, an unusable mapping) carries that as its ``failure``.
+        """
         values = config.values(with_pending)
         needs: list[Need] = []
         warnings: list[str] = []
@@ -54,39 +140,115 @@ class ClaimReader:
             if value is None:
                 continue
             where = f"{config.path}:{config.line_of(key, with_pending) or '?'}"
-            first, options = split_options(value)
-            kind = ClaimKind.MDEV if options.get("mdev") else ClaimKind.EXCLUSIVE
-            if "mapping" in options:
-                name = options["mapping"]
-                mapping = self._mappings().get(name)
-                if mapping is None:
-                    warnings.append(f"{where}: {key}: PCI mapping {name!r} does not exist")
-                    needs.append(Need(key, [], mapping=name))
-                    continue
-                alternatives = [
-                    self._claims(entry.paths, kind, key, where, warnings)
-                    for entry in mapping.for_node(self.node)
-                ]
-                if not alternatives:
-                    warnings.append(
-                        f"{where}: {key}: PCI mapping {name!r} has no entry for node {self.node}"
-                    )
-                needs.append(Need(key, [a for a in alternatives if a], mapping=name))
+            options, error = hostpci_options(value)
+            if error is not None:
+                why = printable(error)
+                warnings.append(
+                    f"{where}: {key}: PVE ignores this line ({why}): the VM starts without it"
+                )
                 continue
-            host = options.get("host", first)
-            if not host:
-                warnings.append(f"{where}: {key}: no host= or mapping=, ignored")
-                continue
-            claims = self._claims(host.split(";"), kind, key, where, warnings)
-            if claims:
-                needs.append(Need(key, [claims]))
+            need = self._hostpci_need(key, options, where, warnings)
+            if need is not None:
+                needs.append(need)
+        self._assigned_once(needs)
         args = values.get("args")
         if args and "vfio-pci" in args:
             where = f"{config.path}:{config.line_of('args', with_pending) or '?'}"
             ids = vfio_hosts(split_args(args))
-            claims = self._claims(ids, ClaimKind.EXCLUSIVE, "args", where, warnings)
-            needs.extend(Need("args", [(c,)]) for c in claims)
+            for claim in self._claims(ids, ClaimKind.EXCLUSIVE, "args", where, warnings):
+                failure = None
+                if self.sysfs.local and not self.sysfs.exists(claim.address):
+                    failure = f"QEMU cannot open vfio {claim.address}: no such host device"
+                needs.append(Need("args", [(claim,)], failure=failure, blame=where))
         return needs, warnings
+
+    def _hostpci_need(
+        self, key: str, options: dict[str, str], where: str, warnings: list[str]
+    ) -> Need | None:
+        """One valid ``hostpciN`` line as PVE's start reads it (qemu-server PCI.pm
+        parse_hostpci): its alternatives, and the error PVE dies with, if any."""
+        kind = ClaimKind.MDEV if options.get("mdev") else ClaimKind.EXCLUSIVE
+        host, name = options.get("host"), options.get("mapping")
+        if host is not None and name is not None:
+            return Need(key, [], name, failure="Cannot set both 'host' and 'mapping'.", blame=where)
+        if name is not None:
+            return self._mapped_need(key, name, kind, where, warnings)
+        if host is None:
+            return Need(key, [], failure="Either 'host' or 'mapping' must be set.", blame=where)
+        claims = self._claims(host.split(";"), kind, key, where, warnings)
+        if not claims:
+            return None
+        need = Need(key, [claims], blame=where)
+        need.failure = self._missing(host.split(";"), kind)
+        return need
+
+    def _mapped_need(
+        self, key: str, name: str, kind: ClaimKind, where: str, warnings: list[str]
+    ) -> Need:
+        mapping = self._mappings().get(name)
+        entries = mapping.for_node(self.node) if mapping is not None else []
+        alternatives = [self._claims(e.paths, kind, key, where, warnings) for e in entries]
+        need = Need(key, [a for a in alternatives if a], mapping=name, blame=where)
+        if mapping is None or not entries:
+            # pci.cfg is at fault when it has the mapping: blame its line, not the guest's
+            if mapping is None:
+                why = f"{paths.host(paths.PCI_MAPPING)} has no mapping {name!r}"
+            else:
+                need.blame = f"{paths.host(paths.PCI_MAPPING)}:{mapping.line}"
+                why = (
+                    f"PVE ignores mapping {name!r}: {mapping.dropped}"
+                    if mapping.dropped
+                    else f"mapping {name!r} has no map line for node {self.node}"
+                )
+            need.failure = f"PCI device mapping not found for '{name}' ({why})"
+            return need
+        if not self.sysfs.local:
+            return need
+        for entry in entries:  # PVE checks every alternative before it chooses one
+            problem = invalid_map_entry(self.sysfs, mapping, entry)
+            if problem is None:
+                problem = self._missing(entry.paths, kind)
+            else:
+                problem = f"PCI device mapping invalid (hardware probably changed): {problem}"
+            if problem is not None:
+                need.failure = problem
+                need.blame = f"{paths.host(paths.PCI_MAPPING)}:{entry.line}"
+                break
+        return need
+
+    def _missing(self, ids: list[str], kind: ClaimKind) -> str | None:
+        """PVE's error for ids sysfs lacks (a prefix match, as SysFSTools.pm lspci), or for an
+        mdev of several functions; None when the start can use them."""
+        if not self.sysfs.local:
+            return None
+        count = 0
+        for raw in ids:
+            address = pci.normalize(raw)
+            found = self.sysfs.functions(address) if address is not None else []
+            if not found:
+                return f"no PCI device found for '{raw}'"
+            count += len(found)
+        if count > 1 and kind == ClaimKind.MDEV:
+            return "cannot use mediated device with multifunction device"
+        return None
+
+    def _assigned_once(self, needs: list[Need]) -> None:
+        """A function given by two ``hostpciN`` lines of one alternative each: PVE's start dies
+        (qemu-server PCI.pm choose_hostpci_devices)."""
+        if not self.sysfs.local:
+            return
+        used: set[str] = set()
+        for need in needs:
+            if len(need.alternatives) != 1 or need.failure is not None:
+                continue
+            claims = need.alternatives[0]
+            if any(c.kind == ClaimKind.MDEV for c in claims):
+                continue
+            for claim in claims:
+                for function in self.sysfs.functions(claim.address):
+                    if function in used:
+                        need.failure = f"device '{function}' assigned more than once"
+                    used.add(function)
 
     def ct_claims(self, config: GuestConfig, with_pending: bool = False) -> list[Claim]:
         """GPUs a CT uses through the host driver: the GPU device nodes it passes (``devN``) or

@@ -10,7 +10,17 @@ import os
 
 from pvegpuhook import paths, pci, runtime
 from pvegpuhook.claims import ClaimReader, vfio_hosts
-from pvegpuhook.model import RESERVED, Claim, ClaimKind, Guest, GuestKind, Holder, Need
+from pvegpuhook.model import (
+    IOMMU_MISSING,
+    RESERVED,
+    Claim,
+    ClaimKind,
+    Guest,
+    GuestKind,
+    Holder,
+    Need,
+    start_failure,
+)
 from pvegpuhook.pveconf import ha_resources, is_number, node_name, parse_guest_config, read_text
 
 
@@ -85,11 +95,28 @@ class Inventory:
 
     def needs(self, guest: Guest, *, for_start: bool) -> tuple[list[Need], list[str]]:
         """A VM's passthrough needs (``for_start``: as its next start sees them, pending
-        applied), and the problems of its config; a CT needs nothing for its backup."""
+        applied), and the problems of its config; a CT needs nothing for its backup.
+
+        A need PVE's start will die on has its ``failure`` (no IOMMU included), and the problems
+        end with one line saying so, naming the file and line at fault.
+        """
         if guest.kind != GuestKind.QEMU:
             return [], []
         needs, warnings = self.reader.vm_needs(guest.config, with_pending=for_start)
-        return needs, [*guest.config.warnings, *warnings]
+        if needs and not self.sysfs.iommu_present():
+            for need in needs:
+                if need.failure is None:
+                    need.failure = IOMMU_MISSING
+                    need.blame = f"{paths.host(pci.IOMMU_CLASS)} is empty"
+        problems = [*guest.config.warnings, *warnings]
+        failed = start_failure(needs)
+        if failed is not None:
+            line = f"{failed.blame}: {failed.source}: PVE will not start {guest.label}: "
+            line += str(failed.failure)
+            if for_start:
+                line += "; its backup fails, so no guest is stopped for it"
+            problems.append(line)
+        return needs, problems
 
     def claims_of_stopped(self, guest: Guest) -> list[Claim]:
         """What a guest would hold if started now (every alternative of a mapping)."""

@@ -108,19 +108,41 @@ class Need:
 
     More than one alternative only for a ``mapping=`` with several ``map`` lines for this node
     (PVE takes the first free one); each alternative is a tuple of claims passed together.
+    ``failure``: why PVE will refuse to start the VM with this line whoever holds what (its own
+    error, e.g. ``no PCI device found for '0000:09:00.0'``), and ``blame``: the ``file:line`` at
+    fault (the guest config's line, or the ``pci.cfg`` line of a mapping).
     """
 
-    __slots__ = ("source", "alternatives", "mapping")
+    __slots__ = ("source", "alternatives", "mapping", "failure", "blame")
 
     def __init__(
-        self, source: str, alternatives: list[tuple[Claim, ...]], mapping: str | None = None
+        self,
+        source: str,
+        alternatives: list[tuple[Claim, ...]],
+        mapping: str | None = None,
+        *,
+        failure: str | None = None,
+        blame: str | None = None,
     ) -> None:
         self.source = source
         self.alternatives = alternatives
         self.mapping = mapping
+        self.failure = failure
+        self.blame = blame
 
     def claims(self) -> list[Claim]:
         return [c for alt in self.alternatives for c in alt]
+
+
+IOMMU_MISSING = "cannot prepare PCI pass-through, IOMMU not present"  # PVE's words
+
+
+def start_failure(needs: list[Need]) -> Need | None:
+    """The need PVE's start of the VM dies on first, if any: it reads every line (in hostpci
+    order) before it prepares a device (the IOMMU check)."""
+    failing = [need for need in needs if need.failure is not None]
+    late = [need for need in failing if need.failure == IOMMU_MISSING]
+    return next((need for need in failing if need not in late), late[0] if late else None)
 
 
 class Holder:

@@ -13,7 +13,8 @@ import os
 from pvegpuhook import paths, pci, runtime
 from pvegpuhook.claims import ClaimReader
 from pvegpuhook.inventory import Inventory, all_guests
-from pvegpuhook.model import Claim, Guest, GuestKind, Holder, Need
+from pvegpuhook.model import IOMMU_MISSING, Claim, Guest, GuestKind, Holder, Need
+from pvegpuhook.plan import held_alternative, plan_free, same_function
 from pvegpuhook.pveconf import PciMapping, load_pci_mapping
 
 
@@ -29,6 +30,11 @@ class Finding:
 
 class ConfigOnlySysfs(pci.Sysfs):
     """Another node's hardware, which this host cannot see: every address is its own device."""
+
+    local = False
+
+    def iommu_present(self) -> bool:
+        return True  # unknown: nothing is claimed about it
 
     def all_functions(self) -> list[str]:
         return []
@@ -56,14 +62,18 @@ class ConfigOnlySysfs(pci.Sysfs):
 
 
 class Entry:
-    """One claim of one guest, with the need it belongs to (None for a CT)."""
+    """One claim of one guest, with the need it belongs to (None for a CT) and the index of the
+    need's alternative it is part of."""
 
-    __slots__ = ("guest", "claim", "need")
+    __slots__ = ("guest", "claim", "need", "alternative")
 
-    def __init__(self, guest: Guest, claim: Claim, need: Need | None) -> None:
+    def __init__(
+        self, guest: Guest, claim: Claim, need: Need | None, alternative: int | None = None
+    ) -> None:
         self.guest = guest
         self.claim = claim
         self.need = need
+        self.alternative = alternative
 
     @property
     def mapping(self) -> str | None:
@@ -97,6 +107,44 @@ class NodeView:
 
     def is_running(self, vmid: int) -> bool | None:
         return None if self.running is None else vmid in self.running
+
+    def holder(self, vmid: int) -> Holder | None:
+        return next((h for h in self.holders if h.vmid == vmid), None)
+
+    def held(self, entry: Entry) -> bool | None:
+        """Whether the entry's guest runs and holds this very address now (a running mapped VM
+        holds one alternative, not all); None when unknown (another node)."""
+        if self.running is None:
+            return None
+        holder = self.holder(entry.guest.vmid)
+        return holder is not None and any(
+            same_function(entry.claim.address, c.address) for c in holder.claims
+        )
+
+    def chosen(self, protect: frozenset[int] = frozenset()) -> dict[tuple[int, str], int]:
+        """(vmid, need source) → the alternative of a mapping with several that the guest holds
+        (running: read from its QEMU) or that PVE gives it at a start now (stopped: the
+        planner's pick, as for a backup). Empty on another node: nothing is known there."""
+        if self.running is None:
+            return {}
+        found: dict[tuple[int, str], int] = {}
+        for vmid, needs in self.needs.items():
+            pools = [n for n in needs if len(n.alternatives) > 1]
+            guest = self.guests[vmid]
+            if not pools or guest.template:
+                continue
+            holder = self.holder(vmid)
+            if holder is not None:
+                for need in pools:
+                    index = held_alternative(need, holder.claims)
+                    if index is not None:
+                        found[(vmid, need.source)] = index
+            elif vmid not in self.running and not any(n.failure for n in needs):
+                plan = plan_free(guest, needs, self.holders, protect)
+                for need, index in zip(needs, plan.picks, strict=True):
+                    if len(need.alternatives) > 1 and index is not None:
+                        found[(vmid, need.source)] = index
+        return found
 
     def entries_of(self, vmid: int) -> list[Entry]:
         return [e for e in self.entries if e.guest.vmid == vmid]
@@ -134,6 +182,12 @@ def local_view(inventory: Inventory) -> NodeView:
         view.problem(warning)
     guests = all_guests()
     _read_claims(view, inventory.reader, guests)
+    if not view.sysfs.iommu_present():  # PVE's start of any of them dies: say it of each
+        for needs in view.needs.values():
+            for need in needs:
+                if need.failure is None:
+                    need.failure = IOMMU_MISSING
+                    need.blame = f"{paths.host(pci.IOMMU_CLASS)} is empty"
     assert view.running is not None
     view.running.update(v for v in runtime.vm_candidates() if runtime.qemu_cmdline(v) is not None)
     view.running.update(runtime.running_cts())
@@ -189,7 +243,8 @@ def _read_claims(view: NodeView, reader: ClaimReader, guests: list[Guest]) -> No
                 needs = [_mapping_groups(need, view) for need in needs]
             view.needs[guest.vmid] = needs
             for need in needs:
-                view.entries.extend(Entry(guest, claim, need) for claim in need.claims())
+                for index, alternative in enumerate(need.alternatives):
+                    view.entries.extend(Entry(guest, claim, need, index) for claim in alternative)
         else:
             claims = reader.ct_claims(guest.config, with_pending=True)
             view.entries.extend(Entry(guest, claim, None) for claim in claims)
@@ -209,7 +264,9 @@ def _mapping_groups(need: Need, view: NodeView) -> Need:
             units = frozenset({f"group:{group}"}) if group else claim.units
             claims.append(Claim(claim.address, units, claim.kind, claim.source))
         alternatives.append(tuple(claims))
-    return Need(need.source, alternatives, mapping=need.mapping)
+    return Need(
+        need.source, alternatives, mapping=need.mapping, failure=need.failure, blame=need.blame
+    )
 
 
 def cluster_views(inventory: Inventory) -> list[NodeView]:

@@ -16,6 +16,7 @@ TYPE_CHECKING = False  # typing costs ~7 ms of import on the hook path
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+IOMMU_CLASS = "sys/class/iommu"
 NVIDIA_MAJOR = 195
 DRM_MAJOR = 226
 _HEX = "0123456789abcdef"
@@ -61,6 +62,8 @@ def _link_name(path: str) -> str | None:
 
 class Sysfs:
     """Read-only, cached view of the node's PCI devices under the root."""
+
+    local = True  # this host's own sysfs (another node's is not seen: see nodeview)
 
     def __init__(self) -> None:
         self._devices_dir = paths.host("sys/bus/pci/devices")
@@ -123,6 +126,47 @@ class Sysfs:
     def attribute(self, function: str, name: str) -> str | None:
         value = read_text(os.path.join(self._devices_dir, function, name))
         return value.strip() if value is not None else None
+
+    def iommu_present(self) -> bool:
+        """Whether the kernel has an IOMMU: PVE's own test (pve-common SysFSTools.pm
+        check_iommu_support: ``/sys/class/iommu/`` holds an entry), which its start of any VM with
+        a ``hostpciN`` device requires (qemu-server PCI.pm prepare_pci_device)."""
+        try:
+            return any(not name.startswith(".") for name in os.listdir(paths.host(IOMMU_CLASS)))
+        except OSError:
+            return False
+
+    def power_state(self, function: str) -> str | None:
+        """``D0``, ``D3hot``, ``D3cold``... (``power_state``); None when sysfs has no such file."""
+        return self.attribute(function, "power_state")
+
+    def reset_methods(self, function: str) -> list[str] | None:
+        """The reset methods the kernel would use, in order (``reset_method``: ``flr bus``...);
+        ``[]`` when the file is empty (no method left), None when there is no such file."""
+        value = self.attribute(function, "reset_method")
+        return None if value is None else value.split()
+
+    def mapping_facts(self, function: str) -> dict[str, str | None]:
+        """What PVE compares a PCI mapping's ``map`` line with (pve-common SysFSTools.pm
+        pci_device_info, verbose): ``id``, ``iommugroup``, ``subsystem-id``, ``mdev``."""
+        vendor = (self.attribute(function, "vendor") or "").removeprefix("0x")
+        device = (self.attribute(function, "device") or "").removeprefix("0x")
+        sub_vendor = self.attribute(function, "subsystem_vendor")
+        sub_device = self.attribute(function, "subsystem_device")
+        group = _link_name(os.path.join(self._devices_dir, function, "iommu_group"))
+        mdev = self.mdev_capable(function) or os.path.isdir(
+            os.path.join(self._devices_dir, function, "nvidia")
+        )
+        return {
+            "id": f"{vendor}:{device}",
+            "iommugroup": str(int(group)) if group is not None and is_number(group) else None,
+            "mdev": "1" if mdev else "0",
+            "subsystem-id": (
+                f"{sub_vendor.removeprefix('0x')}:{sub_device.removeprefix('0x')}"
+                if sub_vendor is not None and sub_device is not None
+                else None
+            ),
+        }
 
     def is_vf(self, function: str) -> bool:
         return os.path.lexists(os.path.join(self._devices_dir, function, "physfn"))

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pvegpuhook.model import RESERVED, Claim, ClaimKind, Guest, GuestKind, Holder, Need
+from pvegpuhook.model import (
+    RESERVED,
+    Claim,
+    ClaimKind,
+    Guest,
+    GuestKind,
+    Holder,
+    Need,
+    start_failure,
+)
 
 UNORDERED = 1 << 62  # PVE starts guests without a startup order after those with one
 # the expected length of a backup without a previous one to go by (docs/pve-facts.md §3)
@@ -64,6 +73,15 @@ def _blockers(alternative: tuple[Claim, ...], holders: list[Holder]) -> dict[int
 def same_function(a: str, b: str) -> bool:
     """Whether two addresses (a function or a whole device) name a common PCI function."""
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def held_alternative(need: Need, held: list[Claim]) -> int | None:
+    """The index of the alternative of ``need`` whose functions a running guest holds (``held``:
+    its holder's claims, read from its QEMU), or None."""
+    for index, alternative in enumerate(need.alternatives):
+        if all(any(same_function(c.address, h.address) for h in held) for c in alternative):
+            return index
+    return None
 
 
 def _reserved(alternative: tuple[Claim, ...], holders: list[Holder], leaving: set[int]) -> bool:
@@ -181,14 +199,22 @@ def _plan_free(
 
 
 class Verdict(StrEnum):
-    NOTHING = "nothing"  # nothing to free: the backup goes on as it would without the hook
+    # nothing to free: the backup goes on as it would without the hook (also when it fails
+    # whatever the hook does: see BackupDecision.failure)
+    NOTHING = "nothing"
     FREE = "free"  # shut these holders down first
     RESTART_FIRST = "restart-first"  # start these waiting guests first: they reserve their device
     REFUSE = "refuse"  # the backup fails: a holder must not stop, or vzdump refuses the guest
 
 
 class BackupDecision:
-    """What happens at one guest's backup: its effective mode, the verdict and why."""
+    """What happens at one guest's backup: its effective mode, the verdict and why.
+
+    ``failure``: vzdump will fail this backup whatever the hook does (PVE refuses to start the
+    VM with its devices): the verdict is then NOTHING, so that nobody is stopped for it.
+    ``picks``: per need, the index of the alternative the guest gets (see :class:`FreePlan`);
+    for a running VM restarted in stop mode, only when a need moves to another alternative.
+    """
 
     __slots__ = (
         "guest",
@@ -200,6 +226,8 @@ class BackupDecision:
         "template",
         "restart_first",
         "moves",
+        "failure",
+        "picks",
     )
 
     def __init__(self, guest: Guest, mode: str, verdict: Verdict, reason: str = "") -> None:
@@ -212,6 +240,8 @@ class BackupDecision:
         self.template = False  # backed up without its devices
         self.restart_first: list[int] = []  # waiting guests to start before vzdump's restart
         self.moves: list[str] = []  # devices a running mapped guest moves to at vzdump's restart
+        self.failure: str | None = None
+        self.picks: list[int | None] = []
 
 
 def decide_backup(
@@ -239,6 +269,19 @@ def decide_backup(
         )
     if guest.kind != GuestKind.QEMU:
         return BackupDecision(guest, mode, Verdict.NOTHING, "vzdump never starts a stopped CT")
+    if guest.template and needs:
+        decision = BackupDecision(
+            guest, mode, Verdict.NOTHING, "template: backed up without its devices"
+        )
+        decision.template = True
+        return decision
+    failed = start_failure(needs)
+    if failed is not None and (not running or mode == "stop"):
+        # a stopped VM is started for its backup, a running one too in stop mode
+        why = f"{failed.source}: {failed.failure}"
+        decision = BackupDecision(guest, mode, Verdict.NOTHING, f"vzdump will fail: {why}")
+        decision.failure = why
+        return decision
     if running:
         if mode != "stop" or not needs:
             return BackupDecision(
@@ -247,12 +290,6 @@ def decide_backup(
         return _decide_restart_in_stop_mode(guest, needs, holders, protect, waiting or {})
     if not needs:
         return BackupDecision(guest, mode, Verdict.NOTHING, "no passthrough device")
-    if guest.template:
-        decision = BackupDecision(
-            guest, mode, Verdict.NOTHING, "template: backed up without its devices"
-        )
-        decision.template = True
-        return decision
     plan = plan_free(guest, needs, holders, protect)
     if plan.refusal is not None:
         refusal = plan.refusal
@@ -265,9 +302,11 @@ def decide_backup(
         decision.refusal = refusal
         return decision
     if not plan.stops:
-        return BackupDecision(guest, mode, Verdict.NOTHING, "every device it needs is free")
-    decision = BackupDecision(guest, mode, Verdict.FREE)
-    decision.stops = plan.stops
+        decision = BackupDecision(guest, mode, Verdict.NOTHING, "every device it needs is free")
+    else:
+        decision = BackupDecision(guest, mode, Verdict.FREE)
+        decision.stops = plan.stops
+    decision.picks = plan.picks
     return decision
 
 
@@ -288,6 +327,7 @@ def _decide_restart_in_stop_mode(
     held = [c.address for c in own.claims] if own is not None else []
     decision = BackupDecision(guest, "stop", Verdict.NOTHING, "running: vzdump restarts it")
     had: list[str] = []  # what earlier needs had: two lines on one pool had two alternatives
+    gets: list[int | None] = []  # the alternative each need has after the restart
     for need, pick in zip(needs, plan.picks, strict=True):
         mine = next(
             (
@@ -300,6 +340,7 @@ def _decide_restart_in_stop_mode(
         )
         if mine is not None:
             had.extend(c.address for c in need.alternatives[mine])
+        gets.append(mine)
         if pick is None or len(need.alternatives) < 2:
             continue
         if mine is None or pick == mine:
@@ -317,6 +358,9 @@ def _decide_restart_in_stop_mode(
                 f"{', '.join(taken)} (mapping {need.mapping}: PVE takes the first free device; "
                 f"it held {', '.join(c.address for c in need.alternatives[mine])})"
             )
+            gets[-1] = pick
+    if decision.moves:
+        decision.picks = gets
     blocker = (
         plan.refusal.holder if plan.refusal else (plan.stops[0].holder if plan.stops else None)
     )
@@ -551,24 +595,22 @@ def keep_down_through(
 class Forecast(StrEnum):
     OK = "ok"
     FAIL = "fail"
-    SKIP = "skip"
 
 
 class GuestForecast:
     """What the hook (and vzdump) will do for one guest of a job."""
 
-    __slots__ = ("decision", "addresses", "restarted", "outcome")
+    __slots__ = ("decision", "addresses", "restarted", "outcome", "needs")
 
-    def __init__(self, decision: BackupDecision, addresses: list[str]) -> None:
+    def __init__(
+        self, decision: BackupDecision, addresses: list[str], needs: list[Need] | None = None
+    ) -> None:
         self.decision = decision
         self.addresses = addresses
+        self.needs = needs or []
         self.restarted: list[int] = []  # holders started again at this guest's log-end
-        if decision.verdict == Verdict.REFUSE:
-            self.outcome = Forecast.FAIL
-        elif decision.template:
-            self.outcome = Forecast.SKIP
-        else:
-            self.outcome = Forecast.OK
+        failed = decision.verdict == Verdict.REFUSE or decision.failure is not None
+        self.outcome = Forecast.FAIL if failed else Forecast.OK
 
     @property
     def guest(self) -> Guest:
@@ -584,7 +626,10 @@ class GuestForecast:
 
     @property
     def reason(self) -> str:
-        return self.decision.reason if self.outcome != Forecast.OK else ""
+        """Why it fails, or what an admin might not expect of a good one (a template)."""
+        if self.outcome == Forecast.FAIL or self.decision.template:
+            return self.decision.reason
+        return ""
 
 
 class HolderCost:
@@ -663,7 +708,7 @@ def forecast_job(
             ha_started=guest.vmid in ha,
             waiting={v: [c.address for c in held.get(v, [])] for v in stopped_for},
         )
-        step = GuestForecast(decision, [c.address for need in needs for c in need.claims()])
+        step = GuestForecast(decision, [c.address for n in needs for c in n.claims()], needs)
         forecast.guests.append(step)
         for vmid in decision.restart_first:  # started again before this guest's restart
             bring_back(vmid, clock, step)

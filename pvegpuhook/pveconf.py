@@ -142,6 +142,12 @@ def _shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def printable(text: str) -> str:
+    """``text`` with each character a terminal would not print escaped as repr escapes it, so
+    that a message quoting a config value stays one printable line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def split_options(value: str) -> tuple[str | None, dict[str, str]]:
     """``host,key=v,key2=w`` → (``host``, {key: v}); a first item with ``=`` is an option too."""
     first: str | None = None
@@ -179,60 +185,188 @@ def startup_down(value: str | None) -> int | None:
     return int(down) if down and is_number(down) and int(down) > 0 else None
 
 
+# ---- property strings (pve-common JSONSchema.pm parse_property_string, check_object) ------------
+
+TRUE_WORDS = ("1", "on", "yes", "true")
+FALSE_WORDS = ("0", "off", "no", "false")
+
+
+def parse_property_string(value: str, keys: tuple[str, ...], default_key: str | None = None):
+    """``k=v,k2=v2`` as PVE reads it: (properties, error). Parts are not trimmed, a key appears
+    once, an unknown key or a bare value without a default key is an error."""
+    found: dict[str, str] = {}
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        key, eq, val = part.partition("=")
+        if eq:
+            if not key or not val:
+                return found, "missing key in comma-separated list property"
+            if key in found:
+                return found, f"duplicate key in comma-separated list property: {key}"
+            if key not in keys:
+                return found, f"invalid key in comma-separated list property: {key}"
+            found[key] = val
+        elif default_key is None:
+            return found, "value without key, but schema does not define a default key"
+        elif default_key in found:
+            return found, f"duplicate key in comma-separated list property: {default_key}"
+        else:
+            found[default_key] = part
+    return found, None
+
+
+def is_boolean(value: str) -> bool:
+    return value.lower() in TRUE_WORDS + FALSE_WORDS
+
+
+# ---- /etc/pve/mapping/pci.cfg (pve-guest-common Mapping/PCI.pm, pve-common SectionConfig.pm) ----
+
+_MAP_KEYS = ("node", "id", "subsystem-id", "path", "iommugroup", "description")
+_PCI_PATH = r"[a-f0-9]{4,}:[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?"  # a domain is required here
+
+
 class MapEntry:
-    """One ``map`` line of a PCI mapping: an alternative set of functions on one node."""
+    """One ``map`` line of a PCI mapping: an alternative set of functions on one node, and what
+    PVE expects of that hardware (``id``, ``subsystem-id``, ``iommugroup``)."""
 
-    __slots__ = ("node", "paths", "iommugroup", "line")
+    __slots__ = ("node", "paths", "iommugroup", "line", "id", "subsystem_id")
 
-    def __init__(self, node: str, paths_: list[str], iommugroup: str | None, line: int) -> None:
+    def __init__(
+        self,
+        node: str,
+        paths_: list[str],
+        iommugroup: str | None,
+        line: int,
+        id_: str | None = None,
+        subsystem_id: str | None = None,
+    ) -> None:
         self.node = node
         self.paths = paths_
         self.iommugroup = iommugroup
         self.line = line
+        self.id = id_
+        self.subsystem_id = subsystem_id
 
 
 class PciMapping:
-    __slots__ = ("name", "entries", "mdev", "line")
+    """One mapping section of ``pci.cfg``; ``dropped``: why PVE ignores it whole (a guest using
+    it then fails as if it did not exist), None when PVE reads it."""
+
+    __slots__ = ("name", "entries", "mdev", "line", "dropped")
 
     def __init__(self, name: str, line: int) -> None:
         self.name = name
         self.entries: list[MapEntry] = []
         self.mdev = False
         self.line = line
+        self.dropped: str | None = None
 
     def for_node(self, node: str) -> list[MapEntry]:
         return [e for e in self.entries if e.node == node]
 
 
+def _map_entry(value: str, line: int) -> tuple[MapEntry | None, str | None]:
+    """A ``map`` value as PVE validates it (Mapping/PCI.pm ``$map_fmt``), or why it drops it."""
+    import re
+
+    props, error = parse_property_string(value, _MAP_KEYS)
+    if error is not None:
+        return None, error
+    for key in ("node", "id", "path"):
+        if key not in props:
+            return None, f"{key}= is missing"
+    if not re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?", props["node"]):
+        return None, f"node={props['node']} is not a node name"
+    for key in ("id", "subsystem-id"):
+        if key in props and not re.fullmatch(r"[0-9A-Fa-f]{4}:[0-9A-Fa-f]{4}", props[key]):
+            return None, f"{key}={props[key]} is not vvvv:dddd"
+    if not re.fullmatch(f"(?:{_PCI_PATH};)*{_PCI_PATH}", props["path"]):
+        return None, f"path={props['path']} is not a list of full PCI ids (0000:01:00.0;...)"
+    group = props.get("iommugroup")
+    if group is not None and not re.fullmatch(r"[+-]?\d+", group):
+        return None, f"iommugroup={group} is not a number"
+    entry = MapEntry(
+        props["node"], props["path"].split(";"), group, line, props["id"], props.get("subsystem-id")
+    )
+    return entry, None
+
+
 def parse_pci_mapping(text: str, path: str) -> tuple[dict[str, PciMapping], list[str]]:
-    """``/etc/pve/mapping/pci.cfg``: a name line, then tab-indented ``map``/``mdev`` lines."""
+    """``/etc/pve/mapping/pci.cfg`` read as PVE reads it, with what PVE drops as warnings.
+
+    A mapping is a header line ``<name>`` and the indented property lines right after it, up to
+    the next blank line (PVE's section config: a line that is not indented before that blank line
+    is ignored, not a new mapping). A ``map`` line failing its format is dropped; a mapping left
+    without any ``map`` line, or with an invalid name, is dropped whole — a guest using it then
+    fails to start with ``PCI device mapping not found``. A mapping without a ``map`` line is
+    kept with its ``dropped`` reason, for the readers to blame its line rather than the guests'.
+    """
+    import re
+
     mappings: dict[str, PciMapping] = {}
     warnings: list[str] = []
-    current: PciMapping | None = None
-    for number, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip() or raw.lstrip().startswith("#"):
+    lines = text.split("\n")
+    index = 0
+
+    def next_line() -> tuple[int, str] | None:
+        nonlocal index
+        while index < len(lines):
+            index += 1
+            raw = lines[index - 1]
+            if not re.match(r"\s*#", raw):
+                return index, raw
+        return None
+
+    while (item := next_line()) is not None:
+        number, raw = item
+        if raw in ("", "0"):  # Perl's false strings: skipped
             continue
-        if not raw[0].isspace():
-            name = raw.strip()
-            if ":" in name:  # tolerate a "type: name" header
-                name = name.split(":", 1)[1].strip()
-            current = mappings.setdefault(name, PciMapping(name, number))
+        header = re.fullmatch(r"(\S+)\s*", raw)
+        if header is None:
+            warnings.append(f"{path}:{number}: {_shorten(raw)!r} ignored: not a mapping name")
             continue
-        if current is None:
-            warnings.append(f"{path}:{number}: property outside of a mapping, line ignored")
-            continue
-        key, *rest = raw.split(None, 1)
-        value = rest[0].strip() if rest else ""
-        if key == "map":
-            _, props = split_options(value)
-            node = props.get("node")
-            ids = [p for p in props.get("path", "").split(";") if p]
-            if not node or not ids:
-                warnings.append(f"{path}:{number}: map line without node= or path=, ignored")
+        name = header.group(1)
+        valid = re.fullmatch(r"[a-zA-Z][a-zA-Z0-9_-]+", name) is not None
+        if not valid:
+            warnings.append(f"{path}:{number}: {name!r} is not a valid mapping name: ignored")
+        mapping = PciMapping(name, number)
+        seen: set[str] = set()
+        while (item := next_line()) is not None and item[1] not in ("", "0"):
+            number, raw = item
+            if not valid:
                 continue
-            current.entries.append(MapEntry(node, ids, props.get("iommugroup"), number))
-        elif key == "mdev":
-            current.mdev = value in ("1", "true")
+            prop = re.fullmatch(r"\s+(\S+)(?:\s+(.*\S))?\s*", raw)
+            if prop is None:
+                shown = _shorten(raw.strip() or raw)
+                warnings.append(
+                    f"{path}:{number}: {shown!r} ignored: PVE reads it as a line of mapping "
+                    f"{name!r}, which runs up to the next blank line"
+                )
+                continue
+            key, value = prop.group(1), prop.group(2)
+            where = f"{path}:{number}: mapping {name!r}"
+            if key == "map":
+                entry, error = _map_entry(value or "", number)
+                if entry is None:
+                    warnings.append(f"{where}: map line ignored: {printable(error or '')}")
+                else:
+                    mapping.entries.append(entry)
+            elif key in ("mdev", "live-migration-capable", "description"):
+                if key in seen:
+                    warnings.append(f"{where}: {key} ignored: duplicate attribute")
+                elif key != "description" and value is not None and not is_boolean(value):
+                    warnings.append(f"{where}: {key} {value} ignored: not a boolean")
+                elif key == "mdev":
+                    mapping.mdev = value is None or value.lower() in TRUE_WORDS
+                seen.add(key)
+            else:
+                warnings.append(f"{where}: unknown property {key!r} ignored")
+        if not valid:
+            continue
+        if not mapping.entries:  # said by whoever reads a guest using it, or scan
+            mapping.dropped = "it has no valid map line"
+        mappings[name] = mapping
     return mappings, warnings
 
 

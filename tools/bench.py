@@ -40,6 +40,7 @@ def write(path: Path, text: str | bytes) -> None:
 def build_node(root: Path, guests: int) -> None:
     """A node with ``guests`` guests; every 10th runs; every 50th VM holds the second GPU's VF."""
     write(root / "etc/hostname", "pve1\n")
+    (root / "sys/class/iommu/dmar0").mkdir(parents=True, exist_ok=True)  # an IOMMU is on
     conf = root / "etc/pve/qemu-server"
     for fn, group in (("0000:01:00.0", 14), ("0000:01:00.1", 14), ("0000:02:00.0", 15)):
         dev = root / "sys/bus/pci/devices" / fn

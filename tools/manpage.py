@@ -334,11 +334,15 @@ The read commands (``status``, ``scan``, ``dry-run``), ``recover`` and ``start``
 sorted), ``json-pretty`` (indented, keys sorted) or ``yaml``. Their shapes, below, are stable:
 scripts and monitoring can rely on them.
 
-On a terminal ``text`` prints tables; piped, it prints plain aligned text for ``grep`` and
-``awk``: columns two spaces apart, one line per row, no colours, no box drawing, ``-`` for an empty
-value. ``--noheader`` drops the titles and header rows, ``--noborder`` the borders of the terminal
-tables. Warnings and notes follow the tables, one per line. Control characters from guest names and
-configuration files are printed escaped.
+On a terminal ``text`` prints tables; a table too wide for the terminal is printed in the plain
+form rather than cut, so a PCI address or a VMID is always whole. Piped, it prints plain aligned
+text for ``grep`` and ``awk``: one line per row, columns at least two spaces apart, no colours, no
+box drawing, and one awk field per column: a header is one word, a list is joined with ``,`` and no
+blank (``102,103``), a blank inside a value is written ``_``, an empty value is ``-``. A table
+without rows is a sentence saying so. Warnings and notes follow the tables, one per line.
+``--noheader`` prints the rows only, without titles, header rows or blank lines; the notes and
+warnings then go to stderr. ``--noborder`` drops the borders of the terminal tables. Control
+characters from guest names and configuration files are printed escaped.
 """
 
 METRICS = """

@@ -1,13 +1,30 @@
 """``pve-gpu-hook scan [VMID] [--cluster]``: which guests fight for which GPU on this node.
 
 Read-only: it reads configs, the PCI mapping, sysfs and the runtime state under the root; it runs no
-command and writes nothing.
+command and writes nothing. It prints text tables, or JSON with ``--output-format json`` (its shape
+is below).
 
 A device (``dddd:bb:dd``, all its functions together) is listed when some guest config claims it
 (VM ``hostpciN``/``args`` full passthrough = ``exclusive``, VM ``mdev=`` = ``mdev``, CT device
 nodes/cgroup rules = ``shared``), when a running guest holds it, or when it is a display device
 (PCI class ``0x03xxxx``). Claims are read as the guest's *next start* sees its config: ``[PENDING]``
-changes applied, as ``qm config`` shows it and as vzdump's paused start of a stopped VM uses it.
+changes applied, as ``qm config`` shows it and as vzdump's paused start of a stopped VM uses it. A
+``hostpciN`` value that fails PVE's format is not a claim: PVE drops that line (a warning says so).
+
+A VM with a PCI mapping of several devices for this node (a pool) claims each of them as an
+*alternative*; it holds, or gets at its next start, only one: the one its running QEMU holds, or
+the one PVE would give it if it started now: the first alternative no running VM has reserved, or,
+when every one is, the one the hook would free for its backup (the hook's planner chooses).
+
+Text: the table of devices (``DEVICE MODEL GROUP DRIVER POWER RESET HELD``; POWER and RESET
+are the first function's sysfs ``power_state`` and ``reset_method``, ``unknown`` when the kernel
+has no such file, RESET ``none`` when it is empty; HELD lists the VMIDs holding the device now),
+then the table of claims, one row per device and guest (``DEVICE VMID NAME STATE KEY KIND MAPPING
+USE``; USE is ``holds`` where the guest holds that device now, ``next`` for the alternative of a
+pool PVE gives a stopped guest at its next start, ``alt`` for its other alternatives). Piped, each
+cell is one awk field::
+
+    pve-gpu-hook scan --noheader | awk 'NF == 7 && $7 != "-" {print $1, "held by", $7}'
 
 JSON shape of ``scan`` (keys sorted by ``emit``)::
 
@@ -22,14 +39,21 @@ JSON shape of ``scan`` (keys sorted by ``emit``)::
                   "iommu_group": "14" | null,          # a string, as sysfs names groups
                   "group_members": ["0000:00:01.0", ...],  # the group's functions on other devices
                   "driver": "vfio-pci" | null,         # driver of the first function
+                  "power_state": "D0" | "D3cold" | ... | null,   # null: no such sysfs file
+                  "reset_method": ["flr", "bus"] | [] | null,    # []: none; null: no such file
                   "claims": [{"vmid": 102, "type": "qemu" | "lxc", "name": str | null,
                               "kind": "exclusive" | "mdev" | "shared",
                               "source": "hostpci0" | "args" | "dev0 (line 7)" | ...,
                               "address": "0000:01:00", # as the config names it, normalised
                               "mapping": "gpu" | null, "onboot": bool, "template": bool,
-                              "running": bool | null,  # null: unknown (another node)
-                              "handover": bool}],  # its start shuts the holders down
-                                                   # (pve-gpu-hook handover enable)
+                              "running": bool | null,  # the guest runs; null: unknown
+                              "held": bool | null,     # it holds this very device now
+                              "alternative": 0 | null, # index of the pool alternative this
+                                                       # device is part of; null: not a pool
+                              "picked": bool | null,   # a pool: the alternative it holds or
+                                                       # gets at its next start; else null
+                              "handover": bool}],      # its start shuts the holders down
+                                                       # (pve-gpu-hook handover enable)
                   "held_by": [104]}],                  # running guests using it now
      "warnings": [str, ...]}
 
@@ -41,19 +65,25 @@ JSON shape of ``scan`` (keys sorted by ``emit``)::
     {"node": "pve1",
      "guest": {"vmid", "type", "name", "running", "onboot", "template", "lock"},
      "needs": [{"source": "hostpci0", "mapping": str | null,
-                "alternatives": [[{"address", "kind", "units": ["group:14"], "present": bool}]]}],
-     "conflicts": [{"vmid", "type", "name", "running", "source", "address", "kind",
-                    "with": [<this guest's addresses>], "units": [...]}],
+                "alternatives": [[{"address", "kind", "units": ["group:14"], "present": bool,
+                                   "held": bool | null}]],
+                "picked": 0 | null,                 # the alternative it holds / gets next
+                "failure": str | null}],            # PVE's error when it will not start it
+     "conflicts": [{"vmid", "type", "name", "running", "template", "source", "address", "kind",
+                    "with": [<this guest's addresses>], "units": [...],
+                    "held": bool | null}],          # that guest holds that address now
      "would_stop": [{"vmid", "type", "name", "address"}],   # running holders to shut down so
                                                             # it can start now; address: held
      "refusal": null | {"vmid", "address", "reason"},       # a holder that must not be stopped
      "warnings": [str, ...]}
 
-Warnings (text: ``warning: ...`` lines after the table): two ``onboot: 1`` guests that conflict
-on one unit; a ``hostpci`` change waiting in ``[PENDING]``; a PCI mapping without an entry for the
-node, missing, or pointing at hardware sysfs lacks; a full passthrough of a device whose IOMMU
-group another guest uses with a different device; a configured device sysfs lacks; every config
-line that cannot be parsed.
+Warnings (text: ``warning: ...`` lines after the tables): a line PVE's start dies on (a device
+sysfs lacks, both or neither of ``host=``/``mapping=``, no IOMMU); a PCI mapping missing, without
+an entry for the node, or whose ``map`` line no longer matches the hardware (reported once, against
+its ``pci.cfg`` line, naming the guests using it); ``onboot: 1`` guests that can take each other's
+device, with what the boot order does; a device in ``D3cold`` or without a reset method; a
+``hostpci`` change waiting in ``[PENDING]``; a full passthrough of a device whose IOMMU group
+another guest uses with a different device; every config line that cannot be parsed.
 
 Exit status 0 (warnings are shown, not signalled); 2 for an unknown VMID or VMID with --cluster.
 """
@@ -65,17 +95,22 @@ from typing import Any
 
 from pvegpuhook import completion, pci
 from pvegpuhook.commands import vmid_arg
-from pvegpuhook.errors import EXIT_OK, EXIT_USAGE, GpuHookError
+from pvegpuhook.errors import EXIT_OK, EXIT_USAGE, ConfigError, GpuHookError
 from pvegpuhook.findings import Finding, findings, join_and
 from pvegpuhook.handover import is_ours
 from pvegpuhook.inventory import Inventory
-from pvegpuhook.model import Claim, ClaimKind, Guest, GuestKind, Need, guest_label
+from pvegpuhook.model import Claim, Guest, GuestKind, Holder, Need, guest_label, start_failure
 from pvegpuhook.nodeview import NodeView, cluster_views, local_view
 from pvegpuhook.output import Table, add_output_options, emit
 from pvegpuhook.pciids import PciNames, hex_id, model_name, pci_ids_path
 
 Json = dict[str, Any]  # a JSON object of the documented shapes
 DISPLAY_CLASS = "0x03"
+USE_LEGEND = (
+    "USE: holds = the guest holds that device now; next = of its mapping's devices, the one it "
+    "gets if started now (the one the hook frees for its backup); alt = another one"
+)
+HANDOVER = "its start shuts the holders of its devices down (pve-gpu-hook handover enable)"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -84,9 +119,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="show the node's GPUs, which guests claim them and who holds them now",
         description=(
             "List the node's GPUs and other passed-through PCI devices with their IOMMU group, "
-            "driver, the guests claiming them and the running guest holding them, and warn about "
-            "configurations that break backups or boots. With VMID: detail one guest, its "
-            "conflicts and who would have to stop for it. Reads only; runs no command."
+            "driver, power state and reset method, which guest holds each now, and every "
+            "guest's claim on them (for a mapping with several devices: which one it holds or "
+            "gets at its next start); warn about configurations that break backups or boots. "
+            "With VMID: detail one guest, its conflicts and who would have to stop for it. "
+            "Reads only; runs no command."
         ),
     )
     vmid = parser.add_argument(
@@ -118,10 +155,20 @@ def run(args: argparse.Namespace) -> int:
         view = local_view(inventory)
         node = node_report(view, findings(view))
         data = node
-        tables = [device_table(view, node)]
-        notes = _legend(node) + [f"warning: {w}" for w in node["warnings"]]
+        tables = node_tables(view, node)
+        notes = _notes(node) + [f"warning: {w}" for w in node["warnings"]]
     emit(args, data, tables, notes)
     return EXIT_OK
+
+
+def _protect() -> frozenset[int]:
+    """The guests the hook must not stop: they change which alternative the planner frees."""
+    from pvegpuhook.settings import load_settings
+
+    try:
+        return load_settings().protect
+    except ConfigError:
+        return frozenset()  # status reports the invalid file; the picture stays useful
 
 
 # ---- the node report --------------------------------------------------------------------------
@@ -132,11 +179,12 @@ def node_report(view: NodeView, found: list[Finding]) -> Json:
     sysfs = view.sysfs
     devices: dict[str, Json] = {}
     addresses: dict[str, set[str]] = {}  # functions named by claims, for devices sysfs lacks
+    chosen = view.chosen(_protect() if view.local else frozenset())
 
     def device(address: str) -> Json:
         key = pci.device_of(address)
         if key not in devices:
-            devices[key] = {"address": key, "claims": [], "held_by": [], "_claimed": set()}
+            devices[key] = {"address": key, "claims": [], "held_by": [], "_claimed": {}}
             addresses[key] = set()
         return devices[key]
 
@@ -149,28 +197,34 @@ def node_report(view: NodeView, found: list[Finding]) -> Json:
         seen = row["_claimed"]
         mark = (entry.guest.vmid, entry.claim.source)
         if mark in seen:
-            continue  # "01:00.0;01:00.1" on one line is one claim of the device
-        seen.add(mark)
+            # "01:00.0;01:00.1" on one line is one claim of the device
+            if view.held(entry):
+                seen[mark]["held"] = True
+            continue
         guest = entry.guest
-        claims = row["claims"]
-        claims.append(
-            {
-                "vmid": guest.vmid,
-                "type": guest.kind,
-                "name": guest.name,
-                "kind": entry.claim.kind,
-                "source": entry.claim.source,
-                "address": entry.claim.address,
-                "mapping": entry.mapping,
-                "onboot": guest.onboot,
-                "template": guest.template,
-                "running": view.is_running(guest.vmid),
-                "handover": is_ours(guest.config.values().get("hookscript")),
-            }
-        )
+        pool = entry.need is not None and len(entry.need.alternatives) > 1
+        index = chosen.get((guest.vmid, entry.claim.source)) if pool else None
+        claim = {
+            "vmid": guest.vmid,
+            "type": guest.kind,
+            "name": guest.name,
+            "kind": entry.claim.kind,
+            "source": entry.claim.source,
+            "address": entry.claim.address,
+            "mapping": entry.mapping,
+            "onboot": guest.onboot,
+            "template": guest.template,
+            "running": view.is_running(guest.vmid),
+            "held": view.held(entry),
+            "alternative": entry.alternative if pool else None,
+            "picked": (index == entry.alternative) if pool and index is not None else None,
+            "handover": is_ours(guest.config.values().get("hookscript")),
+        }
+        seen[mark] = claim
+        row["claims"].append(claim)
     for holder in view.holders:
-        for claim in holder.claims:
-            held = device(claim.address)["held_by"]
+        for held_claim in holder.claims:
+            held = device(held_claim.address)["held_by"]
             if holder.vmid not in held:
                 held.append(holder.vmid)
 
@@ -195,10 +249,8 @@ def node_report(view: NodeView, found: list[Finding]) -> Json:
         vendor = hex_id(sysfs.attribute(first, "vendor")) if first else None
         device_id = hex_id(sysfs.attribute(first, "device")) if first else None
         vendor_name, device_name = names.lookup(vendor, device_id) if names else (None, None)
-        claims = row["claims"]
-        claims.sort(key=lambda c: (c["vmid"], c["source"]))
-        held = row["held_by"]
-        held.sort()
+        row["claims"].sort(key=lambda c: (c["vmid"], c["source"]))
+        row["held_by"].sort()
         row.update(
             {
                 "functions": functions,
@@ -211,6 +263,8 @@ def node_report(view: NodeView, found: list[Finding]) -> Json:
                 "iommu_group": group,
                 "group_members": members,
                 "driver": sysfs.driver(first) if first else None,
+                "power_state": sysfs.power_state(first) if first else None,
+                "reset_method": sysfs.reset_methods(first) if first else None,
             }
         )
         result.append(row)
@@ -218,33 +272,6 @@ def node_report(view: NodeView, found: list[Finding]) -> Json:
 
 
 # ---- text views -------------------------------------------------------------------------------
-
-
-def claimed_by(claims: list[Json]) -> str:
-    """``VM 102 (hand-over), VM 104*, VM 106 (mdev), CT 200 (shared)`` — one item per guest,
-    * = running; hand-over: its start shuts the holders down."""
-    items: list[str] = []
-    seen: set[object] = set()
-    for claim in claims:
-        if claim["vmid"] in seen:
-            continue
-        seen.add(claim["vmid"])
-        text = guest_label(claim["type"], claim["vmid"])
-        if claim["running"]:
-            text += "*"
-        extras = []
-        if claim["template"]:
-            extras.append("template")
-        if claim["kind"] != ClaimKind.EXCLUSIVE:
-            extras.append(claim["kind"])
-        if claim["mapping"]:
-            extras.append(f"mapping {claim['mapping']}")
-        if claim.get("handover"):
-            extras.append("hand-over")
-        if extras:
-            text += f" ({', '.join(extras)})"
-        items.append(text)
-    return ", ".join(items)
 
 
 def model_text(row: Json) -> str | None:
@@ -256,56 +283,124 @@ def model_text(row: Json) -> str | None:
     return name
 
 
-def device_table(view: NodeView, data: Json) -> Table:
-    rows = []
-    guests = view.guests
-    devices = data["devices"]
-    for row in devices:
-        group = row["iommu_group"] or None
-        if group and row["group_members"]:
-            group = f"{group} (+{', '.join(row['group_members'])})"
-        held = []
-        for vmid in row["held_by"]:
-            guest = guests.get(vmid)
-            held.append(guest.label if guest else guest_label(GuestKind.QEMU, vmid))
-        if view.running is None:
-            held_text: object = "unknown"
-        else:
-            held_text = held or None
-        rows.append(
+def _power(row: Json) -> str | None:
+    if not row.get("present"):
+        return None
+    return row["power_state"] or "unknown"
+
+
+def _reset(row: Json) -> object:
+    if not row.get("present"):
+        return None
+    methods = row["reset_method"]
+    if methods is None:
+        return "unknown"
+    return methods or "none"
+
+
+def _state(claim: Json) -> str:
+    if claim["template"]:
+        return "template"
+    if claim["running"] is None:
+        return "unknown"
+    return "running" if claim["running"] else "stopped"
+
+
+def _use(claim: Json) -> str | None:
+    if claim["held"]:
+        return "holds"
+    if claim["picked"] is True and not claim["running"]:
+        return "next"
+    if claim["alternative"] is not None:
+        return "alt"
+    return None
+
+
+def key_of(source: str) -> str:
+    """``dev0 (line 7)`` → ``dev0``: the config key a claim comes from."""
+    return source.split(" (line ", 1)[0]
+
+
+def node_tables(view: NodeView, data: Json) -> list[Table]:
+    """The devices, then the claims, one row per device and guest."""
+    where = view.node if view.local else f"{view.node} (from configs only)"
+    device_rows = []
+    claim_rows = []
+    for row in data["devices"]:
+        device_rows.append(
             {
                 "device": row["address"],
                 "model": model_text(row),
-                "group": group,
+                "group": row["iommu_group"],
                 "driver": row["driver"],
-                "held": held_text,
-                "claimed": claimed_by(row["claims"]) or None,
+                "power": _power(row),
+                "reset": _reset(row),
+                "held": row["held_by"] if view.running is not None else "unknown",
             }
         )
-    title = f"GPU groups on {view.node}"
-    if not view.local:
-        title += " (from configs only)"
-    return Table(
+        for claim in row["claims"]:
+            claim_rows.append(
+                {
+                    "device": row["address"],
+                    "vmid": claim["vmid"],
+                    "name": claim["name"],
+                    "state": _state(claim),
+                    "key": key_of(claim["source"]),
+                    "kind": claim["kind"],
+                    "mapping": claim["mapping"],
+                    "use": _use(claim),
+                }
+            )
+    devices = Table(
         [
             ("device", "DEVICE"),
             ("model", "MODEL"),
             ("group", "GROUP"),
             ("driver", "DRIVER"),
-            ("held", "HELD BY"),
-            ("claimed", "CLAIMED BY"),
+            ("power", "POWER"),
+            ("reset", "RESET"),
+            ("held", "HELD"),
         ],
-        rows,
-        title=title,
+        device_rows,
+        title=f"PCI devices on {where}",
+        fields=True,
+        wrap=("model", "reset"),
+        empty=f"no GPU or passed-through PCI device found on {view.node}",
     )
+    claims = Table(
+        [
+            ("device", "DEVICE"),
+            ("vmid", "VMID"),
+            ("name", "NAME"),
+            ("state", "STATE"),
+            ("key", "KEY"),
+            ("kind", "KIND"),
+            ("mapping", "MAPPING"),
+            ("use", "USE"),
+        ],
+        claim_rows,
+        title=f"Guests claiming them on {view.node}",
+        fields=True,
+        empty=f"no guest on {view.node} claims a PCI device",
+    )
+    return [devices, claims]
 
 
-def _legend(node: Json) -> list[str]:
-    devices = node["devices"]
-    if not devices:
-        return ["no GPU or passed-through PCI device found"]
-    if any(c["running"] for d in devices for c in d["claims"]):
-        return ["* = running"]
-    return []
+def _notes(node: Json) -> list[str]:
+    notes = []
+    for row in node["devices"]:
+        if row["group_members"]:
+            notes.append(
+                f"{row['address']} shares IOMMU group {row['iommu_group']} with "
+                f"{', '.join(row['group_members'])}: a VM passing one through takes them all"
+            )
+    handover = {c["vmid"]: c for d in node["devices"] for c in d["claims"] if c["handover"]}
+    for claim in handover.values():
+        label = guest_label(claim["type"], claim["vmid"])
+        notes.append(f"{label} (hand-over): {HANDOVER}")
+    if any(c["alternative"] is not None for d in node["devices"] for c in d["claims"]):
+        notes.append(USE_LEGEND)
+    return notes
 
 
 # ---- --cluster ---------------------------------------------------------------------------------
@@ -320,7 +415,8 @@ def cluster_report(inventory: Inventory) -> tuple[Json, list[Table], list[str]]:
         report = node_report(view, findings(view))
         report["sysfs"] = view.local
         reports.append(report)
-        tables.append(device_table(view, report))
+        tables.extend(node_tables(view, report))
+        notes.extend(f"{view.node}: {note}" for note in _notes(report) if note != USE_LEGEND)
         notes.extend(f"warning: {view.node}: {w}" for w in report["warnings"])
         notes.extend(f"{view.node}: {note}" for note in view.notes)
     if len(views) > 1:
@@ -328,41 +424,74 @@ def cluster_report(inventory: Inventory) -> tuple[Json, list[Table], list[str]]:
             0,
             "other nodes are read from their configs only: this host has no sysfs or runtime "
             "state for them, so a device's group is the iommugroup of a PCI mapping naming it "
-            "for that node, else the device itself; HELD BY is unknown there",
+            "for that node, else the device itself; HELD and STATE are unknown there",
         )
-    if any(c["running"] for r in reports for d in r["devices"] for c in d["claims"]):
-        notes.insert(0, "* = running")
+    if any(
+        c["alternative"] is not None for r in reports for d in r["devices"] for c in d["claims"]
+    ):
+        notes.insert(0, USE_LEGEND)
     return {"node": inventory.node, "nodes": reports}, tables, notes
 
 
 # ---- scan VMID --------------------------------------------------------------------------------
 
 
+def _group(units: list[str]) -> str | None:
+    """The IOMMU group(s) of a claim as a table cell: ``14``; None without a group."""
+    groups = [u.partition(":")[2] for u in units if u.startswith("group:")]
+    return ",".join(groups) or None
+
+
 def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[str]]:
     from pvegpuhook.plan import plan_free
-    from pvegpuhook.settings import load_settings
 
+    protect = _protect()
     needs = view.needs.get(guest.vmid, [])
+    running = view.is_running(guest.vmid)
+    chosen = view.chosen(protect)
     # a CT's claims read like needs of one alternative each
     shown = needs or [Need(e.claim.source, [(e.claim,)]) for e in view.entries_of(guest.vmid)]
+    holder = view.holder(guest.vmid)
     need_data = []
     need_rows: list[dict[str, object]] = []
     for need in shown:
+        pool = len(need.alternatives) > 1
+        picked = (
+            chosen.get((guest.vmid, need.source)) if pool else (0 if need.alternatives else None)
+        )
         alternatives = []
         for index, alternative in enumerate(need.alternatives):
-            items = [_claim_item(view, claim) for claim in alternative]
+            items = [_claim_item(view, claim, holder) for claim in alternative]
             alternatives.append(items)
             for item in items:
-                units = ", ".join(pci.unit_text(u) for u in item["units"])
-                alt = index + 1 if len(need.alternatives) > 1 else None
-                need_rows.append({**item, "source": need.source, "mapping": need.mapping})
-                need_rows[-1].update(alt=alt, units=units)
+                if item["held"]:
+                    use = "holds"
+                elif pool and index == picked and not running:
+                    use = "next"
+                else:
+                    use = "alt" if pool else None
+                need_rows.append(
+                    {
+                        "source": key_of(need.source),
+                        "mapping": need.mapping,
+                        "alt": f"{index + 1}/{len(need.alternatives)}" if pool else None,
+                        "address": item["address"],
+                        "kind": item["kind"],
+                        "group": _group(item["units"]),
+                        "present": item["present"],
+                        "use": use,
+                    }
+                )
         if not need.alternatives:
-            need_rows.append(
-                {"source": need.source, "mapping": need.mapping, "address": "(unresolved)"}
-            )
+            need_rows.append({"source": need.source, "mapping": need.mapping})
         need_data.append(
-            {"source": need.source, "mapping": need.mapping, "alternatives": alternatives}
+            {
+                "source": need.source,
+                "mapping": need.mapping,
+                "alternatives": alternatives,
+                "picked": picked if need.alternatives else None,
+                "failure": need.failure,
+            }
         )
     conflicts = [
         {
@@ -375,6 +504,8 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
             "kind": c.theirs.claim.kind,
             "with": c.mine,
             "units": sorted(c.units, key=pci.unit_order),
+            "held": view.held(c.theirs),
+            "template": c.theirs.guest.template,
         }
         for c in view.conflicts_of(guest.vmid)
     ]
@@ -382,13 +513,20 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
     would_stop: list[Json] = []
     refusal = None
     notes: list[str] = []
-    if guest.kind == GuestKind.QEMU and needs and not guest.template:  # templates start without PCI
-        settings = load_settings()
-        plan = plan_free(guest, needs, view.holders, settings.protect)
+    failed = start_failure(needs)
+    # a template starts without PCI devices; a VM PVE will not start has nothing to free
+    startable = needs and not guest.template and not running and failed is None
+    if guest.kind == GuestKind.QEMU and startable:
+        plan = plan_free(guest, needs, view.holders, protect)
         for stop in plan.stops:
             held = stop.holder.guest
             would_stop.append(
-                {"vmid": held.vmid, "type": held.kind, "name": held.name, "address": stop.address}
+                {
+                    "vmid": held.vmid,
+                    "type": held.kind,
+                    "name": held.name,
+                    "address": stop.address,
+                }
             )
         if plan.refusal is not None:
             held = plan.refusal.holder.guest
@@ -401,7 +539,6 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
                 f"{guest.label} cannot get {plan.refusal.address} now: {held.label} "
                 f"{plan.refusal.reason}; its stop-mode backup would fail"
             )
-    running = view.is_running(guest.vmid)
     if guest.kind == GuestKind.LXC:
         notes.append(
             f"{guest.label} shares its GPUs through the host driver; "
@@ -409,7 +546,12 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
         )
     elif guest.template:
         notes.append(f"{guest.label} is a template: vzdump starts it without its PCI devices")
-    elif running:
+    elif failed is not None:
+        notes.append(
+            f"PVE will not start {guest.label}: {failed.source}: {failed.failure}; "
+            "a backup while it is stopped fails too"
+        )
+    elif running and needs:
         notes.append(
             f"{guest.label} is running: it holds its devices; the hook has nothing to free for it"
         )
@@ -421,6 +563,10 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
         )
     elif needs and refusal is None:
         notes.append(f"every device {guest.label} needs is free now")
+    if is_ours(guest.config.values().get("hookscript")):
+        notes.append(f"{guest.label} (hand-over): {HANDOVER}")
+    if any(len(n.alternatives) > 1 for n in shown):
+        notes.append(USE_LEGEND)
 
     warnings = [f.message for f in findings(view) if guest.vmid in f.vmids]
     data = {
@@ -441,10 +587,13 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
         "warnings": warnings,
     }
     state = "running" if running else "stopped"
+    what = "uses no GPU device node" if guest.kind == GuestKind.LXC else "claims no PCI device"
     tables = [
         Table(
             [
-                ("guest", "GUEST"),
+                ("vmid", "VMID"),
+                ("name", "NAME"),
+                ("type", "TYPE"),
                 ("state", "STATE"),
                 ("onboot", "ONBOOT"),
                 ("template", "TEMPLATE"),
@@ -452,7 +601,9 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
             ],
             [
                 {
-                    "guest": guest.label,
+                    "vmid": guest.vmid,
+                    "name": guest.name,
+                    "type": guest.kind.word,
                     "state": state,
                     "onboot": guest.onboot,
                     "template": guest.template,
@@ -460,6 +611,7 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
                 }
             ],
             title=f"{guest.label} on {view.node}",
+            fields=True,
         ),
         Table(
             [
@@ -468,55 +620,74 @@ def guest_report(view: NodeView, guest: Guest) -> tuple[Json, list[Table], list[
                 ("alt", "ALT"),
                 ("address", "ADDRESS"),
                 ("kind", "KIND"),
-                ("units", "UNIT"),
-                ("present", "IN SYSFS"),
+                ("group", "GROUP"),
+                ("present", "IN_SYSFS"),
+                ("use", "USE"),
             ],
             need_rows,
             title="Claims (as its next start sees them)",
+            fields=True,
+            empty=f"{guest.label} {what}",
         ),
         Table(
             [
-                ("guest", "GUEST"),
+                ("vmid", "VMID"),
+                ("name", "NAME"),
                 ("state", "STATE"),
-                ("source", "KEY"),
+                ("key", "KEY"),
                 ("address", "ADDRESS"),
                 ("kind", "KIND"),
-                ("with", "CONFLICTS WITH"),
-                ("units", "ON"),
+                ("group", "GROUP"),
+                ("holds", "HOLDS"),
             ],
             [
                 {
-                    "guest": guest_label(c["type"], c["vmid"], c["name"]),
-                    "state": "running" if c["running"] else "stopped",
-                    "source": c["source"],
+                    "vmid": c["vmid"],
+                    "name": c["name"],
+                    "state": _state(c),
+                    "key": key_of(c["source"]),
                     "address": c["address"],
                     "kind": c["kind"],
-                    "with": ", ".join(c["with"]),
-                    "units": ", ".join(pci.unit_text(u) for u in c["units"]),
+                    "group": _group(c["units"]),
+                    "holds": c["held"],
                 }
                 for c in conflicts
             ],
-            title="Conflicts with other guests",
+            title="Other guests claiming the same devices",
+            fields=True,
+            empty=f"no other guest claims a device {guest.label} uses" if shown else None,
         ),
     ]
     if would_stop:
         tables.append(
             Table(
-                [("guest", "GUEST"), ("address", "HOLDS")],
-                [{"guest": _label(s), "address": s["address"]} for s in would_stop],
-                title="Would be stopped to free its devices",
+                [("vmid", "VMID"), ("name", "NAME"), ("address", "HOLDS")],
+                [
+                    {"vmid": s["vmid"], "name": s["name"], "address": s["address"]}
+                    for s in would_stop
+                ],
+                title="Would be shut down to free its devices",
+                fields=True,
             )
         )
     notes += [f"warning: {w}" for w in warnings]
     return data, tables, notes
 
 
-def _claim_item(view: NodeView, claim: Claim) -> Json:
+def _claim_item(view: NodeView, claim: Claim, holder: Holder | None) -> Json:
+    from pvegpuhook.plan import same_function
+
+    claims = holder.claims if holder is not None else []
     return {
         "address": claim.address,
         "kind": claim.kind,
         "units": sorted(claim.units, key=pci.unit_order),
         "present": view.sysfs.exists(claim.address),
+        "held": (
+            None
+            if view.running is None
+            else any(same_function(claim.address, c.address) for c in claims)
+        ),
     }
 
 

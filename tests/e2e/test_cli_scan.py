@@ -57,18 +57,27 @@ def test_seed_text_shows_who_fights_for_the_gpu(tmp_path, monkeypatch, capsys) -
     node = seed(tmp_path)
     code, out, err = scan(node, monkeypatch, capsys)
     assert code == 0 and err == ""
-    lines = out.splitlines()
-    assert lines[0] == "GPU groups on pve1"
-    assert lines[1].split() == ["DEVICE", "MODEL", "GROUP", "DRIVER", "HELD", "BY", "CLAIMED", "BY"]
-    rows = [line for line in lines if line.startswith("0000:")]
-    assert len(rows) == 1
-    row = rows[0]
-    assert row.startswith("0000:01:00  10de:2204  14     vfio-pci  VM 104 (win11)  ")
-    assert row.endswith("VM 102, VM 103, VM 104*, VM 105")
-    assert "* = running" in lines
+    blocks = out.split("\n\n")
+    assert len(blocks) == 2  # the devices, then who claims them: no legend, no warning
+    devices, claims = (block.splitlines() for block in blocks)
+    assert devices[0] == "PCI devices on pve1"
+    assert devices[1].split() == ["DEVICE", "MODEL", "GROUP", "DRIVER", "POWER", "RESET", "HELD"]
+    row = ["0000:01:00", "10de:2204", "14", "vfio-pci", "unknown", "unknown", "104"]
+    assert devices[2].split() == row
+    assert claims[0] == "Guests claiming them on pve1"
+    header = claims[1].split()
+    assert header == ["DEVICE", "VMID", "NAME", "STATE", "KEY", "KIND", "MAPPING", "USE"]
+    rows = [dict(zip(header, line.split(), strict=True)) for line in claims[2:]]
+    assert [(r["VMID"], r["NAME"], r["STATE"], r["USE"]) for r in rows] == [
+        ("102", "vm102", "stopped", "-"),
+        ("103", "vm103", "stopped", "-"),
+        ("104", "win11", "running", "holds"),
+        ("105", "vm105", "stopped", "-"),
+    ]
+    assert {r["DEVICE"] for r in rows} == {"0000:01:00"}
     assert "\x1b" not in out and "─" not in out  # piped: no colours, no box drawing
     # columns line up: every header starts where its cells start
-    assert lines[1].index("CLAIMED BY") == row.index("VM 102")
+    assert claims[1].index("NAME") == claims[2].index("vm102")
 
 
 def test_seed_json(tmp_path, monkeypatch, capsys) -> None:
@@ -92,6 +101,9 @@ def test_seed_json(tmp_path, monkeypatch, capsys) -> None:
     assert [c["running"] for c in claims] == [False, False, True, False]
     assert all(c["mapping"] is None for c in claims)
     assert set(claims[0]) >= {"vmid", "type", "kind", "source", "mapping", "running"}
+    assert [c["held"] for c in claims] == [False, False, True, False]
+    assert {(c["alternative"], c["picked"]) for c in claims} == {(None, None)}
+    assert gpu["power_state"] is None and gpu["reset_method"] is None  # older kernel: no files
 
 
 def test_json_pretty_and_yaml_agree(tmp_path, monkeypatch, capsys) -> None:
@@ -105,11 +117,17 @@ def test_json_pretty_and_yaml_agree(tmp_path, monkeypatch, capsys) -> None:
 
 
 def test_noheader(tmp_path, monkeypatch, capsys) -> None:
-    code, out, _ = scan(seed(tmp_path), monkeypatch, capsys, "--noheader")
+    node = seed(tmp_path)
+    node.add_vm(106, hostpci=["01:00.0"], onboot=True)
+    node.add_vm(107, hostpci=["01:00.0"], onboot=True)
+    code, out, err = scan(node, monkeypatch, capsys, "--noheader")
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith("0000:01:00  10de:2204  14  ")
-    assert "DEVICE" not in out and "GPU groups" not in out
+    assert "DEVICE" not in out and "PCI devices" not in out and "Guests" not in out
+    assert "" not in lines  # no blank line, no legend, no warning: rows only
+    assert [len(line.split()) for line in lines] == [7] + [8] * 6
+    assert "warning: VM 106 and VM 107 both have onboot: 1" in err  # still said, on stderr
 
 
 def test_piped_subprocess_is_plain_text(tmp_path) -> None:
@@ -125,7 +143,7 @@ def test_piped_subprocess_is_plain_text(tmp_path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    assert "0000:01:00  10de:2204  14     vfio-pci  VM 104 (win11)" in proc.stdout
+    assert "0000:01:00  10de:2204  14     vfio-pci  unknown  unknown  104" in proc.stdout
     assert "\x1b" not in proc.stdout and "│" not in proc.stdout and "─" not in proc.stdout
 
 
@@ -139,7 +157,7 @@ def test_pci_ids_names(tmp_path, monkeypatch, capsys) -> None:
     assert gpu["vendor_name"] == "NVIDIA Corporation"
     assert gpu["device_name"] == "GA102 [GeForce RTX 3090]"
     _, out, _ = scan(node, monkeypatch, capsys)
-    assert "0000:01:00  NVIDIA GeForce RTX 3090  14" in out
+    assert "0000:01:00  NVIDIA_GeForce_RTX_3090  14" in out  # piped: one awk field
     # usr/share/misc/pci.ids (pciutils) is preferred when both exist
     misc = tmp_path / "usr/share/misc/pci.ids"
     misc.parent.mkdir(parents=True)
@@ -169,9 +187,14 @@ def test_unclaimed_display_device_listed_and_ct_shared(tmp_path, monkeypatch, ca
     ]
     assert cts[0]["source"].startswith("dev0")
     assert cts[1]["source"].startswith("lxc.cgroup2.devices.allow")
-    _, out, _ = scan(node, monkeypatch, capsys)
-    assert "VM 102, CT 200* (shared), CT 201 (shared)" in out
-    assert "CT 200 (plex)" in out  # held by
+    _, out, _ = scan(node, monkeypatch, capsys, "--noheader")
+    rows = [line.split() for line in out.splitlines()]
+    assert ["0000:01:00", "10de:2204", "14", "nvidia", "unknown", "unknown", "200"] in rows
+    assert [r[1:8] for r in rows if r[0] == "0000:01:00" and len(r) == 8] == [
+        ["102", "-", "stopped", "hostpci0", "exclusive", "-", "-"],
+        ["200", "plex", "running", "dev0", "shared", "-", "holds"],
+        ["201", "jelly", "stopped", "lxc.cgroup2.devices.allow", "shared", "-", "-"],
+    ]
 
 
 RECIPE = (
@@ -220,10 +243,20 @@ def test_onboot_conflict(tmp_path, monkeypatch, capsys) -> None:
     node.add_vm(108, hostpci=["01:00.0"], onboot=False)
     data = scan_json(node, monkeypatch, capsys)
     found = warnings_with(data, "onboot: 1", "IOMMU group 14")
-    assert len(found) == 1
-    assert "VM 106 and VM 107" in found[0] and "108" not in found[0]
+    assert found == [
+        "VM 106 and VM 107 both have onboot: 1 and conflict on IOMMU group 14: only one of them "
+        "can have it: whichever starts first (startup order, then VMID) takes 0000:01:00.0; at "
+        "boot: VM 106 takes 0000:01:00.0; VM 107 cannot start: 0000:01:00.0 is taken by VM 106"
+    ]
     _, out, _ = scan(node, monkeypatch, capsys)
     assert "warning: VM 106 and VM 107 both have onboot: 1" in out
+    # the startup order decides, not the VMID
+    path = tmp_path / "etc/pve/qemu-server/107.conf"
+    path.write_text(path.read_text() + "startup: order=1\n")
+    (found,) = warnings_with(scan_json(node, monkeypatch, capsys), "onboot: 1")
+    assert found.endswith(
+        "VM 107 takes 0000:01:00.0; VM 106 cannot start: 0000:01:00.0 is taken by VM 107"
+    )
 
 
 def test_onboot_cts_sharing_do_not_conflict(tmp_path, monkeypatch, capsys) -> None:
@@ -242,23 +275,40 @@ def test_mapping_alternatives_and_templates(tmp_path, monkeypatch, capsys) -> No
     node.add_gpu("0000:02:00", group=15)
     node.set_mapping(
         "gpus\n"
-        "\tmap node=pve1,path=0000:01:00.0,iommugroup=14\n"
-        "\tmap node=pve1,path=0000:02:00.0,iommugroup=15\n"
+        "\tmap node=pve1,path=0000:01:00.0,id=10de:2204,iommugroup=14\n"
+        "\tmap node=pve1,path=0000:02:00.0,id=10de:2204,iommugroup=15\n"
     )
-    # PVE gives each its own alternative at boot: no onboot warning
+    # PVE gives each its own alternative at boot; which one is the boot order's choice
     node.add_vm(110, hostpci=["mapping=gpus"], onboot=True)
     node.add_vm(111, hostpci=["mapping=gpus"], onboot=True)
     node.add_vm(112, hostpci=["01:00"], template=True, onboot=True)
     data = scan_json(node, monkeypatch, capsys)
-    assert warnings_with(data, "onboot") == []
+    assert warnings_with(data, "onboot") == [
+        "VM 110 and VM 111 both have onboot: 1 and mapping gpus: whichever starts first "
+        "(startup order, then VMID) takes 0000:01:00.0; at boot: VM 110 takes 0000:01:00.0; "
+        "VM 111 takes 0000:02:00.0"
+    ]
     assert [c["vmid"] for c in device(data, "0000:02:00")["claims"]] == [110, 111]
-    _, out, _ = scan(node, monkeypatch, capsys)
-    assert "VM 110 (mapping gpus), VM 111 (mapping gpus), VM 112 (template)" in out
+    # 01:00.0 is VM 104's now: a start now gets the second alternative
+    assert [
+        (c["vmid"], c["alternative"], c["picked"]) for c in device(data, "0000:02:00")["claims"]
+    ] == [
+        (110, 1, True),
+        (111, 1, True),
+    ]
+    _, out, _ = scan(node, monkeypatch, capsys, "--noheader")
+    rows = [line.split() for line in out.splitlines() if len(line.split()) == 8]
+    assert [r[1:] for r in rows if r[1] in ("110", "112")] == [
+        ["110", "-", "stopped", "hostpci0", "exclusive", "gpus", "alt"],
+        ["112", "-", "template", "hostpci0", "exclusive", "-", "-"],
+        ["110", "-", "stopped", "hostpci0", "exclusive", "gpus", "next"],
+    ]
     detail = scan_json(node, monkeypatch, capsys, "110")
     assert [[c["address"] for c in alt] for alt in detail["needs"][0]["alternatives"]] == [
         ["0000:01:00.0"],
         ["0000:02:00.0"],
     ]
+    assert detail["needs"][0]["picked"] == 1
     assert detail["would_stop"] == []  # the second alternative is free
     assert scan_json(node, monkeypatch, capsys, "112")["would_stop"] == []
 
@@ -283,8 +333,10 @@ def test_mapping_warnings(tmp_path, monkeypatch, capsys) -> None:
     node.set_mapping(
         "gpu\n"
         "\tmap node=pve1,path=0000:01:00.0,id=10de:2204,iommugroup=14\n"
+        "\n"
         "elsewhere\n"
         "\tmap node=pve2,path=0000:01:00.0,id=10de:2204,iommugroup=3\n"
+        "\n"
         "gone\n"
         "\tmap node=pve1,path=0000:07:00.0,id=10de:2204,iommugroup=30\n"
     )
@@ -292,16 +344,50 @@ def test_mapping_warnings(tmp_path, monkeypatch, capsys) -> None:
     node.add_vm(107, hostpci=["mapping=elsewhere"])
     node.add_vm(108, hostpci=["mapping=gone"])
     node.add_vm(109, hostpci=["mapping=nosuch"])
+    node.add_vm(110, hostpci=["mapping=gone"])
     data = scan_json(node, monkeypatch, capsys)
-    assert len(warnings_with(data, "'elsewhere'", "no entry for node pve1")) == 1
-    missing = warnings_with(data, "'gone'", "0000:07:00.0", "does not have")
-    assert len(missing) == 1 and "pci.cfg:6" in missing[0]
-    assert len(warnings_with(data, "'nosuch'", "does not exist")) == 1
+    # a pci.cfg line at fault is reported once, against that line, naming its users
+    assert warnings_with(data, "'elsewhere'") == [
+        f"{tmp_path}/etc/pve/mapping/pci.cfg:4: mapping 'elsewhere' has no map line for node "
+        "pve1: PVE cannot start VM 107 (mapping 'elsewhere')"
+    ]
+    assert warnings_with(data, "'gone'") == [
+        f"{tmp_path}/etc/pve/mapping/pci.cfg:8: mapping 'gone' does not match this node's "
+        "hardware (pci device '0000:07:00.0' not found): PVE refuses it ('PCI device mapping "
+        "invalid (hardware probably changed)'); PVE cannot start VM 108 and VM 110 (mapping "
+        "'gone')"
+    ]
+    assert len(warnings_with(data, "109.conf:", "pci.cfg has no mapping 'nosuch'")) == 1
     assert warnings_with(data, "'gpu'") == []
     mapped = [c for c in device(data, "0000:01:00")["claims"] if c["vmid"] == 106]
     assert mapped[0]["mapping"] == "gpu"
-    _, out, _ = scan(node, monkeypatch, capsys)
-    assert "VM 106 (mapping gpu)" in out
+    assert scan_json(node, monkeypatch, capsys, "108")["warnings"] == warnings_with(data, "'gone'")
+
+
+def test_mapping_file_read_as_pve_reads_it(tmp_path, monkeypatch, capsys) -> None:
+    """A mapping runs up to a blank line (pve-common SectionConfig.pm): a header right after
+    another mapping's lines is not a mapping, and its map lines belong to the one before."""
+    node = seed(tmp_path)
+    node.add_gpu("0000:02:00", group=15)
+    node.set_mapping(
+        "gpu\n"
+        "\tmap node=pve1,path=0000:01:00.0,id=10de:2204,iommugroup=14\n"
+        "other\n"
+        "\tmap node=pve1,path=0000:02:00.0,id=10de:2204,iommugroup=15\n"
+        "\tmap node=pve1,path=02:00.0,id=10de:2204\n"
+    )
+    node.add_vm(106, hostpci=["mapping=other"])
+    node.add_vm(107, hostpci=["mapping=gpu"])
+    data = scan_json(node, monkeypatch, capsys)
+    pci_cfg = f"{tmp_path}/etc/pve/mapping/pci.cfg"
+    assert warnings_with(data, "pci.cfg:") == [
+        f"{pci_cfg}:3: 'other' ignored: PVE reads it as a line of mapping 'gpu', which runs up "
+        "to the next blank line",
+        f"{pci_cfg}:5: mapping 'gpu': map line ignored: path=02:00.0 is not a list of full PCI "
+        "ids (0000:01:00.0;...)",
+    ]
+    assert len(warnings_with(data, "106.conf:1: hostpci0: PCI device mapping not found")) == 1
+    assert [c["alternative"] for c in device(data, "0000:02:00")["claims"]] == [1]
 
 
 def test_iommu_siblings(tmp_path, monkeypatch, capsys) -> None:
@@ -317,22 +403,25 @@ def test_iommu_siblings(tmp_path, monkeypatch, capsys) -> None:
     assert all("VM 103" in w for w in siblings)
     assert device(data, "0000:01:00")["group_members"] == ["0000:02:00.0"]
     _, out, _ = scan(node, monkeypatch, capsys)
-    assert "14 (+0000:02:00.0)" in out
+    note = "0000:01:00 shares IOMMU group 14 with 0000:02:00.0: a VM passing one through takes"
+    assert note + " them all" in out
 
 
 def test_device_missing_from_sysfs(tmp_path, monkeypatch, capsys) -> None:
     node = seed(tmp_path)
     node.add_vm(106, hostpci=["0000:09:00.0;0000:09:00.1"])
     data = scan_json(node, monkeypatch, capsys)
-    found = warnings_with(data, "VM 106", "no such device in sysfs")
+    found = warnings_with(data, "VM 106", "not in sysfs")
     assert found == [
-        "VM 106 hostpci0: 0000:09:00.0, 0000:09:00.1 not on this node (no such device in sysfs)"
+        f"{tmp_path}/etc/pve/qemu-server/106.conf:1: hostpci0: no PCI device found for "
+        "'0000:09:00.0' (not in sysfs): PVE cannot start VM 106, nor back it up while it is "
+        "stopped"
     ]
     ghost = device(data, "0000:09:00")
     assert ghost["present"] is False and ghost["driver"] is None
     assert ghost["functions"] == ["0000:09:00.0", "0000:09:00.1"]
     _, out, _ = scan(node, monkeypatch, capsys)
-    assert "0000:09:00  not in sysfs" in out
+    assert "0000:09:00  not_in_sysfs  -      -         -        -        -" in out
 
 
 def test_pci_domain_of_more_than_four_digits(tmp_path, monkeypatch, capsys) -> None:
@@ -366,7 +455,10 @@ def test_config_parse_warnings(tmp_path, monkeypatch, capsys) -> None:
     path.write_text(path.read_text() + "this is no key value line\nhostpci1: zz:zz.9\n")
     data = scan_json(node, monkeypatch, capsys)
     assert len(warnings_with(data, "103.conf:", "cannot parse")) == 1
-    assert len(warnings_with(data, "103.conf:", "'zz:zz.9' is not a PCI address")) == 1
+    assert warnings_with(data, "103.conf:", "hostpci1") == [
+        f"{path}:4: hostpci1: PVE ignores this line (host=zz:zz.9: not PCI ids in lower-case "
+        "hex (0000:01:00.0;...)): the VM starts without it"
+    ]
 
 
 def test_control_characters_escaped(tmp_path, monkeypatch, capsys) -> None:
@@ -378,7 +470,7 @@ def test_control_characters_escaped(tmp_path, monkeypatch, capsys) -> None:
     code, out, _ = scan(node, monkeypatch, capsys)
     assert code == 0
     assert "\x1b" not in out and "\x07" not in out
-    assert "VM 104 (evil\\x1b[2J\\x07)" in out
+    assert "  evil\\x1b[2J\\x07  running  " in out
     code, out, _ = scan(node, monkeypatch, capsys, "104")
     assert "\x1b" not in out and "evil\\x1b[2J" in out
     data = scan_json(node, monkeypatch, capsys)
@@ -413,9 +505,12 @@ def test_scan_vmid(tmp_path, monkeypatch, capsys) -> None:
                         "kind": "exclusive",
                         "units": ["group:14"],
                         "present": True,
+                        "held": False,
                     }
                 ]
             ],
+            "picked": 0,
+            "failure": None,
         }
     ]
     assert [(c["vmid"], c["running"]) for c in data["conflicts"]] == [
@@ -426,13 +521,14 @@ def test_scan_vmid(tmp_path, monkeypatch, capsys) -> None:
     ]
     assert data["conflicts"][1]["with"] == ["0000:01:00"]
     assert data["conflicts"][1]["units"] == ["group:14"]
+    assert [c["held"] for c in data["conflicts"]] == [False, True, False, False]
     assert data["would_stop"] == [
         {"vmid": 104, "type": "qemu", "name": "win11", "address": "0000:01:00.0"}
     ]
     assert data["refusal"] is None
     _, out, _ = scan(node, monkeypatch, capsys, "102")
     assert "VM 104 (win11) would be shut down" in out
-    assert "Conflicts with other guests" in out
+    assert "Other guests claiming the same devices" in out
 
 
 def test_scan_vmid_protected_holder(tmp_path, monkeypatch, capsys) -> None:
@@ -512,10 +608,11 @@ def test_cluster(tmp_path, monkeypatch, capsys) -> None:
     assert device(pve2, "0000:04:00")["iommu_group"] is None
     assert len(warnings_with(pve2, "VM 301 and VM 302", "IOMMU group 22")) == 1
     _, out, _ = scan(node, monkeypatch, capsys, "--cluster")
-    assert "GPU groups on pve1" in out and "GPU groups on pve2 (from configs only)" in out
+    assert "PCI devices on pve1" in out and "PCI devices on pve2 (from configs only)" in out
     assert "configs only" in out and "iommugroup" in out
     assert "pve2: CT 304 uses GPU device nodes" in out
-    assert "0000:03:00  -      22     -       unknown  VM 301 (mapping gpu), VM 302" in out
+    assert "0000:03:00  -      22     -       -      -      unknown" in out
+    assert "0000:03:00  301   -     unknown  hostpci0  exclusive  gpu      -" in out
 
 
 def test_cluster_and_vmid_is_usage_error(tmp_path, monkeypatch, capsys) -> None:
@@ -592,6 +689,26 @@ def test_plain_table(capsys) -> None:
     )
     output.emit(_args("--noheader"), {}, [table], [])
     assert capsys.readouterr().out == "x\\x1b[31m  1, 2  yes\n-          -     no\n"
+
+
+def test_plain_cells_are_one_awk_field_each(capsys) -> None:
+    table = output.Table(
+        [("a", "A"), ("b", "B"), ("c", "C")],
+        [{"a": "two words", "b": ["x y", 3], "c": ""}],
+        title="Spaces",
+        fields=True,
+        empty="nothing",
+    )
+    output.emit(_args(), {}, [table])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in lines[1:]] == [["A", "B", "C"], ["two_words", "x_y,3", "-"]]
+    empty = output.Table([("a", "A")], [], title="None here", empty="no guest claims a device")
+    output.emit(_args(), {}, [empty, table])
+    assert capsys.readouterr().out.startswith("no guest claims a device\n\nSpaces\n")
+    output.emit(_args("--noheader"), {}, [empty, table, table], ["warning: w"])
+    out, err = capsys.readouterr()
+    assert out == "two_words  x_y,3  -\n" * 2  # the rows only: no blank line, no note
+    assert err == "no guest claims a device\nwarning: w\n"
 
 
 def test_machine_formats(capsys) -> None:

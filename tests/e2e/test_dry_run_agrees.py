@@ -137,9 +137,87 @@ def running_mapped_guest(root: Path) -> tuple[FakeNode, list[int] | None]:
     return node, [101, 109]
 
 
+# ---- backups that fail whatever the hook does: the forecast says so, the hook stops nobody ----
+
+
+def missing_device(root: Path) -> tuple[FakeNode, list[int] | None]:
+    """hostpci0 is held by VM 104, hostpci1 is not in sysfs: PVE's start dies on hostpci1."""
+    node = seed_node(root)
+    node.add_vm(120, hostpci=["01:00.0", "09:00.0"])
+    return node, [120, 102]
+
+
+def mapping_out_of_date(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root)
+    node.set_mapping(MAPPING.replace("id=10de:2204,iommugroup=14", "id=10de:2206,iommugroup=14"))
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.add_vm(106, hostpci=["02:00.0"], running=True)
+    node.add_vm(120, hostpci=["mapping=gpu"])
+    return node, [120]
+
+
+def mapping_elsewhere(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root)
+    node.set_mapping("gpu\n\tmap node=pve2,path=0000:01:00.0,id=10de:2204,iommugroup=3\n")
+    node.add_vm(120, hostpci=["mapping=gpu"])
+    return node, [120]
+
+
+def mapping_file_broken(root: Path) -> tuple[FakeNode, list[int] | None]:
+    """Its map lines lack id=: PVE drops them, and with them the mapping."""
+    node = seed_node(root)
+    node.set_mapping("gpu\n\tmap node=pve1,path=0000:01:00.0,iommugroup=14\n")
+    node.add_vm(120, hostpci=["mapping=gpu"])
+    return node, [120]
+
+
+def host_and_mapping(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = seed_node(root)
+    node.set_mapping(MAPPING)
+    node.add_vm(120, hostpci=["host=01:00.0,mapping=gpu"])
+    return node, [120]
+
+
+def no_iommu(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node = FakeNode(root, iommu=False)
+    node.write_override(FAST)
+    node.add_gpu("0000:01:00", group=None, functions=("0", "1"))
+    node.add_vm(102, hostpci=["01:00"])
+    node.add_vm(103, args="-device vfio-pci,host=0000:01:00.0")
+    node.add_vm(104)
+    return node, None
+
+
+def line_pve_drops(root: Path) -> tuple[FakeNode, list[int] | None]:
+    """A hostpci value failing PVE's format: PVE starts the VM without it, nobody must stop."""
+    node = seed_node(root)
+    node.add_vm(120, hostpci=["01:00.0,pcie=maybe"])
+    node.add_vm(121, hostpci=["01:00.0, pcie=1"])
+    return node, [120, 121]
+
+
+def running_vm_mapping_broken(root: Path) -> tuple[FakeNode, list[int] | None]:
+    """pci.cfg changed under a running mapped VM: stop mode restarts it, and that start fails."""
+    node = seed_node(root)
+    node.stop(104)
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.set_mapping(MAPPING)
+    node.add_vm(120, hostpci=["mapping=gpu"], running=True)
+    node.set_mapping(MAPPING.replace("iommugroup=14", "iommugroup=41"))
+    return node, [120]
+
+
 SCENARIOS: dict[str, Scenario] = {
     "ha-states": ha_states,
     "running-mapped-guest": running_mapped_guest,
+    "missing-device": missing_device,
+    "mapping-out-of-date": mapping_out_of_date,
+    "mapping-elsewhere": mapping_elsewhere,
+    "mapping-file-broken": mapping_file_broken,
+    "host-and-mapping": host_and_mapping,
+    "no-iommu": no_iommu,
+    "line-pve-drops": line_pve_drops,
+    "running-vm-mapping-broken": running_vm_mapping_broken,
     "seed": seed,
     "seed-after-job": seed_after_job,
     "id-forms": id_forms,

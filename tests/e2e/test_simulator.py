@@ -177,7 +177,7 @@ MAPPING = """\
     \tdescription two cards
 
     single
-    \tmap node=pve1,path=0000:01:00,iommugroup=14
+    \tmap node=pve1,path=0000:01:00,id=10de:2204,iommugroup=14
     """
 
 

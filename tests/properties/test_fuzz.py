@@ -543,7 +543,7 @@ def check_mapping(text: str) -> dict[str, pveconf.PciMapping]:
         match = re.match(re.escape(PCI_CFG) + r":(\d+): ", warning)
         assert match, warning
         number = int(match.group(1))
-        assert 1 <= number <= len(lines) and lines[number - 1][:1].isspace(), warning
+        assert 1 <= number <= len(lines) and lines[number - 1] not in ("", "0"), warning
     for name, mapping in mappings.items():
         assert name == mapping.name
         assert 1 <= mapping.line <= len(lines) and not lines[mapping.line - 1][:1].isspace()

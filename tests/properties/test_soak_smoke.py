@@ -35,13 +35,15 @@ def test_soak_smoke() -> None:
 
 TWO_GPUS_MAPPED = """\
 gpu
+\tmdev 1
 \tmap node=pve1,path=0000:01:00.0,id=10de:2204,iommugroup=30
 \tmap node=pve1,path=0000:02:00.0,id=10de:2204,iommugroup=31
 """
 
 
 def two_gpu_node(root: Path) -> FakeNode:
-    """GPU 01:00 (audio, mdev-capable) and GPU 02:00, groups 30 and 31; one mapping over both."""
+    """GPU 01:00 (audio) and GPU 02:00, groups 30 and 31, both mdev-capable (as PVE requires
+    of every device of a mapping marked ``mdev 1``); one mapping over both."""
     node = FakeNode(root)
     node.add_gpu(
         "0000:01:00",
@@ -51,7 +53,9 @@ def two_gpu_node(root: Path) -> FakeNode:
         drm=("renderD128",),
         mdev_types=("nvidia-35",),
     )
-    node.add_gpu("0000:02:00", group=31, nvidia_minor=1, drm=("renderD129",))
+    node.add_gpu(
+        "0000:02:00", group=31, nvidia_minor=1, drm=("renderD129",), mdev_types=("nvidia-35",)
+    )
     node.set_mapping(TWO_GPUS_MAPPED)
     node.write_override(FAST)
     return node

@@ -50,14 +50,18 @@ DEFAULT_STORAGE = (
 class FakeNode:
     """A PVE node under ``root``: creates the skeleton and the fake commands on construction."""
 
-    def __init__(self, root: Path | str, node: str = "pve1", *, ct_cgroup: bool = True) -> None:
-        """``ct_cgroup=False``: a host where a running CT has no ``/sys/fs/cgroup/lxc/<vmid>``
+    def __init__(
+        self, root: Path | str, node: str = "pve1", *, iommu: bool = True, ct_cgroup: bool = True
+    ) -> None:
+        """``iommu=False``: a host with the IOMMU off (no ``/sys/class/iommu`` entry).
+        ``ct_cgroup=False``: a host where a running CT has no ``/sys/fs/cgroup/lxc/<vmid>``
         (cgroup v1); PVE sees it running by its command socket in ``/proc/net/unix`` alone."""
         self.root = Path(root)
         self.node = node
         self.pve = Pve(self.root)
         self._nodes = {node}
         self._skeleton(ct_cgroup)
+        self.set_iommu(iommu)
 
     # ---- skeleton ---------------------------------------------------------------------------
 
@@ -128,6 +132,25 @@ class FakeNode:
 
     # ---- PCI / sysfs ------------------------------------------------------------------------
 
+    def set_iommu(self, on: bool) -> None:
+        """An IOMMU the kernel uses (``/sys/class/iommu/dmar0``), or none (``intel_iommu=off``):
+        PVE then refuses every PCI pass-through (SysFSTools.pm check_iommu_support)."""
+        unit = self.root / "sys/class/iommu/dmar0"
+        if on:
+            unit.mkdir(parents=True, exist_ok=True)
+        else:
+            remove(unit)
+            unit.parent.mkdir(parents=True, exist_ok=True)
+
+    def set_pci_attribute(self, addr: str, name: str, value: str | None) -> None:
+        """A sysfs attribute of a PCI function (``power_state``, ``reset_method``,
+        ``subsystem_vendor``...); None removes it (an older kernel has no such file)."""
+        path = self.root / f"sys/bus/pci/devices/{_full_addr(addr)}/{name}"
+        if value is None:
+            remove(path)
+        else:
+            path.write_text(f"{value}\n")
+
     def add_pci_device(
         self,
         addr: str,
@@ -137,14 +160,22 @@ class FakeNode:
         vendor: str = "10de",
         device: str = "2204",
         driver: str | None = None,
+        power_state: str | None = None,
+        reset_method: str | None = None,
     ) -> None:
-        """One PCI function ``dddd:bb:dd.f`` in sysfs, in IOMMU group ``group`` (None: none)."""
+        """One PCI function ``dddd:bb:dd.f`` in sysfs, in IOMMU group ``group`` (None: none).
+        ``power_state`` (``D0``, ``D3cold``...) and ``reset_method`` (``flr bus``, or ``""`` for
+        none) are written only when given: without them the function looks like an older
+        kernel's."""
         addr = _full_addr(addr)
         d = self.root / f"sys/bus/pci/devices/{addr}"
         d.mkdir(parents=True, exist_ok=True)
         (d / "vendor").write_text(f"0x{vendor.removeprefix('0x')}\n")
         (d / "device").write_text(f"0x{device.removeprefix('0x')}\n")
         (d / "class").write_text(f"{class_}\n")
+        for name, value in (("power_state", power_state), ("reset_method", reset_method)):
+            if value is not None:
+                (d / name).write_text(f"{value}\n")
         if group is not None:
             symlink(d / "iommu_group", f"../../../../kernel/iommu_groups/{group}")
             symlink(
@@ -169,12 +200,15 @@ class FakeNode:
         mdev_types: Sequence[str] = (),
         model: str = "NVIDIA GeForce RTX 3080",
         mdev_instances: int = 4,
+        power_state: str | None = None,
+        reset_method: str | None = None,
     ) -> None:
         """A GPU card ``dddd:bb:dd`` with its functions (".0" GPU, ".1" audio, ...) in one group.
 
         ``nvidia_minor`` adds /proc/driver/nvidia/gpus/<addr>/information; ``drm`` names DRM nodes
         (card0, renderD128) linking to function 0; ``vf_of`` makes it an SR-IOV VF of that parent;
-        ``mdev_types`` makes function 0 an mdev parent.
+        ``mdev_types`` makes function 0 an mdev parent; ``power_state`` and ``reset_method`` are
+        every function's (see add_pci_device).
         """
         slot = _full_addr(addr)
         slot = slot.rsplit(".", 1)[0] if re.search(r"\.[0-7]$", slot) else slot
@@ -188,6 +222,8 @@ class FakeNode:
                 vendor=vendor,
                 device=device if fn == "0" else f"{int(device, 16) + int(fn):04x}",
                 driver=driver if fn == "0" else fdriver,
+                power_state=power_state,
+                reset_method=reset_method,
             )
         first = f"{slot}.{functions[0].lstrip('.')}" if functions else f"{slot}.0"
         dev_dir = self.root / f"sys/bus/pci/devices/{first}"

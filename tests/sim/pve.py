@@ -155,6 +155,72 @@ def flocked(path: Path, timeout: float | None = None, shown: str | None = None) 
         os.close(fd)
 
 
+HOSTPCI_FORMAT = {  # qemu-server PCI.pm $hostpci_fmt: key -> pattern ("bool" for booleans)
+    "host": r"(?:[a-f0-9]{4,}:)?[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?"
+    r"(?:;(?:[a-f0-9]{4,}:)?[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?)*",
+    "mapping": r"[a-zA-Z][a-zA-Z0-9_\-]+",
+    "rombar": "bool",
+    "romfile": r"[^,;]+",
+    "pcie": "bool",
+    "x-vga": "bool",
+    "legacy-igd": "bool",
+    "mdev": r"[^/\.:]+",
+    "vendor-id": r"0x[0-9a-fA-F]{4}",
+    "device-id": r"0x[0-9a-fA-F]{4}",
+    "sub-vendor-id": r"0x[0-9a-fA-F]{4}",
+    "sub-device-id": r"0x[0-9a-fA-F]{4}",
+    "driver": r"vfio|keep",
+}
+MAP_FORMAT = {  # pve-guest-common Mapping/PCI.pm $map_fmt (node, id and path are required)
+    "node": r"[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?",
+    "id": r"[0-9A-Fa-f]{4}:[0-9A-Fa-f]{4}",
+    "subsystem-id": r"[0-9A-Fa-f]{4}:[0-9A-Fa-f]{4}",
+    "path": r"(?:[a-f0-9]{4,}:[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?;)*"
+    r"[a-f0-9]{4,}:[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?",
+    "iommugroup": r"[+-]?\d+",
+    "description": r".*",
+}
+
+
+def property_string(value: str, schema: dict[str, str], default_key: str | None) -> dict | None:
+    """pve-common JSONSchema.pm parse_property_string + check_object: None when PVE dies."""
+    res: dict[str, str] = {}
+    bare = False
+    for part in value.split(","):
+        if re.fullmatch(r"\s*", part):
+            continue
+        kv = re.fullmatch(r"([^=]+)=(.+)", part, re.DOTALL)
+        if kv:
+            if kv.group(1) in res or kv.group(1) not in schema:
+                return None
+            res[kv.group(1)] = kv.group(2)
+        elif "=" in part or default_key is None or bare or default_key in res:
+            return None
+        else:
+            bare = True
+            res[default_key] = part
+    for key, pattern in schema.items():
+        if key not in res:
+            continue
+        if pattern == "bool":
+            if res[key].lower() not in ("1", "0", "on", "off", "yes", "no", "true", "false"):
+                return None
+        elif not re.fullmatch(pattern, res[key]):
+            return None
+    return res
+
+
+def hostpci_format(value: str) -> dict[str, str] | None:
+    return property_string(value, HOSTPCI_FORMAT, "host")
+
+
+def parse_map_value(value: str) -> dict[str, str] | None:
+    res = property_string(value, MAP_FORMAT, None)
+    if res is None or not all(k in res for k in ("node", "id", "path")):
+        return None
+    return res
+
+
 def is_true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "yes", "on", "true")
 
@@ -1035,30 +1101,42 @@ class Pve:
     # ---- mappings and HA ----------------------------------------------------------------------
 
     def read_mappings(self) -> dict[str, dict]:
-        """/etc/pve/mapping/pci.cfg: NAME, then tab-indented ``map k=v,...`` / other props."""
+        """/etc/pve/mapping/pci.cfg as PVE reads it (pve-common SectionConfig.pm parse_config with
+        pve-guest-common Mapping/PCI.pm): a section is a header line ``<id>`` (a configid) and the
+        indented ``key value`` lines after it, up to the first empty line; a non-indented line in
+        there is ignored. A ``map`` value failing ``$map_fmt`` is dropped; a section left without
+        a ``map`` fails check_config and is dropped whole. Returns {name: {"map": [...], "mdev"}}.
+        """
         res: dict[str, dict] = {}
         try:
             text = self.p("etc/pve/mapping/pci.cfg").read_text()
         except FileNotFoundError:
             return res
-        current: dict | None = None
-        for line in text.splitlines():
-            if not line.strip() or line.lstrip().startswith("#"):
+        lines = [line for line in text.split("\n") if not re.match(r"\s*#", line)]
+        while lines:
+            line = lines.pop(0)
+            if line in ("", "0"):
                 continue
-            if not line[0].isspace():
-                current = res.setdefault(line.strip(), {"map": [], "mdev": False})
-                continue
-            if current is None:
-                continue
-            key, _, value = line.strip().partition(" ")
-            if key == "map":
-                current["map"].append(
-                    dict(p.split("=", 1) for p in value.strip().split(",") if "=" in p)
-                )
-            elif key == "mdev":
-                current["mdev"] = is_true(value)
-            else:
-                current[key] = value.strip()
+            header = re.fullmatch(r"(\S+)\s*", line)
+            section: dict | None = None
+            if header and re.fullmatch(r"[a-z][a-z0-9_\-]+", header.group(1), re.IGNORECASE):
+                section = {"map": [], "mdev": False}
+            while lines and lines[0] not in ("", "0"):
+                prop = re.fullmatch(r"\s+(\S+)(?:\s+(.*\S))?\s*", lines.pop(0))
+                if section is None or prop is None:
+                    continue
+                key, value = prop.group(1), prop.group(2)
+                if key == "map":
+                    entry = parse_map_value(value or "")
+                    if entry is not None:
+                        section["map"].append(entry)
+                elif key == "mdev":
+                    section["mdev"] = value is None or is_true(value)
+            if header:
+                if section is not None and section["map"]:
+                    res[header.group(1)] = section
+                else:
+                    res.pop(header.group(1), None)
         return res
 
     def ha_resources(self) -> dict[str, dict[str, str]]:
@@ -1265,17 +1343,9 @@ class Pve:
     # ---- QEMU ---------------------------------------------------------------------------------
 
     def parse_hostpci(self, index: int, value: str) -> Hostpci:
-        opts: dict[str, str] = {}
-        for n, part in enumerate(p.strip() for p in value.split(",")):
-            if not part:
-                continue
-            if "=" in part:
-                k, v = part.split("=", 1)
-                opts[k.strip()] = v.strip()
-            elif n == 0:
-                opts["host"] = part
-            else:
-                raise PveError(f"unable to parse value of 'hostpci{index}' - format error")
+        """qemu-server PCI.pm parse_hostpci, on a value that passed the config's schema check."""
+        opts = hostpci_format(value)
+        assert opts is not None, "parse_hostpci_devices drops a value failing the format"
         host = opts.pop("host", None)
         mapping = opts.pop("mapping", None)
         mdev = opts.pop("mdev", None)
@@ -1288,7 +1358,7 @@ class Pve:
             if not maps:
                 raise PveError(f"PCI device mapping not found for '{mapping}'")
             for m in maps:
-                self.check_mapping(m)
+                self.check_mapping(mapping, m, bool(entry and entry["mdev"]))
                 alternatives.append(m.get("path", "").split(";"))
         elif host:
             alternatives.append(host.split(";"))
@@ -1307,26 +1377,48 @@ class Pve:
             resolved.append(devs)
         return Hostpci(index, resolved, mdev, opts)
 
-    def check_mapping(self, m: dict[str, str]) -> None:
-        """PVE::Mapping::PCI::assert_valid (vendor:device and IOMMU group must still match)."""
-        paths = m.get("path", "").split(";")
-        first = self.lspci(paths[0]) if paths and paths[0] else []
-        if not first:
-            return  # parse_hostpci reports the missing device
+    def check_mapping(self, name: str, m: dict[str, str], mdev: bool) -> None:
+        """pve-guest-common Mapping/PCI.pm assert_valid: every path must exist; its vendor:device
+        (``id``), ``subsystem-id`` (when sysfs has one) and mdev capability must match the map
+        line, and so must the first path's ``iommugroup``; a property one side lacks fails."""
         prefix = "PCI device mapping invalid (hardware probably changed): "
-        if m.get("id") and len(paths) == 1 and re.search(r"\.[0-7]$", paths[0]):
-            vendor, device = self.pci_ids(first[0])
-            if m["id"].lower() != f"{vendor}:{device}":
-                raise PveError(
-                    f"{prefix}'id' does not match for '{paths[0]}' ({m['id']} != {vendor}:{device})"
-                )
-        if m.get("iommugroup") is not None:
-            group = self.iommu_group(first[0])
-            if group is not None and group != m["iommugroup"]:
-                raise PveError(
-                    f"{prefix}'iommugroup' does not match for '{paths[0]}' "
-                    f"({m['iommugroup']} != {group})"
-                )
+        for n, path in enumerate(m.get("path", "").split(";")):
+            if not re.search(r"\.[a-f0-9]", path, re.IGNORECASE):
+                path += ".0"
+            d = self.pci_dir(path)
+            if not d.is_dir():
+                raise PveError(f"{prefix}pci device '{path}' not found")
+            vendor, device = self.pci_ids(path)
+            sub = [d / "subsystem_vendor", d / "subsystem_device"]
+            have = {
+                "id": f"{vendor}:{device}",
+                "iommugroup": self.iommu_group(path),
+                "mdev": "1"
+                if (d / "mdev_supported_types").is_dir() or (d / "nvidia").is_dir()
+                else "0",
+                "subsystem-id": ":".join(f.read_text().strip().removeprefix("0x") for f in sub)
+                if all(f.exists() for f in sub)
+                else None,
+            }
+            want = {k: m.get(k) for k in ("id", "iommugroup", "subsystem-id")}
+            want["mdev"] = "1" if mdev else "0"
+            for prop in sorted(have):
+                if prop == "iommugroup" and n > 0:
+                    continue
+                if have[prop] is None and want[prop] is None:
+                    continue
+                if want[prop] is None:
+                    raise PveError(
+                        f"{prefix}missing expected property '{prop}' for device '{path}'"
+                    )
+                if have[prop] is None:
+                    raise PveError(
+                        f"{prefix}unexpected property '{prop}' configured for device '{path}'"
+                    )
+                if str(have[prop]).replace("0x", "") != str(want[prop]).replace("0x", ""):
+                    got, wanted = have[prop], want[prop]
+                    why = f"'{prop}' does not match for '{name}' ({got} != {wanted})"
+                    raise PveError(prefix + why)
 
     def parse_hostpci_devices(self, vmid: int, cfg: Config, out: Out) -> list[Hostpci]:
         devices = []
@@ -1334,9 +1426,7 @@ class Pve:
             value = cfg.get(f"hostpci{i}")
             if not value:
                 continue
-            host = next((p for p in value.split(",") if "=" not in p or p.startswith("host=")), "")
-            host = host.removeprefix("host=")
-            if host and not all(PCI_ID_RE.match(h) for h in host.split(";")):
+            if hostpci_format(value) is None:
                 # parse_vm_config drops a value its schema rejects, with a warning.
                 out.warn(f"vm {vmid} - unable to parse value of 'hostpci{i}' - format error")
                 continue
@@ -1634,6 +1724,12 @@ class Pve:
         """prepare_pci_device + QEMU's vfio open: mdevs, group conflicts, bind to vfio-pci."""
         dev_args: list[str] = []
         to_bind: list[str] = []
+        iommu = self.p("sys/class/iommu")
+        present = iommu.is_dir() and any(not n.startswith(".") for n in os.listdir(iommu))
+        if devices and not present:
+            # PCI.pm prepare_pci_device (via SysFSTools.pm check_iommu_support), for every
+            # hostpci device, mdevs included; vm_start_nolock dies with it
+            raise PveError("cannot prepare PCI pass-through, IOMMU not present")
         for d in devices:
             if d.mdev:
                 err: PveError | None = None
@@ -1655,6 +1751,11 @@ class Pve:
                 to_bind.append(pci_id)
                 dev_args.append(devstr)
         for devstr, pci_id in raw:
+            if not present:  # QEMU finds no IOMMU group to open (vfio_get_group)
+                raise PveError(
+                    "start failed: QEMU exited with code 1",
+                    before=[f"kvm: -device {devstr}: vfio {pci_id}: no iommu_group found"],
+                )
             if not self.pci_dir(pci_id).exists():
                 raise PveError(
                     "start failed: QEMU exited with code 1",

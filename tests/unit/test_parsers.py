@@ -43,6 +43,7 @@ def add_function(
     device = root / "sys/bus/pci/devices" / address
     device.mkdir(parents=True)
     (device / "vendor").write_text("0x10de\n")
+    (device / "device").write_text("0x2204\n")
     if group is not None:
         members = root / "sys/kernel/iommu_groups" / group / "devices"
         members.mkdir(parents=True, exist_ok=True)
@@ -576,19 +577,34 @@ gpu
 
 vgpu
 \tmdev 1
-\tmap node=pve1,path=0000:01:00.0
+\tmap node=pve1,path=0000:01:00.0,id=10de:2204
+
 broken
-\tmap path=0000:02:00.0
-\tmap node=pve1
+\tmap path=0000:02:00.0,id=10de:2204
+\tmap node=pve1,id=10de:2204
+\tmap node=pve1,path=02:00.0,id=10de:2204
+\tmap node=pve1,path=0000:02:00.0,id=10de:2204,color=red
+
 nomdev
 \tmdev 0
-\tmap node=pve1,path=0000:02:00.0
+\tmap node=pve1,path=0000:02:00.0,id=10de:2204
+notes
+\tmap node=pve1,path=0000:04:00.0,id=10de:2204
+
+bad!name
+\tmap node=pve1,path=0000:04:00.0,id=10de:2204
 """
 
 
 def test_pci_mapping_alternatives_in_order() -> None:
+    """As PVE reads pci.cfg (SectionConfig.pm parse_config, Mapping/PCI.pm): a mapping runs up to
+    a blank line, a map line failing its format is dropped, a mapping left without one too."""
     mappings, warnings = parse_pci_mapping(PCI_CFG, "/etc/pve/mapping/pci.cfg")
     assert sorted(mappings) == ["broken", "gpu", "nomdev", "vgpu"]
+    # kept for its line, with why PVE ignores it: a guest using it is blamed on that line
+    assert (mappings["broken"].dropped, mappings["broken"].line) == ("it has no valid map line", 11)
+    assert mappings["broken"].entries == []
+    assert [m.dropped for n, m in sorted(mappings.items()) if n != "broken"] == [None] * 3
     gpu = mappings["gpu"]
     assert gpu.line == 1
     assert [e.paths for e in gpu.for_node("pve1")] == [
@@ -602,23 +618,42 @@ def test_pci_mapping_alternatives_in_order() -> None:
     assert gpu.mdev is False
     assert mappings["vgpu"].mdev is True
     assert mappings["nomdev"].mdev is False
-    assert mappings["broken"].entries == []
+    # "notes" has no blank line before it: PVE reads it and its map line into "nomdev"
+    assert [e.line for e in mappings["nomdev"].entries] == [19, 21]
     assert warnings == [
-        "/etc/pve/mapping/pci.cfg:11: map line without node= or path=, ignored",
-        "/etc/pve/mapping/pci.cfg:12: map line without node= or path=, ignored",
+        "/etc/pve/mapping/pci.cfg:12: mapping 'broken': map line ignored: node= is missing",
+        "/etc/pve/mapping/pci.cfg:13: mapping 'broken': map line ignored: path= is missing",
+        "/etc/pve/mapping/pci.cfg:14: mapping 'broken': map line ignored: path=02:00.0 is not a "
+        "list of full PCI ids (0000:01:00.0;...)",
+        "/etc/pve/mapping/pci.cfg:15: mapping 'broken': map line ignored: invalid key in "
+        "comma-separated list property: color",
+        "/etc/pve/mapping/pci.cfg:20: 'notes' ignored: PVE reads it as a line of mapping "
+        "'nomdev', which runs up to the next blank line",
+        "/etc/pve/mapping/pci.cfg:23: 'bad!name' is not a valid mapping name: ignored",
     ]
 
 
+def test_pci_mapping_warning_escapes_what_a_terminal_does_not_print() -> None:
+    text = "gpu\n\tmap node=pve1,path=0000:01:00.0,id=10de:2204,c\u0085olor=1\n"
+    _, warnings = parse_pci_mapping(text, "/etc/pve/mapping/pci.cfg")
+    assert "invalid key in comma-separated list property: c\\x85olor" in warnings[0]
+    assert all(w.isprintable() for w in warnings)
+
+
 def test_pci_mapping_property_before_header() -> None:
-    text = "\tmap node=pve1,path=0000:01:00.0\n# comment\ngpu\n\tmap node=pve1,path=01:00.0\n"
+    text = (
+        "\tmap node=pve1,path=0000:01:00.0,id=10de:2204\n# comment\n"
+        "gpu\n\tmap node=pve1,path=0000:01:00.0,id=10de:2204\n"
+    )
     mappings, warnings = parse_pci_mapping(text, "/p/pci.cfg")
     assert len(warnings) == 1
     assert warnings[0].startswith("/p/pci.cfg:1: ")
-    assert [e.paths for e in mappings["gpu"].for_node("pve1")] == [["01:00.0"]]
+    assert [e.paths for e in mappings["gpu"].for_node("pve1")] == [["0000:01:00.0"]]
 
 
 def test_pci_mapping_tab_between_key_and_value() -> None:
-    mappings, _ = parse_pci_mapping("gpu\n\tmap\tnode=pve1,path=0000:01:00.0\n", "/p")
+    text = "gpu\n\tmap\tnode=pve1,path=0000:01:00.0,id=10de:2204\n"
+    mappings, _ = parse_pci_mapping(text, "/p")
     assert [e.paths for e in mappings["gpu"].for_node("pve1")] == [["0000:01:00.0"]]
 
 
@@ -774,19 +809,28 @@ def test_sibling_functions_share_the_group_unit(host: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "warned"),
     [
-        ("hostpci0: zz:00.0", "'zz:00.0' is not a PCI address"),
-        ("hostpci0: pcie=1,x-vga=1", "no host= or mapping="),
-        ("hostpci0: host=01:00.0;junk", "'junk' is not a PCI address"),
+        ("hostpci0: zz:00.0", "PVE ignores this line (host=zz:00.0: not PCI ids"),
+        ("hostpci0: host=01:00.0;junk", "PVE ignores this line (host=01:00.0;junk: not PCI ids"),
+        ("hostpci0: 0A:00.0", "PVE ignores this line (host=0A:00.0: not PCI ids"),
+        ("hostpci0: 01:00.0,pcie=maybe", "PVE ignores this line (pcie=maybe: not a boolean"),
+        ("hostpci0: 01:00.0, pcie=1", "invalid key in comma-separated list property:  pcie"),
+        ("hostpci0: 01:00.0,pcie", "duplicate key in comma-separated list property: host"),
+        ("hostpci0: 01:00.0,colour=red", "invalid key in comma-separated list property: colour"),
         ("args: -device vfio-pci,host=1:0", "'1:0' is not a PCI address"),
+        # a character no terminal prints is escaped: the warning stays one printable line
+        ("hostpci0: \U00018cd6", "PVE ignores this line (host=\\U00018cd6: not PCI ids"),
+        ("hostpci0: 01:00.0,x\u200by=1", "invalid key in comma-separated list property: x\\u200by"),
     ],
 )
 def test_vm_needs_bad_ids_warn(host: Path, text: str, warned: str) -> None:
+    """A hostpci value failing PVE's format is dropped when PVE reads the config: no need."""
     reader = ClaimReader(pci.Sysfs(), "pve1")
     needs, warnings = reader.vm_needs(parse_guest_config(text, VM_CONF), with_pending=False)
-    assert all(n.claims() for n in needs)  # only valid ids become claims
+    assert needs == []
     assert len(warnings) == 1
     assert warnings[0].startswith(f"{VM_CONF}:1: ")
     assert warned in warnings[0]
+    assert warnings[0].isprintable()
     # a second guest's reading starts with none: warnings are not shared between calls
     assert reader.vm_needs(parse_guest_config("", VM_CONF), with_pending=False) == ([], [])
 
@@ -847,22 +891,109 @@ def test_mapping_with_mdev(mapped: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "node", "warned"),
+    ("text", "node", "failure", "blame"),
     [
-        ("hostpci0: mapping=nope", "pve1", "PCI mapping 'nope' does not exist"),
-        ("hostpci0: mapping=gpu", "pve3", "PCI mapping 'gpu' has no entry for node pve3"),
-        ("hostpci0: mapping=broken", "pve1", "PCI mapping 'broken' has no entry for node pve1"),
+        ("hostpci0: mapping=nope", "pve1", "pci.cfg has no mapping 'nope'", f"{VM_CONF}:1"),
+        # pci.cfg has the mapping: its line is at fault, not the guest's
+        (
+            "hostpci0: mapping=gpu",
+            "pve3",
+            "mapping 'gpu' has no map line for node pve3",
+            "/etc/pve/mapping/pci.cfg:1",
+        ),
+        (
+            "hostpci0: mapping=broken",
+            "pve1",
+            "PVE ignores mapping 'broken': it has no valid map line",
+            "/etc/pve/mapping/pci.cfg:11",
+        ),
     ],
 )
 def test_unusable_mapping_is_a_need_without_alternatives(
-    mapped: Path, text: str, node: str, warned: str
+    mapped: Path, text: str, node: str, failure: str, blame: str
 ) -> None:
     reader = ClaimReader(pci.Sysfs(), node)
     needs, warnings = reader.vm_needs(parse_guest_config(text, VM_CONF), with_pending=False)
-    assert [(n.source, n.alternatives, n.mapping) for n in needs] == [
-        ("hostpci0", [], text.split("=")[1])
-    ]
-    assert any(w.startswith(f"{VM_CONF}:1: ") and warned in w for w in warnings)
+    name = text.split("=")[1]
+    assert [(n.source, n.alternatives, n.mapping) for n in needs] == [("hostpci0", [], name)]
+    assert warnings == []
+    assert needs[0].failure is not None
+    assert needs[0].failure.startswith(f"PCI device mapping not found for '{name}' (")
+    assert failure in needs[0].failure
+    assert needs[0].blame == (blame if blame == f"{VM_CONF}:1" else f"{mapped}{blame}")
+
+
+@pytest.mark.parametrize(
+    ("text", "failure"),
+    [
+        ("hostpci0: 09:00.0", "no PCI device found for '09:00.0'"),
+        ("hostpci0: 01:00.0;09:00", "no PCI device found for '09:00'"),
+        ("hostpci0: pcie=1,x-vga=1", "Either 'host' or 'mapping' must be set."),
+        ("hostpci0: host=01:00.0,mapping=gpu", "Cannot set both 'host' and 'mapping'."),
+        ("hostpci0: 01:00,mdev=nvidia-35", "cannot use mediated device with multifunction device"),
+        ("hostpci0: 01:00.0\nhostpci1: 01:00", "device '0000:01:00.0' assigned more than once"),
+        ("args: -device vfio-pci,host=09:00.0", "QEMU cannot open vfio 0000:09:00.0"),
+    ],
+)
+def test_start_failures(host: Path, text: str, failure: str) -> None:
+    """Lines PVE reads but its start dies on (qemu-server PCI.pm parse_hostpci): a need whose
+    failure is PVE's own error, blamed on the guest config's line."""
+    reader = ClaimReader(pci.Sysfs(), "pve1")
+    needs, warnings = reader.vm_needs(parse_guest_config(text, VM_CONF), with_pending=False)
+    assert warnings == []
+    failed = [n for n in needs if n.failure is not None]
+    assert len(failed) == 1 and failed[0].failure is not None
+    assert failed[0].failure.startswith(failure)
+    assert failed[0].blame == f"{VM_CONF}:{len(needs)}"
+
+
+MAP_LINE = "\tmap node=pve1,path=0000:01:00.0,id=10de:2204,iommugroup=14\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (MAP_LINE, None),
+        (MAP_LINE.replace("0000:01:00.0", "0000:01:00"), None),  # a whole device: its .0
+        (MAP_LINE.replace("01:00.0", "07:00.0"), "pci device '0000:07:00.0' not found"),
+        (
+            MAP_LINE.replace("2204", "2206"),
+            "'id' does not match for 'gpu' (10de:2204 != 10de:2206)",
+        ),
+        (MAP_LINE.replace("10de:2204", "10DE:2204"), "'id' does not match for 'gpu'"),
+        (MAP_LINE.replace("=14", "=15"), "'iommugroup' does not match for 'gpu' (14 != 15)"),
+        (
+            MAP_LINE.replace(",iommugroup=14", ""),
+            "missing expected property 'iommugroup' for device '0000:01:00.0'",
+        ),
+        (
+            MAP_LINE.replace("0000:01:00.0", "0000:03:00.0").replace(",iommugroup=14", ""),
+            None,  # no IOMMU group in sysfs, none configured
+        ),
+        (
+            MAP_LINE.replace("0000:01:00.0", "0000:03:00.0"),
+            "unexpected property 'iommugroup' configured for device '0000:03:00.0'",
+        ),
+        (
+            MAP_LINE.replace("0000:01:00.0", "0000:01:00.0;0000:04:00.0"),
+            None,  # the group of the first path only
+        ),
+    ],
+)
+def test_map_line_checked_against_the_hardware(
+    fresh_host: Path, line: str, problem: str | None
+) -> None:
+    """PVE's assert_valid (pve-guest-common Mapping/PCI.pm) before every start of a mapped VM."""
+    write(fresh_host, "etc/pve/mapping/pci.cfg", "gpu\n" + line)
+    reader = ClaimReader(pci.Sysfs(), "pve1")
+    needs, _ = reader.vm_needs(parse_guest_config("hostpci0: mapping=gpu", VM_CONF), False)
+    if problem is None:
+        assert needs[0].failure is None
+        return
+    assert needs[0].failure is not None
+    assert needs[0].failure.startswith("PCI device mapping invalid (hardware probably changed): ")
+    assert problem in needs[0].failure
+    assert needs[0].blame == f"{fresh_host}/etc/pve/mapping/pci.cfg:2"
 
 
 def test_mapping_file_warnings_reach_the_reader(mapped: Path) -> None:
@@ -870,19 +1001,19 @@ def test_mapping_file_warnings_reach_the_reader(mapped: Path) -> None:
     assert reader.mapping_warnings == []  # not read yet
     _, warnings = reader.vm_needs(parse_guest_config("hostpci0: mapping=gpu", VM_CONF), False)
     assert not any("map line" in w for w in warnings)  # pci.cfg's own, not this guest's
-    assert sum("map line without node= or path=" in w for w in reader.mapping_warnings) == 2
+    assert sum("map line ignored" in w for w in reader.mapping_warnings) == 4
 
 
 def test_mapping_file_missing(host: Path) -> None:
     reader = ClaimReader(pci.Sysfs(), "pve1")
     needs, warnings = reader.vm_needs(parse_guest_config("hostpci0: mapping=gpu", VM_CONF), False)
     assert [(n.source, n.alternatives) for n in needs] == [("hostpci0", [])]
-    assert len(warnings) == 1
+    assert warnings == [] and needs[0].failure is not None
     assert reader.mapping_warnings == []
 
 
 def test_mappings_given_to_the_reader(host: Path) -> None:
-    mappings, _ = parse_pci_mapping("gpu\n\tmap node=pve1,path=0000:02:00.0\n", "/x")
+    mappings, _ = parse_pci_mapping("gpu\n\tmap node=pve1,path=0000:02:00.0,id=10de:2204\n", "/x")
     reader = ClaimReader(pci.Sysfs(), "pve1", mappings)
     needs, _ = reader.vm_needs(parse_guest_config("hostpci0: mapping=gpu", VM_CONF), False)
     assert shape(needs) == [("hostpci0", [[("0000:02:00.0", G15, EXCLUSIVE)]])]

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from pvegpuhook.model import RESERVED, Claim, ClaimKind, Guest, GuestKind, Holder, Need
+from pvegpuhook.model import (
+    IOMMU_MISSING,
+    RESERVED,
+    Claim,
+    ClaimKind,
+    Guest,
+    GuestKind,
+    Holder,
+    Need,
+)
 from pvegpuhook.plan import (
     Forecast,
     RestartAction,
@@ -424,6 +433,75 @@ DECISIONS = [
 ]
 
 
+MISSING = Need(
+    "hostpci1", [(claim("0000:09:00.0", "dev:0000:09:00"),)], failure="no PCI device found"
+)
+NO_IOMMU = Need("hostpci0", [(GPU,)], failure=IOMMU_MISSING)
+DECISIONS += [
+    # PVE refuses the start whoever holds what: nobody is stopped, the forecast says why
+    (
+        "a device sysfs lacks, its other GPU held",
+        guest(102),
+        "stop",
+        False,
+        [need([GPU]), MISSING],
+        [holder(104, GPU)],
+        False,
+        Verdict.NOTHING,
+        "stop",
+        "vzdump will fail: hostpci1: no PCI device found",
+    ),
+    (
+        "no IOMMU and a line PVE refuses: the line is what PVE says first",
+        guest(102),
+        "snapshot",
+        False,
+        [NO_IOMMU, MISSING],
+        [],
+        False,
+        Verdict.NOTHING,
+        "stop",
+        "vzdump will fail: hostpci1: no PCI device found",
+    ),
+    (
+        "a running VM in stop mode is started again by vzdump",
+        guest(104),
+        "stop",
+        True,
+        [MISSING],
+        [],
+        False,
+        Verdict.NOTHING,
+        "stop",
+        "vzdump will fail: hostpci1",
+    ),
+    (
+        "a running VM in snapshot mode keeps running",
+        guest(104),
+        "snapshot",
+        True,
+        [MISSING],
+        [],
+        False,
+        Verdict.NOTHING,
+        "snapshot",
+        "running",
+    ),
+    (
+        "a template starts without its devices",
+        guest(9000, template="1"),
+        "stop",
+        False,
+        [MISSING],
+        [],
+        False,
+        Verdict.NOTHING,
+        "stop",
+        "template: backed up without its devices",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("subject", "job_mode", "running", "needs", "holders", "ha", "verdict", "mode", "reason"),
     [case[1:] for case in DECISIONS],
@@ -453,6 +531,7 @@ def test_decide_backup(
     assert reason in decision.reason
     assert bool(decision.stops) == (verdict == Verdict.FREE)
     assert decision.template == subject.template
+    assert (decision.failure is not None) == decision.reason.startswith("vzdump will fail")
 
 
 # ---- plan_restart ------------------------------------------------------------------------------
