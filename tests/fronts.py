@@ -12,7 +12,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +38,16 @@ def seed_node(root: Path, override: str = FAST) -> FakeNode:
     if override:
         node.write_override(override)
     return node
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 20.0) -> bool:
+    """Whether ``condition`` holds within ``seconds`` (for what PVE's workers do later)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def hook(node: FakeNode, *args: str, vmtype: str | None = "qemu") -> subprocess.CompletedProcess:

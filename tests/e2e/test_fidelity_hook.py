@@ -8,18 +8,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.fronts import FAST, cli, commands, hook, hook_lines, records, seed_node, write_state
+from tests.fronts import (
+    FAST,
+    cli,
+    commands,
+    hook,
+    hook_lines,
+    records,
+    seed_node,
+    wait_for,
+    write_state,
+)
 from tests.sim.node import FakeNode
 from tests.sim.vzdump import run_job
-
-
-def wait_for(condition: object, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def ha_state(node: FakeNode, vmid: int) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pvegpuhook import act, phases
-from tests.fronts import cli, commands, hook_lines, records, seed_node
+from tests.fronts import cli, commands, hook_lines, records, seed_node, wait_for
 from tests.sim.node import FakeNode
 from tests.sim.vzdump import INPROCESS, run_job
 
@@ -56,15 +56,6 @@ def big_gpu_holder(tmp_path: Path, override: str) -> FakeNode:
     )
     node.start(104)
     return node
-
-
-def wait_for(condition: object, seconds: float = 15) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def start_calls(node: FakeNode, vmid: int) -> list[dict]:
@@ -107,9 +98,9 @@ def test_a_start_longer_than_pve_allows_is_left_running_and_reported(
     # 331 s (261 s and PVE's waits), in the task log's rounding
     assert "VM 104 (win11) still starting after 6 min" in end
     assert "it may still come up; record kept until it runs" in end
-    assert wait_for(lambda: node.is_running(104))  # PVE's worker finished the start
+    assert wait_for(lambda: node.is_running(104), 15)  # PVE's worker finished the start
     # not killed: it ran to its end (job-abort's second try waited for its lock in vain)
-    assert wait_for(lambda: 0 in [c["exit"] for c in start_calls(node, 104)])
+    assert wait_for(lambda: 0 in [c["exit"] for c in start_calls(node, 104)], 15)
     # the record waits for a phase that sees the guest run (job-abort, if it came late enough)
     result = cli(node, "recover")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -127,8 +118,8 @@ def test_a_stop_of_the_backup_task_does_not_cut_a_restart_in_half(tmp_path: Path
     # 102's log-end keeps 104 down for 103 (job-aware); 103's starts it and is stopped
     assert [c.exit_code for c in job.hook_calls if c.phase == "log-end"] == [0, -15]
     assert "job-abort" in job.phases()  # run in the second before the SIGKILL, then killed
-    assert wait_for(lambda: node.is_running(104))
-    assert wait_for(lambda: {c["exit"] for c in start_calls(node, 104)} >= {0})
+    assert wait_for(lambda: node.is_running(104), 15)
+    assert wait_for(lambda: {c["exit"] for c in start_calls(node, 104)} >= {0}, 15)
     assert node.running_guests() == {104}
     # the record waits for a phase that sees the guest run: here the admin's recover
     result = cli(node, "recover")
