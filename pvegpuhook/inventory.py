@@ -18,6 +18,7 @@ from pvegpuhook.model import (
     Guest,
     GuestKind,
     Holder,
+    JobOrder,
     Need,
     start_failure,
 )
@@ -117,6 +118,20 @@ class Inventory:
                 line += "; its backup fails, so no guest is stopped for it"
             problems.append(line)
         return needs, problems
+
+    def job_order(
+        self, guests: list[Guest], *, stop_mode: bool
+    ) -> tuple[JobOrder, dict[int, list[str]]]:
+        """The guests of a backup job (given in vzdump's order) as the planner walks them, and
+        the problems of each. A stopped guest's needs are its start's; so are a running VM's in
+        stop mode, where vzdump restarts it and that start applies its pending changes."""
+        order: JobOrder = []
+        problems: dict[int, list[str]] = {}
+        for guest in guests:
+            running = runtime.running(guest.kind, guest.vmid)
+            needs, problems[guest.vmid] = self.needs(guest, for_start=not running or stop_mode)
+            order.append((guest, running, needs))
+        return order, problems
 
     def claims_of_stopped(self, guest: Guest) -> list[Claim]:
         """What a guest would hold if started now (every alternative of a mapping)."""

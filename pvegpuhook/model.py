@@ -145,6 +145,11 @@ def start_failure(needs: list[Need]) -> Need | None:
     return next((need for need in failing if need not in late), late[0] if late else None)
 
 
+# a backup job's guests in vzdump's order: each guest, whether it runs now, and what its next
+# start will claim (what the planner walks a job by)
+JobOrder = list[tuple[Guest, bool, list[Need]]]
+
+
 class Holder:
     """A running guest and the claims it holds now; ``starting``: a VM whose start is under way
     (its devices reserved, its QEMU not running yet)."""

@@ -13,7 +13,7 @@ from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import ConfigError, StateError
 from pvegpuhook.inventory import Inventory, config_path, load_guest, local_vmids
 from pvegpuhook.log import Log
-from pvegpuhook.model import RESERVED, Claim, ClaimKind, Guest, GuestKind, Holder, Need
+from pvegpuhook.model import RESERVED, Claim, ClaimKind, Guest, GuestKind, Holder, JobOrder
 from pvegpuhook.plan import (
     BackupDecision,
     Verdict,
@@ -23,7 +23,7 @@ from pvegpuhook.plan import (
 )
 from pvegpuhook.pveconf import parse_guest_config
 from pvegpuhook.records import Record, RecordStatus, duration
-from pvegpuhook.restart import restart
+from pvegpuhook.restart import restart, watch_detached
 from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
 from pvegpuhook.vzdumpjob import Unknown
@@ -191,27 +191,27 @@ def _settle_starting(
     return decision
 
 
-def job_identity(log: Log | None = None) -> tuple[str, int, str | None]:
-    """(key, pid, UPID) of the vzdump job this hook runs in: the key tells one job's tally from
-    the next; the pid is its worker's. The UPID only when vzdump's pid file names a task that runs
-    now (vzdump writes it before job-start; pid and start time tell it is this job): then it is
-    also the key. Else the key is vzdump's pid (the hook's parent)."""
-    task = vzdumpjob.running_job()
-    if isinstance(task, vzdumpjob.Unknown):
+def job_identity(
+    task: vzdumpjob.Upid | Unknown, log: Log | None = None
+) -> tuple[str, int, str | None]:
+    """(key, pid, UPID) of the vzdump job this hook runs in, from ``vzdumpjob.running_job()``:
+    the key tells one job's tally from the next; the pid is its worker's. The UPID only when
+    vzdump's pid file names a task that runs now (vzdump writes it before job-start; pid and
+    start time tell it is this job): then it is also the key. Else the key is vzdump's pid (the
+    hook's parent)."""
+    if isinstance(task, Unknown):
         if log is not None:
             log.file(f"the backup job's UPID is unknown ({task.reason}); recording its pid only")
         return str(os.getppid()), os.getppid(), None
     return task.text, task.pid, task.text
 
 
-Later = list[tuple[Guest, bool, list[Need]]]
-
-
-def job_ahead(vmid: int, inventory: Inventory) -> tuple[Later, dict[int, float]] | Unknown:
-    """The guests of this backup job that come after ``vmid`` (in vzdump's order, whether they
-    run, what their start will claim) and their previous backup durations: what job-aware
+def job_ahead(
+    task: vzdumpjob.Upid | Unknown, vmid: int, inventory: Inventory
+) -> tuple[JobOrder, dict[int, float]] | Unknown:
+    """The guests of the backup job ``task`` that come after ``vmid`` (in vzdump's order, whether
+    they run, what their start will claim) and their previous backup durations: what job-aware
     restarts decide on. Unknown when the job cannot be learnt from PVE's files."""
-    task = vzdumpjob.running_job()
     if isinstance(task, Unknown):
         return task
     spec = vzdumpjob.read_job(task)
@@ -226,18 +226,10 @@ def job_ahead(vmid: int, inventory: Inventory) -> tuple[Later, dict[int, float]]
         return order
     if vmid not in order:
         return Unknown(f"VM {vmid} is not among the guests of the job line ({spec.command})")
-    later: Later = []
-    durations: dict[int, float] = {}
-    for other in order[order.index(vmid) + 1 :]:
-        guest = load_guest(other, local[other])
-        if guest is None:
-            continue  # its config is gone: vzdump fails it at once
-        needs, _ = inventory.needs(guest, for_start=True)
-        later.append((guest, runtime.running(guest.kind, other), needs))
-        seconds = vzdumpjob.last_backup_seconds(guest.kind, other)
-        if not isinstance(seconds, Unknown):
-            durations[other] = float(seconds)
-    return later, durations
+    # a guest whose config is gone is left out: vzdump fails it at once
+    guests = [g for v in order[order.index(vmid) + 1 :] if (g := load_guest(v, local[v]))]
+    later, _ = inventory.job_order(guests, stop_mode=spec.mode == "stop")
+    return later, vzdumpjob.previous_durations(later)
 
 
 def _as_holder(record: Record, inventory: Inventory) -> Holder:
@@ -255,7 +247,12 @@ def _as_holder(record: Record, inventory: Inventory) -> Holder:
 
 
 def _until_whom(
-    log: Log, store: StateStore, settings: Settings, decision: BackupDecision, inventory: Inventory
+    log: Log,
+    store: StateStore,
+    settings: Settings,
+    decision: BackupDecision,
+    inventory: Inventory,
+    task: vzdumpjob.Upid | Unknown,
 ) -> Callable[[Record], str]:
     """How the shutdown line ends: when the holder will be started again."""
     if settings.restart == "after-job":
@@ -263,7 +260,7 @@ def _until_whom(
     after_this = "it will be started again after this backup"
     if settings.restart == "after-guest":
         return lambda record: after_this
-    ahead = job_ahead(decision.guest.vmid, inventory)
+    ahead = job_ahead(task, decision.guest.vmid, inventory)
     if isinstance(ahead, Unknown):
         text = (
             f"restart: job-aware cannot learn this job's guests ({ahead.reason}): holders are "
@@ -272,7 +269,7 @@ def _until_whom(
 
         def unknown(record: Record) -> str:
             # said after the shutdown (the record comes first), once per job
-            job_key, _, upid = job_identity()
+            job_key, _, upid = job_identity(task)
             try:
                 if store.say_once(job_key, upid, text, time.time()):
                     log.say(text)
@@ -303,8 +300,9 @@ def _stop_holders(
     log: Log, store: StateStore, settings: Settings, decision: BackupDecision, inventory: Inventory
 ) -> int:
     vmid = decision.guest.vmid
-    job_key, job, upid = job_identity(log)
-    until_whom = _until_whom(log, store, settings, decision, inventory)
+    task = vzdumpjob.running_job()  # read once: the record, the tally and the restart plan
+    job_key, job, upid = job_identity(task, log)
+    until_whom = _until_whom(log, store, settings, decision, inventory, task)
     for stop in decision.stops:
         guest = stop.holder.guest
         drivers = {}
@@ -413,7 +411,8 @@ def restart_after_backup(log: Log, vmid: int) -> int:
     if settings.restart == "after-job":
         return 0
     store = StateStore(report=log.say)
-    _, _, upid = job_identity()
+    task = vzdumpjob.running_job()
+    _, _, upid = job_identity(task)
     aware = settings.restart == "job-aware"
 
     def ours(record: Record) -> bool:
@@ -430,7 +429,7 @@ def restart_after_backup(log: Log, vmid: int) -> int:
     candidates = [r for r in store.records() if ours(r)]
     if not candidates:
         return 0
-    keep = _kept_down(log, vmid, candidates, settings) if aware else set()
+    keep = _kept_down(log, task, vmid, candidates, settings) if aware else set()
     now = {r.vmid for r in candidates if r.vmid not in keep}
     if any(r.for_vmid == vmid for r in candidates if r.vmid in now):
         # the paused QEMU vzdump started for this backup must be gone before the guests stopped
@@ -448,13 +447,19 @@ def restart_after_backup(log: Log, vmid: int) -> int:
     return 0  # a failed start keeps its record; job-end retries it and fails the job
 
 
-def _kept_down(log: Log, vmid: int, records: list[Record], settings: Settings) -> set[int]:
+def _kept_down(
+    log: Log,
+    task: vzdumpjob.Upid | Unknown,
+    vmid: int,
+    records: list[Record],
+    settings: Settings,
+) -> set[int]:
     """The recorded holders job-aware restarts keep down after ``vmid``'s backup."""
     stopped = [r for r in records if r.status == RecordStatus.STOPPED]
     if not stopped:
         return set()
     inventory = Inventory()
-    ahead = job_ahead(vmid, inventory)
+    ahead = job_ahead(task, vmid, inventory)
     if isinstance(ahead, Unknown):
         log.file(f"the job's guests are unknown ({ahead.reason}): starting as after-guest")
         return set()  # those stopped for ``vmid`` start now; job-end starts any other
@@ -479,19 +484,9 @@ def _kept_down(log: Log, vmid: int, records: list[Record], settings: Settings) -
 
 
 def _watch(log: Log, records: list[Record], settings: Settings) -> None:
-    """Guests whose shutdown timed out still run at the job's end, and may still power off:
-    a detached ``pve-gpu-hook recover --watch`` starts each one that does (the job has ended,
-    nobody else would until the next job)."""
-    import sys
-
-    from pvegpuhook.restart import watch_window
-
-    until = max((r.since or time.time()) + watch_window(settings) for r in records)
-    seconds = max(1, int(until - time.time()))
+    """Guests whose shutdown timed out still run at the job's end, and may still power off."""
+    until, problem = watch_detached(records, settings)
     names = ", ".join(r.label for r in records)
-    problem = act.spawn_detached(
-        [sys.executable, "-m", "pvegpuhook", "recover", "--watch", str(seconds)]
-    )
     if problem is None:
         log.say(
             f"{names} did not shut down in time and still run; watched until "
@@ -505,7 +500,7 @@ def restart_leftovers(log: Log) -> int:
     """job-end, job-abort: start every guest still recorded; fail when one stays off."""
     settings, _ = settings_or_error(log)
     store = StateStore(report=log.say)
-    job_key = job_identity()[0]
+    job_key = job_identity(vzdumpjob.running_job())[0]
     with store.hold(lock_timeout(settings), f"{log.phase}"):
         done = store.job()
         if log.phase == "job-abort" and done and done.job == job_key and done.ended:

@@ -16,6 +16,7 @@ from pvegpuhook.model import (
     Guest,
     GuestKind,
     Holder,
+    JobOrder,
     Need,
     start_failure,
 )
@@ -534,9 +535,7 @@ def plan_restart(
 # ---- when the job no longer needs a holder's GPU ------------------------------------------------
 
 
-def next_needer(
-    holder: Holder, later: list[tuple[Guest, bool, list[Need]]], others: list[Holder]
-) -> int | None:
+def next_needer(holder: Holder, later: JobOrder, others: list[Holder]) -> int | None:
     """Index in ``later`` (the job's guests still to come, whether they run, their needs) of the
     first one whose backup would shut ``holder`` down again if it ran: a stopped VM started
     paused for its backup, with ``others`` (the guests running now) holding what they hold."""
@@ -551,7 +550,7 @@ def next_needer(
 
 def keep_down_until(
     holder: Holder,
-    later: list[tuple[Guest, bool, list[Need]]],
+    later: JobOrder,
     durations: dict[int, float],
     keep_down_max: float,
     others: list[Holder],
@@ -573,7 +572,7 @@ def keep_down_until(
 
 def keep_down_through(
     holder: Holder,
-    later: list[tuple[Guest, bool, list[Need]]],
+    later: JobOrder,
     durations: dict[int, float],
     keep_down_max: float,
     others: list[Holder],
@@ -662,7 +661,7 @@ class JobForecast:
 
 
 def forecast_job(
-    order: list[tuple[Guest, bool, list[Need]]],
+    order: JobOrder,
     holders: list[Holder],
     *,
     mode: str,

@@ -291,6 +291,23 @@ def _forget(store: StateStore, record: Record, log: Log) -> None:
 WATCH_POLL = 2.0
 
 
+def watch_detached(records: list[Record], settings: Settings) -> tuple[float, str | None]:
+    """Watch guests whose shutdown timed out after the caller is gone: a detached
+    ``pve-gpu-hook recover --watch`` that lasts until the last of their windows ends, and
+    starts each one that powers off (nobody else would before the next job).
+
+    When the watch ends (seconds since the epoch), and None or why it could not start."""
+    import sys
+
+    now = time.time()
+    until = max((r.since or now) + watch_window(settings) for r in records)
+    seconds = max(1, int(until - now))
+    problem = act.spawn_detached(
+        [sys.executable, "-m", "pvegpuhook", "recover", "--watch", str(seconds)]
+    )
+    return until, problem
+
+
 def watch(store: StateStore, settings: Settings, log: Log, seconds: float) -> RestartReport:
     """Watch the guests whose shutdown timed out for ``seconds``: start each one that powers
     off, and drop the record of each one still running when its window ends. The lock is held

@@ -11,7 +11,6 @@ recorded guest, start the blocker again — each step confirmed; the blocker is 
 
 from __future__ import annotations
 
-import sys
 import time
 
 from pvegpuhook import act
@@ -20,7 +19,7 @@ from pvegpuhook.log import Log
 from pvegpuhook.model import GuestKind
 from pvegpuhook.plan import Swap, plan_free, plan_swap
 from pvegpuhook.records import Record, RecordStatus, duration
-from pvegpuhook.restart import restart, watch_window
+from pvegpuhook.restart import restart, watch_detached
 from pvegpuhook.settings import Settings
 from pvegpuhook.state import StateStore
 
@@ -121,9 +120,6 @@ def make_room(store: StateStore, settings: Settings, log: Log, swap: Swap) -> St
 
 def _watch(log: Log, record: Record, settings: Settings) -> None:
     """A blocker whose shutdown timed out may power off later: watch it, as the hook does."""
-    seconds = max(1, int(watch_window(settings)))
-    problem = act.spawn_detached(
-        [sys.executable, "-m", "pvegpuhook", "recover", "--watch", str(seconds)]
-    )
+    _, problem = watch_detached([record], settings)
     if problem is not None:
         log.error(f"{record.label} may still power off, and cannot be watched: {problem}")

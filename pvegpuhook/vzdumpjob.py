@@ -20,6 +20,10 @@ import os
 
 from pvegpuhook import paths
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pvegpuhook.model import JobOrder
+
 JOB_LINE = "starting new backup job: "
 MODES = ("stop", "suspend", "snapshot")
 TAIL = 65536  # bytes of a guest's backup log read from its end: the result is on its last lines
@@ -357,6 +361,17 @@ def parse_duration(text: str) -> int | None:
     if len(parts[1]) != 2 or len(parts[2]) != 2 or minutes > 59 or seconds > 59:
         return None
     return hours * 3600 + minutes * 60 + seconds
+
+
+def previous_durations(order: JobOrder) -> dict[int, float]:
+    """Each guest's previous backup in seconds, where its backup log tells (the planner counts
+    the others as UNKNOWN_DURATION)."""
+    found = {}
+    for guest, _, _ in order:
+        seconds = last_backup_seconds(guest.kind, guest.vmid)
+        if not isinstance(seconds, Unknown):
+            found[guest.vmid] = float(seconds)
+    return found
 
 
 def last_backup_seconds(kind: str, vmid: int) -> int | Unknown:

@@ -40,7 +40,6 @@ POLICIES = (
 def nights(seed: int, scenarios: int) -> list[tuple[dict[str, object], int, float]]:
     """Per (job, holder stopped in it): each policy's forecast cost, and the lower bound
     (cycles, seconds down)."""
-    from pvegpuhook import runtime
     from pvegpuhook.inventory import Inventory, all_guests
     from pvegpuhook.plan import forecast_job
 
@@ -57,12 +56,9 @@ def nights(seed: int, scenarios: int) -> list[tuple[dict[str, object], int, floa
                     sorted(guests) if job.vmids is None else sorted(set(job.vmids) & set(guests))
                 )
                 inventory = Inventory()
-                order = []
-                for vmid in vmids:
-                    guest = guests[vmid]
-                    running = runtime.running(guest.kind, vmid)
-                    needs, _ = inventory.needs(guest, for_start=not running or job.mode == "stop")
-                    order.append((guest, running, needs))
+                order, _ = inventory.job_order(
+                    [guests[v] for v in vmids], stop_mode=job.mode == "stop"
+                )
                 durations = {v: rng.lognormvariate(math.log(MEDIAN_BACKUP), 0.8) for v in vmids}
                 ha = {v for v, state in inventory.ha_states().items() if state == "started"}
                 forecasts = {

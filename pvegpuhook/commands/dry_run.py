@@ -49,12 +49,12 @@ from __future__ import annotations
 
 import argparse
 
-from pvegpuhook import completion, pci, runtime, vzdumpjob
+from pvegpuhook import completion, pci, vzdumpjob
 from pvegpuhook.commands import vmid_arg
 from pvegpuhook.errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, ConfigError, GpuHookError
 from pvegpuhook.findings import health_problem, join_and
 from pvegpuhook.inventory import Inventory, all_guests
-from pvegpuhook.model import Guest, Holder, Need, start_failure
+from pvegpuhook.model import Holder, start_failure
 from pvegpuhook.output import Table, add_output_options, emit
 from pvegpuhook.plan import (
     Forecast,
@@ -132,20 +132,19 @@ def run(args: argparse.Namespace) -> int:
         raise GpuHookError(f"no guest {', '.join(map(str, unknown))} on this node", EXIT_USAGE)
     wanted = [v for v in wanted if v not in _excluded(args.exclude)]
     inventory = Inventory()
-    order = []
+    order, problems = inventory.job_order(
+        [guests[v] for v in wanted], stop_mode=args.mode == "stop"
+    )
     warnings: list[str] = []
-    for vmid in wanted:
-        guest = guests[vmid]
-        is_running = runtime.running(guest.kind, vmid)
-        # a stop-mode backup restarts a running VM: that start applies its pending changes
-        needs, problems = inventory.needs(guest, for_start=not is_running or args.mode == "stop")
+    for guest, _, needs in order:
         # PVE refusing its start is this guest's reason (with the file and line), not a warning
         failed = start_failure(needs)
         said = f"{failed.blame}: {failed.source}: PVE will not start " if failed else None
         warnings.extend(
-            w for w in problems if w not in warnings and not (said and w.startswith(said))
+            w
+            for w in problems[guest.vmid]
+            if w not in warnings and not (said and w.startswith(said))
         )
-        order.append((guest, is_running, needs))
     warnings.extend(w for w in inventory.mapping_warnings if w not in warnings)
     forecast = forecast_job(
         order,
@@ -154,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         protect=settings.protect,
         restart=settings.restart,
         ha={vmid for vmid, state in inventory.ha_states().items() if state == "started"},
-        durations=_durations(order),
+        durations=vzdumpjob.previous_durations(order),
         keep_down_max=settings.keep_down_max,
     )
     picks = _picks(forecast, inventory.holders())
@@ -164,16 +163,6 @@ def run(args: argparse.Namespace) -> int:
     text_notes = _reasons(forecast, picks) + notes + _summary(forecast)
     emit(args, data, _tables(forecast, picks), text_notes)
     return EXIT_OK if forecast.ok else EXIT_ATTENTION
-
-
-def _durations(order: list[tuple[Guest, bool, list[Need]]]) -> dict[int, float]:
-    """Each guest's previous backup, from vzdump's per-guest logs (as the hook reads them)."""
-    found = {}
-    for guest, _, _ in order:
-        seconds = vzdumpjob.last_backup_seconds(guest.kind, guest.vmid)
-        if not isinstance(seconds, vzdumpjob.Unknown):
-            found[guest.vmid] = float(seconds)
-    return found
 
 
 Picks = dict[int, dict[str, int]]  # vmid → need source → index of the alternative it gets

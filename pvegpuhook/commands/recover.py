@@ -54,7 +54,7 @@ from pvegpuhook.log import Log, clean, not_started_again, read_tail
 from pvegpuhook.model import GuestKind
 from pvegpuhook.output import Table, add_output_options, emit
 from pvegpuhook.records import Record
-from pvegpuhook.restart import RestartReport, restart, watch
+from pvegpuhook.restart import RestartReport, restart, watch, watch_detached
 from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
 
@@ -249,9 +249,24 @@ def _restart(
     if not force:
         for record, why in busy:
             report.kept.append((record, f"{why}; --force starts it"))
+    if report.watching and not dry_run:
+        # the job that would have watched them is gone (killed, or the host rebooted)
+        report.watching = _watched(report.watching, settings)
     rows = _rows(report, dry_run=dry_run)
     _ways_out(rows, {r.vmid: r for r, _ in report.kept}, settings)
     return rows
+
+
+def _watched(watching: list[tuple[Record, str]], settings: Settings) -> list[tuple[Record, str]]:
+    """Leave the guests that may still power off to a detached watcher; say until when."""
+    import time
+
+    until, problem = watch_detached([r for r, _ in watching], settings)
+    if problem is not None:
+        return [(r, f"{why}; cannot be watched: {problem}") for r, why in watching]
+    at = time.strftime("%H:%M", time.localtime(until))
+    then = f"watched until {at}: started again if it powers off"
+    return [(r, f"{why}; {then}") for r, why in watching]
 
 
 def _rows(report: RestartReport, *, dry_run: bool) -> list[Row]:

@@ -100,6 +100,25 @@ def test_a_watch_ends_only_after_its_records_window(tmp_path: Path) -> None:
     assert commands(node, "start") == []  # it ran all along
 
 
+def test_recover_after_a_killed_job_watches_a_holder_that_may_still_power_off(
+    tmp_path: Path,
+) -> None:
+    """vzdump dies before its job-end, which would have started the watcher: the admin's plain
+    `recover` finds the holder still inside its window and leaves it to a watcher of its own."""
+    node = seed_node(tmp_path, "shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 60\n")
+    node.set_fault(104, ignore_shutdown=True, late_poweroff=4)
+    job = run_job(node, [102], crash_after=("backup-start", 102))
+    assert job.crashed
+    assert [(r["vmid"], r["status"]) for r in records(node)] == [(104, "stop-failed")]
+    result = cli(node, "recover")
+    assert result.returncode == 1, result.stdout + result.stderr  # not done yet: said so
+    assert "watching" in result.stdout and "watched until" in result.stdout
+    assert [r["vmid"] for r in records(node)] == [104]  # the record stays while it may go down
+    assert wait_for(lambda: node.calls("guest")), "the guest never powered off"
+    assert wait_for(lambda: node.is_running(104) and not records(node)), node.calls()
+    assert commands(node, "stop") == []
+
+
 def test_a_container_powering_off_late_is_started_again(tmp_path: Path) -> None:
     """lxc-stop --nokill has the same shape (pve-container PVE/LXC.pm vm_stop)."""
     node = ct_on_the_gpu(tmp_path)
