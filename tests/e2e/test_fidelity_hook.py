@@ -299,3 +299,35 @@ def test_a_mapped_guest_restarted_by_vzdump_keeps_its_device(tmp_path: Path) -> 
     assert reservations["0000:01:00.0"]["vmid"] == 107
     assert reservations["0000:02:00.0"]["vmid"] == 109
     assert records(node) == []
+
+
+def test_a_holder_powering_off_late_gets_its_device_before_a_mapped_guest(
+    tmp_path: Path,
+) -> None:
+    """107's shutdown timed out, and it powered off while 110 was backed up; the mapped 109,
+    stopped for 110, would take the first free device of its mapping at its start
+    (choose_hostpci_devices), 107's own, and 107 could not start again."""
+    node = seed_node(
+        tmp_path,
+        "shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 60\nrestart: after-guest\n",
+    )
+    node.stop(104)
+    node.add_gpu("0000:02:00", group=15)
+    node.set_mapping(POOL)
+    node.add_vm(107, name="holder", hostpci=["01:00.0"], running=True)
+    node.add_vm(109, name="mapped", hostpci=["mapping=gpu0"], running=True)  # gets 02:00.0
+    node.add_vm(101, hostpci=["01:00.0"])
+    node.add_vm(110, hostpci=["02:00.0"])
+    node.set_fault(107, ignore_shutdown=True)
+    assert hook(node, "backup-start", "stop", "101").returncode == 1  # 107 did not go down
+    assert hook(node, "log-end", "stop", "101").returncode == 0
+    assert [(r["vmid"], r["status"]) for r in records(node)] == [(107, "stop-failed")]
+    assert hook(node, "backup-start", "stop", "110").returncode == 0  # 109 shut down
+    node.pve.late_poweroff_worker("qemu", 107, 0)  # the request stayed delivered
+    assert hook(node, "log-end", "stop", "110").returncode == 0
+    assert node.running_guests() == {107, 109}
+    reservations = node.reservations()
+    assert reservations["0000:01:00.0"]["vmid"] == 107
+    assert reservations["0000:02:00.0"]["vmid"] == 109
+    assert records(node) == []
+    assert commands(node, "stop") == []
