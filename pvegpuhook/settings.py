@@ -101,7 +101,8 @@ OPTIONS: tuple[Option, ...] = (
         "may power off minutes later (a Windows guest installing updates). For this long after "
         "the request the hook keeps its record and watches it: when it powers off it is started "
         "again — by the phase that runs then, or after the job by a ``pve-gpu-hook recover "
-        "--watch`` the hook leaves running. Once this time is over, a guest that still runs is "
+        "--watch`` the hook leaves running (``pve-gpu-hook recover`` leaves one too, when the "
+        "job was killed before its end). Once this time is over, a guest that still runs is "
         "as it was before the job, and its record is dropped. 0 drops it at once.",
     ),
     Option(

@@ -37,9 +37,9 @@ JSON shape (``--output-format json``)::
 
 ``result`` is one of ``started``, ``would-start`` (``--dry-run``), ``running`` (it runs again:
 record dropped), ``moved`` (it lives on another node now: record dropped), ``kept`` (``reason``
-says why), ``watching`` (its shutdown timed out; it may still power off), ``not-waiting`` (no
-record), ``forgotten``, ``would-forget`` (``--forget``) and ``restarted`` (a guest ``--swap`` shut
-down and started again).
+says why), ``watching`` (its shutdown timed out; it may still power off: a detached watcher
+starts it if it does), ``not-waiting`` (no record), ``forgotten``, ``would-forget``
+(``--forget``) and ``restarted`` (a guest ``--swap`` shut down and started again).
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=seconds_arg,
         metavar="SECONDS",
         help="keep watching guests whose shutdown timed out for up to SECONDS: start each one "
-        "that powers off (the hook starts this at job end when one still runs)",
+        "that powers off (started by the hook at job end, and by a plain recover after a killed "
+        "job, while such a guest still runs)",
     )
     parser.add_argument(
         "--wait",
