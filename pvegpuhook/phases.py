@@ -13,7 +13,16 @@ from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import ConfigError, StateError
 from pvegpuhook.inventory import Inventory, config_path, load_guest, local_vmids
 from pvegpuhook.log import Log
-from pvegpuhook.model import RESERVED, Claim, ClaimKind, Guest, GuestKind, Holder, JobOrder
+from pvegpuhook.model import (
+    RESERVED,
+    Claim,
+    ClaimKind,
+    Guest,
+    GuestKind,
+    Holder,
+    JobOrder,
+    Need,
+)
 from pvegpuhook.plan import (
     BackupDecision,
     Verdict,
@@ -107,6 +116,8 @@ def free_for_backup(log: Log, vmid: int, mode: str, text: str) -> int:
             waiting={r.vmid: r.addresses for r in store.records()} if running else {},
         )
 
+    if needs and not guest.template:
+        _let_cts_start(log, needs, inventory)
     decision = decide(settings.protect)
     if decision.verdict == Verdict.NOTHING:
         _say_moves(log, decision)
@@ -161,6 +172,30 @@ def free_for_backup(log: Log, vmid: int, mode: str, text: str) -> int:
 def _say_moves(log: Log, decision: BackupDecision) -> None:
     for move in decision.moves:
         log.say(f"note: {decision.guest.label} will take {move} at vzdump's restart")
+
+
+def _let_cts_start(log: Log, needs: list[Need], inventory: Inventory) -> None:
+    """A container whose start is under way on a GPU this VM needs is let finish, and is then a
+    holder like any other. Taken for stopped, it would resolve its device nodes while this VM's
+    start binds the GPU to vfio-pci: it would run without its GPU, and its next start would fail
+    on a device node that is gone (docs/pve-facts.md §6)."""
+    units = {unit for need in needs for claim in need.claims() for unit in claim.units}
+    starting = []
+    for vmid in runtime.starting_cts():
+        ct = load_guest(vmid, GuestKind.LXC)
+        if ct is not None and any(
+            not units.isdisjoint(claim.units) for claim in inventory.claims_of_stopped(ct)
+        ):
+            starting.append(ct)
+    if not starting:
+        return
+    log.say(
+        f"{', '.join(ct.label for ct in starting)} is starting right now; waiting for its start "
+        "to finish"
+    )
+    vmids = {ct.vmid for ct in starting}
+    deadline = time.monotonic() + timing.pve_start_limit("lxc", None) + act.GRACE
+    act.wait_until(lambda: not vmids & set(runtime.starting_cts()), deadline)
 
 
 def _settle_starting(

@@ -125,6 +125,51 @@ def starting_vms() -> dict[int, tuple[list[str], float]]:
     return found
 
 
+CT_LOCK_DIR = "run/lock/lxc"  # pve-container PVE/LXC/Config.pm: pve-config-<vmid>.lock
+
+
+def starting_cts() -> list[int]:
+    """CTs whose start is under way: their config lock is held, and they do not run yet.
+
+    ``pct start`` runs the whole start (pre-start, where the CT's device nodes are resolved, and
+    lxc's monitor) under the CT's config flock (pve-container PVE/API2/LXC/Status.pm vm_start).
+    The lock is also held for a moment by config changes: then the wait for it is short.
+    """
+    directory = paths.host(CT_LOCK_DIR)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        vmid = name.removeprefix("pve-config-").removesuffix(".lock")
+        if vmid == name or not is_number(vmid):
+            continue
+        if _flock_held(os.path.join(directory, name)) and not ct_running(int(vmid)):
+            found.append(int(vmid))
+    return sorted(found)
+
+
+def _flock_held(path: str) -> bool:
+    """Whether another process holds a flock on ``path`` (a shared lock for an instant: PVE's
+    own lock_file waits up to 10 s for it)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return False
+
+
 def _live_reservations() -> list[tuple[str, int, float | None]]:
     """(function, vmid, expiry of a ``time:`` entry or None for ``pid:``) of live entries."""
     text = read_text(paths.host(paths.RESERVATIONS))

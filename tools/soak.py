@@ -512,17 +512,20 @@ def toggle(node: FakeNode, sc: Scenario, vmid: int) -> str:
 
 def start_slowly(node: FakeNode, sc: Scenario, vmid: int) -> subprocess.Popen[bytes] | None:
     """The admin (or HA, or onboot) starts a stopped guest right before the job; it is still
-    starting (its devices reserved, no QEMU yet) when the job begins."""
+    starting when the job begins (a VM: its devices reserved, no QEMU yet; a CT: its config
+    lock held, not running yet)."""
     guest = sc.guests[vmid]
     if node.is_running(vmid) or guest.template or guest.ha:
         return None
     node.set_fault(vmid, start_delay=0.8)
     process = node.start_async(vmid)
     deadline = time.monotonic() + 5
-    while guest.kind == "qemu" and time.monotonic() < deadline:
-        if any(r.get("vmid") == vmid for r in node.reservations().values()) or (
-            process.poll() is not None
-        ):
+    while time.monotonic() < deadline and process.poll() is None:
+        # a VM's start reserves its devices first; a CT's holds its config lock throughout
+        if guest.kind == "qemu":
+            if any(r.get("vmid") == vmid for r in node.reservations().values()):
+                break
+        elif node.ct_start_under_way(vmid):
             break
         time.sleep(0.02)
     return process

@@ -272,6 +272,27 @@ def test_a_holder_that_is_starting_is_waited_for_then_shut_down(tmp_path: Path) 
     assert records(node) == []
 
 
+def test_a_container_that_is_starting_is_waited_for_then_shut_down(tmp_path: Path) -> None:
+    """`pct start` resolves the CT's device nodes under its config lock (pve-container
+    API2/LXC/Status.pm vm_start): taken for stopped, CT 200 would come up with the nodes of a GPU
+    that VM 102's start binds to vfio-pci, run without it, and fail its next start."""
+    node = seed_node(tmp_path)
+    node.stop(104)
+    node.bind_host_driver("0000:01:00.0", "nvidia")
+    node.add_ct(200, hostname="jellyfin", dev=["/dev/dri/renderD128,gid=104"])
+    node.set_fault(200, start_delay=3)
+    starting = node.start_async(200)
+    assert wait_for(lambda: node.ct_start_under_way(200))
+    job = run_job(node, [102])
+    starting.wait(30)
+    assert job.ok, job.log
+    assert any("CT 200 (jellyfin) is starting right now" in line for line in hook_lines(job))
+    assert any(c["argv"][:3] == ["pct", "shutdown", "200"] for c in node.calls())
+    assert node.running_guests() == {200}
+    assert node.driver("0000:01:00.0") == "nvidia"  # its GPU back under the CT's nodes
+    assert records(node) == []
+
+
 # ---- 11. a running mapped guest restarted by vzdump takes the device the hook freed -------------
 
 POOL = """\

@@ -501,6 +501,20 @@ class FakeNode:
             stderr=subprocess.DEVNULL,
         )
 
+    def ct_start_under_way(self, vmid: int) -> bool:
+        """Whether ``pct start`` holds the CT's config flock now: it does for the whole start
+        (pve-container PVE/API2/LXC/Status.pm vm_start, PVE/LXC/Config.pm lock_config)."""
+        import fcntl
+
+        try:
+            with open(self.root / f"run/lock/lxc/pve-config-{vmid}.lock") as f:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except FileNotFoundError:
+            return False
+        return False
+
     def kernel_faults(self) -> list[list[str]]:
         """What the host's kernel would have suffered from the hook, e.g. a device unbound from
         vfio-pci while a running QEMU used it (see Pve.check_vfio_unbind)."""
