@@ -507,7 +507,7 @@ class FakeNode:
         import fcntl
 
         try:
-            with open(self.root / f"run/lock/lxc/pve-config-{vmid}.lock") as f:
+            with open(self.pve.guest_lock_file("lxc", vmid)[0]) as f:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True

@@ -448,16 +448,22 @@ class Pve:
     def write_config(self, kind: str, vmid: int, cfg: Config) -> None:
         write_atomic(self.conf_path(kind, vmid), render_config(cfg))
 
-    @contextlib.contextmanager
-    def guest_lock(self, kind: str, vmid: int) -> Iterator[None]:
-        """PVE's per-guest config flock (held during start, stop and config changes)."""
+    def guest_lock_file(self, kind: str, vmid: int) -> tuple[Path, str]:
+        """The guest's config lock file under the root, and its path as PVE names it
+        (qemu-server PVE/QemuConfig.pm config_file_lock; pve-container PVE/LXC/Config.pm)."""
         if kind == "qemu":
             rel = f"run/lock/qemu-server/lock-{vmid}.conf"
             shown = f"/var/lock/qemu-server/lock-{vmid}.conf"
         else:
             rel = f"run/lock/lxc/pve-config-{vmid}.lock"
             shown = f"/run/lock/lxc/pve-config-{vmid}.lock"
-        with flocked(self.p(rel), LOCK_TIMEOUT * self.scale, shown):
+        return self.p(rel), shown
+
+    @contextlib.contextmanager
+    def guest_lock(self, kind: str, vmid: int) -> Iterator[None]:
+        """PVE's per-guest config flock (held during start, stop and config changes)."""
+        path, shown = self.guest_lock_file(kind, vmid)
+        with flocked(path, LOCK_TIMEOUT * self.scale, shown):
             yield
 
     def faults(self, vmid: int) -> dict:
