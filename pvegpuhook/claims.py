@@ -8,7 +8,7 @@ with what they read (``file:line: ...``), never into a list shared between calle
 from __future__ import annotations
 
 from pvegpuhook import paths, pci
-from pvegpuhook.model import Claim, ClaimKind, Need
+from pvegpuhook.model import MDEV_UNAVAILABLE, Claim, ClaimKind, Need
 from pvegpuhook.pveconf import (
     GuestConfig,
     MapEntry,
@@ -217,19 +217,30 @@ class ClaimReader:
         return need
 
     def _missing(self, ids: list[str], kind: ClaimKind) -> str | None:
-        """PVE's error for ids sysfs lacks (a prefix match, as SysFSTools.pm lspci), or for an
-        mdev of several functions; None when the start can use them."""
+        """PVE's error for ids sysfs lacks (a prefix match, as SysFSTools.pm lspci), for an
+        mdev of several functions, or of a function that is no mdev parent now; None when the
+        start can use them."""
         if not self.sysfs.local:
             return None
-        count = 0
+        found: list[str] = []
         for raw in ids:
             address = pci.normalize(raw)
-            found = self.sysfs.functions(address) if address is not None else []
-            if not found:
+            functions = self.sysfs.functions(address) if address is not None else []
+            if not functions:
                 return f"no PCI device found for '{raw}'"
-            count += len(found)
-        if count > 1 and kind == ClaimKind.MDEV:
+            found += functions
+        if kind != ClaimKind.MDEV:
+            return None
+        if len(found) > 1:
             return "cannot use mediated device with multifunction device"
+        if self.sysfs.mapping_facts(found[0])["mdev"] != "1":
+            # its vendor driver makes it an mdev parent; vfio-pci, which a full passthrough
+            # of it left behind, does not (docs/pve-facts.md §5)
+            driver = self.sysfs.driver(found[0]) or "no driver"
+            return (
+                f"{MDEV_UNAVAILABLE}: pci device '{found[0]}' does not support mediated devices "
+                f"(bound to {driver})"
+            )
         return None
 
     def _assigned_once(self, needs: list[Need]) -> None:

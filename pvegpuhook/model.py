@@ -135,14 +135,30 @@ class Need:
 
 
 IOMMU_MISSING = "cannot prepare PCI pass-through, IOMMU not present"  # PVE's words
+# PVE's words when no alternative of an mdev line could create it (the parent is not one now)
+MDEV_UNAVAILABLE = "could not create mediated device"
 
 
 def start_failure(needs: list[Need]) -> Need | None:
     """The need PVE's start of the VM dies on first, if any: it reads every line (in hostpci
-    order) before it prepares a device (the IOMMU check)."""
+    order) before it prepares a device (the IOMMU check, then an mdev's creation)."""
     failing = [need for need in needs if need.failure is not None]
-    late = [need for need in failing if need.failure == IOMMU_MISSING]
-    return next((need for need in failing if need not in late), late[0] if late else None)
+
+    def phase(need: Need) -> int:
+        failure = str(need.failure)
+        return 2 if failure.startswith(MDEV_UNAVAILABLE) else 1 if failure == IOMMU_MISSING else 0
+
+    return min(failing, key=phase, default=None)
+
+
+def binds_before_failing(needs: list[Need]) -> bool:
+    """Whether PVE's start binds devices to vfio-pci before it dies: an mdev it cannot create
+    comes after the other lines' devices were prepared (qemu-server QemuServer.pm
+    vm_start_nolock), and those stay bound to vfio-pci."""
+    failed = start_failure(needs)
+    if failed is None or not str(failed.failure).startswith(MDEV_UNAVAILABLE):
+        return False
+    return any(c.kind == ClaimKind.EXCLUSIVE for need in needs for c in need.claims())
 
 
 # a backup job's guests in vzdump's order: each guest, whether it runs now, and what its next

@@ -331,6 +331,20 @@ def _until_whom(
     return until
 
 
+def _host_drivers(holder: Holder, inventory: Inventory) -> dict[str, str]:
+    """The host driver of each GPU the holder uses through it: a CT's (device nodes) and an mdev
+    VM's (the mdev's parent). The needer's start binds them to vfio-pci and PVE never binds them
+    back, so they are given back before the holder starts again (docs/pve-facts.md §5)."""
+    drivers = {}
+    for claim in holder.claims:
+        if claim.kind == ClaimKind.EXCLUSIVE:
+            continue
+        driver = inventory.sysfs.driver(claim.address)
+        if driver and driver != "vfio-pci":
+            drivers[claim.address] = driver
+    return drivers
+
+
 def _stop_holders(
     log: Log, store: StateStore, settings: Settings, decision: BackupDecision, inventory: Inventory
 ) -> int:
@@ -340,12 +354,7 @@ def _stop_holders(
     until_whom = _until_whom(log, store, settings, decision, inventory, task)
     for stop in decision.stops:
         guest = stop.holder.guest
-        drivers = {}
-        if guest.kind != GuestKind.QEMU:
-            for claim in stop.holder.claims:
-                driver = inventory.sysfs.driver(claim.address)
-                if driver and driver != "vfio-pci":
-                    drivers[claim.address] = driver
+        drivers = _host_drivers(stop.holder, inventory)
         ha_state = inventory.ha_states().get(guest.vmid)
         take = ha_state not in (None, "ignored")
         if ha_state == "ignored":

@@ -18,6 +18,7 @@ from pvegpuhook.model import (
     Holder,
     JobOrder,
     Need,
+    binds_before_failing,
     start_failure,
 )
 
@@ -282,6 +283,20 @@ def decide_backup(
         why = f"{failed.source}: {failed.failure}"
         decision = BackupDecision(guest, mode, Verdict.NOTHING, f"vzdump will fail: {why}")
         decision.failure = why
+        if running:
+            # vzdump shuts it down first: refused, it keeps running
+            decision.verdict = Verdict.REFUSE
+            decision.reason += (
+                "; its backup is refused, as vzdump would shut it down and could not start it again"
+            )
+        elif binds_before_failing(needs):
+            # that start would take its other GPUs from whoever uses them (binding them to
+            # vfio-pci), then fail all the same
+            decision.verdict = Verdict.REFUSE
+            decision.reason += (
+                "; its backup is refused before vzdump starts it, as that start would bind its "
+                "other devices to vfio-pci first"
+            )
         return decision
     if running:
         if mode != "stop" or not needs:
@@ -542,6 +557,8 @@ def next_needer(holder: Holder, later: JobOrder, others: list[Holder]) -> int | 
     for index, (guest, running, needs) in enumerate(later):
         if guest.kind != GuestKind.QEMU or running or guest.template or not needs:
             continue
+        if start_failure(needs) is not None:
+            continue  # PVE will not start it: nobody is stopped for its backup
         plan = plan_free(guest, needs, [*others, holder], frozenset())
         if any(stop.holder.vmid == holder.vmid for stop in plan.stops):
             return index

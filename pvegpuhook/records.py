@@ -67,8 +67,9 @@ class Record:
         self.status = RecordStatus(status)
         self.job = job
         self.note = note
-        # a CT's GPU functions → their host driver when it was stopped: a VM's backup binds them
-        # to vfio-pci and PVE never binds them back, so the CT would start without its GPU
+        # the GPU functions a CT or an mdev VM used through their host driver → that driver: a
+        # VM's backup binds them to vfio-pci and PVE never binds them back, so the CT would start
+        # without its GPU and the VM's mdev could not be created
         self.drivers = drivers or {}
         self.upid = upid  # the vzdump task that stopped it (docs/pve-facts.md §3)
         # its HA state before the hook took it out of HA's hands (None: not HA-managed); set

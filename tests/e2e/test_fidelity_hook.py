@@ -352,3 +352,70 @@ def test_a_holder_powering_off_late_gets_its_device_before_a_mapped_guest(
     assert reservations["0000:02:00.0"]["vmid"] == 109
     assert records(node) == []
     assert commands(node, "stop") == []
+
+
+# ---- 13. mdev parents and vfio-pci ------------------------------------------------------------
+
+
+def mdev_gpu(tmp_path: Path) -> FakeNode:
+    """GPU 03:00 is an mdev parent while nvidia has it (group 20); VM 130 runs on an mdev of it,
+    VM 131 passes it through whole."""
+    node = FakeNode(tmp_path)
+    node.add_gpu("0000:03:00", group=20, mdev_types=("nvidia-35",))
+    node.write_override(FAST)
+    node.add_vm(130, name="vgpu", hostpci=["03:00.0,mdev=nvidia-35"], running=True)
+    node.add_vm(131, name="whole", hostpci=["03:00.0"])
+    return node
+
+
+def test_an_mdev_holder_gets_its_parent_back_from_vfio_pci(tmp_path: Path) -> None:
+    """131's paused start binds the GPU to vfio-pci, where it has no mdev_supported_types,
+    and PVE never binds it back (pci_create_mdev_device, cleanup_pci_devices): 130's mdev
+    could not be created again. The hook gives the GPU back to the driver 130 had."""
+    node = mdev_gpu(tmp_path)
+    job = run_job(node, [131])
+    assert job.ok, job.log
+    assert commands(node, "shutdown")[0][:3] == ["qm", "shutdown", "130"]
+    assert node.running_guests() == {130}
+    assert node.driver("0000:03:00.0") == "nvidia"
+    log = (node.root / "var/log/pve-gpu-hook.log").read_text()
+    assert "0000:03:00.0 given back to nvidia for VM 130 (vgpu)" in log
+    assert records(node) == [] and node.kernel_faults() == []
+
+
+def test_an_mdev_vm_on_a_parent_left_on_vfio_pci_fails_its_backup_clearly(tmp_path: Path) -> None:
+    """Nobody ran on an mdev of the GPU, so nobody's record knows its driver: after 131's backup
+    it stays on vfio-pci, and PVE cannot create 132's mdev. The hook says so, and stops nobody
+    for a start that fails whatever it does."""
+    node = mdev_gpu(tmp_path)
+    node.stop(130)
+    node.add_vm(132, name="vgpu2", hostpci=["03:00.0,mdev=nvidia-35"])
+    node.add_vm(104, name="other", hostpci=["03:00.0,mdev=nvidia-35"])
+    job = run_job(node, [131, 132])
+    assert job.guests[131].ok
+    assert not job.guests[132].ok and job.guests[132].error == "could not create mediated device"
+    said = [line for line in job.log if "PVE will not start VM 132 (vgpu2)" in line]
+    assert said and "pci device '0000:03:00.0' does not support mediated devices" in said[0]
+    assert "(bound to vfio-pci)" in said[0]
+    assert commands(node, "shutdown") == [] and node.running_guests() == set()
+
+
+def test_a_vm_whose_mdev_cannot_be_created_is_refused_before_it_takes_a_cts_gpu(
+    tmp_path: Path,
+) -> None:
+    """PVE prepares hostpci0 (binding 01:00 to vfio-pci, away from CT 200's nvidia) before it
+    finds that hostpci1's mdev cannot be created (vm_start_nolock): the start fails after
+    taking the CT's GPU. The hook refuses that backup before vzdump starts the VM."""
+    node = mdev_gpu(tmp_path)
+    node.stop(130)
+    node.pve.set_driver("0000:03:00.0", "vfio-pci")  # as 131's last backup left it
+    node.add_gpu("0000:01:00", group=14, nvidia_minor=0, drm=("renderD128",))
+    node.add_ct(200, hostname="jellyfin", dev=["/dev/dri/renderD128"], running=True)
+    node.add_vm(133, hostpci=["01:00.0", "03:00.0,mdev=nvidia-35"])
+    job = run_job(node, [133])
+    assert not job.guests[133].ok
+    refusal = [line for line in job.log if "VM 133: vzdump will fail: hostpci1" in line]
+    assert refusal and "its backup is refused before vzdump starts it" in refusal[0], job.log
+    assert not node.calls("qm") and commands(node, "shutdown") == []
+    assert node.running_guests() == {200} and node.driver("0000:01:00.0") == "nvidia"
+    assert node.kernel_faults() == []

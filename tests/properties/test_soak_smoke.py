@@ -35,35 +35,35 @@ def test_soak_smoke() -> None:
 
 TWO_GPUS_MAPPED = """\
 gpu
-\tmdev 1
 \tmap node=pve1,path=0000:01:00.0,id=10de:2204,iommugroup=30
 \tmap node=pve1,path=0000:02:00.0,id=10de:2204,iommugroup=31
 """
 
 
-def two_gpu_node(root: Path) -> FakeNode:
-    """GPU 01:00 (audio) and GPU 02:00, groups 30 and 31, both mdev-capable (as PVE requires
-    of every device of a mapping marked ``mdev 1``); one mapping over both."""
+def two_gpu_node(root: Path, *, mdev: bool = False) -> FakeNode:
+    """GPU 01:00 (audio) and GPU 02:00, groups 30 and 31; one mapping over both. ``mdev``: both
+    are mdev parents, and the mapping is marked ``mdev 1``, as PVE requires of it then. Such a
+    mapping is valid only while no device of it is bound to vfio-pci (docs/pve-facts.md §5)."""
     node = FakeNode(root)
+    types = ("nvidia-35",) if mdev else ()
     node.add_gpu(
         "0000:01:00",
         group=30,
         functions=("0", "1"),
         nvidia_minor=0,
         drm=("renderD128",),
-        mdev_types=("nvidia-35",),
+        mdev_types=types,
     )
-    node.add_gpu(
-        "0000:02:00", group=31, nvidia_minor=1, drm=("renderD129",), mdev_types=("nvidia-35",)
-    )
-    node.set_mapping(TWO_GPUS_MAPPED)
+    node.add_gpu("0000:02:00", group=31, nvidia_minor=1, drm=("renderD129",), mdev_types=types)
+    mapping = TWO_GPUS_MAPPED.replace("gpu\n", "gpu\n\tmdev 1\n", 1) if mdev else TWO_GPUS_MAPPED
+    node.set_mapping(mapping)
     node.write_override(FAST)
     return node
 
 
 @pytest.mark.parametrize("user", ["ct-device-node", "mdev", "audio-function", "raw-args"])
 def test_mapped_vm_whose_first_alternative_is_used_unreserved(tmp_path: Path, user: str) -> None:
-    node = two_gpu_node(tmp_path)
+    node = two_gpu_node(tmp_path, mdev=user == "mdev")
     if user == "ct-device-node":
         node.add_ct(200, dev=["/dev/dri/renderD128"], running=True)
     elif user == "mdev":

@@ -516,8 +516,9 @@ class FakeNode:
         return False
 
     def kernel_faults(self) -> list[list[str]]:
-        """What the host's kernel would have suffered from the hook, e.g. a device unbound from
-        vfio-pci while a running QEMU used it (see Pve.check_vfio_unbind)."""
+        """What the host's kernel would have suffered from the hook, or from a start the hook
+        let through: a device unbound from vfio-pci while a running QEMU used it (see
+        Pve.check_vfio_unbind), a GPU taken from the host driver a running CT used."""
         self.pve.apply_sysfs_writes()
         return [c["argv"] for c in self.calls("kernel")]
 

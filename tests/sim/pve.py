@@ -700,6 +700,25 @@ class Pve:
             symlink(link, f"../../drivers/{name}")
             symlink(self.p(f"sys/bus/pci/drivers/{name}/{addr}"), f"../../devices/{addr}")
         self.sync_host_nodes(addr)
+        self.sync_mdev_types(addr)
+
+    def sync_mdev_types(self, addr: str) -> None:
+        """A GPU's ``mdev_supported_types`` exist only while its vendor driver has it: that driver
+        registers the device as an mdev parent when it binds and unregisters it (removing its
+        mdev instances) when it lets go (Linux drivers/vfio/mdev/mdev_core.c
+        mdev_register_parent, mdev_unregister_parent). PVE binds the GPU to vfio-pci for a VM's
+        full passthrough and never back, so after that no mdev can be created on it
+        (qemu-server PVE/QemuServer/PCI/Mdev.pm pci_create_mdev_device: "does not support
+        mediated devices")."""
+        types = self.pci_dir(addr) / "mdev_supported_types"
+        stash = self.p(f"var/lib/fake-pve/mdev-types/{addr}")
+        host_driver = self.linked_driver(addr) not in (None, "vfio-pci")
+        if host_driver and stash.is_dir() and not types.exists():
+            stash.rename(types)
+        elif not host_driver and types.is_dir():
+            self.remove_mdevs(None, parent=addr)
+            stash.parent.mkdir(parents=True, exist_ok=True)
+            types.rename(stash)
 
     def register_host_nodes(
         self, addr: str, drm: list[str], nvidia_minor: int | None, model: str
@@ -812,20 +831,16 @@ class Pve:
         return Path(os.readlink(link)).parent.name
 
     def create_mdev(self, vmid: int, index: int, parent: str, mdev_type: str) -> str:
-        """PVE::SysFSTools::pci_create_mdev_device, plus "busy" when the parent is on vfio."""
+        """qemu-server PVE/QemuServer/PCI/Mdev.pm pci_create_mdev_device. A parent bound to
+        vfio-pci has no ``mdev_supported_types`` (:meth:`sync_mdev_types`)."""
         uuid = f"{index:08d}-0000-0000-0000-{vmid:012d}"
+        self.apply_sysfs_writes()
         types = self.pci_dir(parent) / "mdev_supported_types"
         if not types.is_dir():
-            raise PveError(f"pci device '{parent}' does not support mediated devices")
+            raise PveError(f"pci device '{parent}' does not support mediated devices ")
         tdir = types / mdev_type
         if not tdir.is_dir():
             raise PveError(f"pci device '{parent}' has no type '{mdev_type}'")
-        holder = self.exclusive_holder(set(self.group_members(parent)), vmid)
-        if holder:
-            raise PveError(
-                f"mdev instance '{uuid}' could not be created: pci device '{parent}' is in use "
-                f"by {holder}"
-            )
         inst = self.pci_dir(parent) / uuid
         if inst.is_dir():
             return uuid
@@ -835,22 +850,25 @@ class Pve:
         except (FileNotFoundError, ValueError):
             avail = 1
         if avail <= 0:
-            raise PveError(f"no free instances of type '{mdev_type}'")
+            raise PveError(f"pci device '{parent}' has no available instances of '{mdev_type}'")
         write_atomic(avail_file, f"{avail - 1}\n")
         inst.mkdir(parents=True)
         symlink(inst / "mdev_type", f"../mdev_supported_types/{mdev_type}")
         symlink(self.p(f"sys/bus/mdev/devices/{uuid}"), f"../../pci/devices/{parent}/{uuid}")
         return uuid
 
-    def remove_mdevs(self, vmid: int | None) -> None:
-        """Destroy a VM's mdev instances (all of them for None) and free their type slots."""
+    def remove_mdevs(self, vmid: int | None, parent: str | None = None) -> None:
+        """Destroy a VM's mdev instances (all of them for None; only those of ``parent`` when
+        given) and free their type slots."""
         d = self.p("sys/bus/mdev/devices")
         for link in list(d.iterdir()) if d.is_dir() else []:
             if vmid is not None and not link.name.endswith(f"-{vmid:012d}"):
                 continue
-            parent = self.mdev_parent(link.name)
-            if parent:
-                inst = self.pci_dir(parent) / link.name
+            of = self.mdev_parent(link.name)
+            if parent is not None and of != parent:
+                continue
+            if of:
+                inst = self.pci_dir(of) / link.name
                 type_link = inst / "mdev_type"
                 if type_link.is_symlink():
                     mdev_type = Path(os.readlink(type_link)).name
@@ -1728,34 +1746,56 @@ class Pve:
         self, vmid: int, devices: list[Hostpci], raw: list[tuple[str, str]]
     ) -> list[str]:
         """prepare_pci_device + QEMU's vfio open: mdevs, group conflicts, bind to vfio-pci."""
-        dev_args: list[str] = []
-        to_bind: list[str] = []
         iommu = self.p("sys/class/iommu")
         present = iommu.is_dir() and any(not n.startswith(".") for n in os.listdir(iommu))
         if devices and not present:
             # PCI.pm prepare_pci_device (via SysFSTools.pm check_iommu_support), for every
             # hostpci device, mdevs included; vm_start_nolock dies with it
             raise PveError("cannot prepare PCI pass-through, IOMMU not present")
-        for d in devices:
+        # vm_start_nolock prepares the lines in the order of their keys as strings (hostpci10
+        # before hostpci2): a full passthrough's group is bound to vfio-pci, an mdev created.
+        # A line that dies leaves the groups bound before it bound; QEMU's open of a group
+        # someone uses fails after all of them (the "busy" below).
+        args_of: dict[int, list[str]] = {}
+        busy: list[tuple[str, str]] = []
+        for d in sorted(devices, key=lambda d: f"hostpci{d.index}"):
             if d.mdev:
-                err: PveError | None = None
+                # each alternative's failure is a warning; none left is fatal
+                warnings: list[str] = []
                 for parent in d.ids:
                     try:
                         uuid = self.create_mdev(vmid, d.index, parent, d.mdev)
                     except PveError as e:
-                        err = e
+                        warnings.append(e.message)
                         continue
                     d.ids = [parent]
-                    dev_args += self.device_strings(vmid, d, f"/sys/bus/mdev/devices/{uuid}")
+                    args_of[d.index] = self.device_strings(vmid, d, f"/sys/bus/mdev/devices/{uuid}")
                     break
                 else:
-                    assert err is not None
-                    raise err
+                    raise PveError("could not create mediated device", before=warnings)
                 continue
-            for pci_id, devstr in zip(d.ids, self.device_strings(vmid, d, None), strict=True):
-                self.check_group(vmid, pci_id, devstr)
-                to_bind.append(pci_id)
-                dev_args.append(devstr)
+            args_of[d.index] = self.device_strings(vmid, d, None)
+            for pci_id, devstr in zip(d.ids, args_of[d.index], strict=True):
+                members = self.group_members(pci_id)
+                user = self.group_user(set(members), vmid)
+                if user is not None:
+                    if user.startswith("CT "):
+                        # pve-common SysFSTools.pm pci_dev_bind_to_vfio writes to the host
+                        # driver's unbind whoever uses it: the CT's processes lose the GPU
+                        self.log_call(
+                            ["kernel", "host driver unbind in use", pci_id, user],
+                            1,
+                            time.time(),
+                            Out(),
+                        )
+                    busy.append((pci_id, devstr))
+                    continue
+                # PVE binds every device of the group to vfio-pci and never binds it back.
+                for member in members:
+                    self.set_driver(member, "vfio-pci")
+        dev_args = [a for d in devices for a in args_of[d.index]]
+        for pci_id, devstr in busy:
+            self.check_group(vmid, pci_id, devstr)
         for devstr, pci_id in raw:
             if not present:  # QEMU finds no IOMMU group to open (vfio_get_group)
                 raise PveError(
@@ -1772,10 +1812,6 @@ class Pve:
                 )
             self.check_group(vmid, pci_id, devstr)
             dev_args.append(devstr)
-        # PVE binds every device of the group to vfio-pci and never binds it back.
-        for pci_id in to_bind:
-            for member in self.group_members(pci_id):
-                self.set_driver(member, "vfio-pci")
         return dev_args
 
     def check_group(self, vmid: int, pci_id: str, devstr: str) -> None:

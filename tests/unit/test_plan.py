@@ -10,6 +10,7 @@ import pytest
 
 from pvegpuhook.model import (
     IOMMU_MISSING,
+    MDEV_UNAVAILABLE,
     RESERVED,
     Claim,
     ClaimKind,
@@ -437,6 +438,11 @@ MISSING = Need(
     "hostpci1", [(claim("0000:09:00.0", "dev:0000:09:00"),)], failure="no PCI device found"
 )
 NO_IOMMU = Need("hostpci0", [(GPU,)], failure=IOMMU_MISSING)
+NO_MDEV = Need(  # its parent is bound to vfio-pci (docs/pve-facts.md §5)
+    "hostpci1",
+    [(claim("0000:03:00.0", "group:20", MDEV),)],
+    failure=f"{MDEV_UNAVAILABLE}: pci device '0000:03:00.0' does not support mediated devices",
+)
 DECISIONS += [
     # PVE refuses the start whoever holds what: nobody is stopped, the forecast says why
     (
@@ -464,16 +470,55 @@ DECISIONS += [
         "vzdump will fail: hostpci1: no PCI device found",
     ),
     (
-        "a running VM in stop mode is started again by vzdump",
+        "a running VM in stop mode would be left off by vzdump: refused, it keeps running",
         guest(104),
         "stop",
         True,
         [MISSING],
         [],
         False,
+        Verdict.REFUSE,
+        "stop",
+        "vzdump will fail: hostpci1: no PCI device found; its backup is refused, as vzdump "
+        "would shut it down",
+    ),
+    (
+        "an mdev PVE cannot create, no other device: PVE's own error is enough",
+        guest(132),
+        "stop",
+        False,
+        [NO_MDEV],
+        [holder(130, GPU)],
+        False,
         Verdict.NOTHING,
         "stop",
-        "vzdump will fail: hostpci1",
+        "vzdump will fail: hostpci1: could not create mediated device",
+    ),
+    (
+        "an mdev PVE cannot create after it bound the VM's other GPU: refused before its start",
+        guest(133),
+        "stop",
+        False,
+        [need([GPU2]), NO_MDEV],
+        [holder(200, claim("0000:02:00.0", "group:15", SHARED), kind=LXC)],
+        False,
+        Verdict.REFUSE,
+        "stop",
+        "vzdump will fail: hostpci1: could not create mediated device: pci device "
+        "'0000:03:00.0' does not support mediated devices; its backup is refused before vzdump "
+        "starts it",
+    ),
+    (
+        "an mdev PVE cannot create comes after a line PVE refuses at once",
+        guest(134),
+        "stop",
+        False,
+        [NO_MDEV, MISSING],
+        [],
+        False,
+        Verdict.NOTHING,
+        "stop",
+        "vzdump will fail: hostpci1: no PCI device found",
     ),
     (
         "a running VM in snapshot mode keeps running",
@@ -731,6 +776,15 @@ def test_keep_down_through_follows_the_needers() -> None:
     assert keep_down_through(desk, later, {}, 1800, []) == 105
     assert keep_down_through(desk, later, {104: 2000}, 1800, []) == 103  # 104 takes > 30 min
     assert keep_down_through(desk, later[3:], {}, 1800, []) is None  # nobody needs it: start now
+
+
+def test_a_needer_whose_start_fails_keeps_nobody_down() -> None:
+    """103's start fails whoever holds what (its mdev cannot be created): its backup stops
+    nobody, so the holder is not kept down for it."""
+    later = [(guest(103), False, [need([GPU]), NO_MDEV]), (guest(105), False, [need([GPU])])]
+    desk = holder(104, RESERVED_GPU)
+    assert keep_down_until(desk, later, {}, 1800, []) == 105
+    assert keep_down_until(desk, later[:1], {}, 1800, []) is None
 
 
 def test_a_pool_needer_needs_the_holder_only_when_the_other_card_is_taken() -> None:
