@@ -21,7 +21,7 @@ from pvegpuhook import act, paths, runtime, timing
 from pvegpuhook.errors import EXIT_USAGE, ConfigError, GpuHookError
 from pvegpuhook.inventory import Inventory, load_guest
 from pvegpuhook.log import HANDOVER, Log
-from pvegpuhook.model import Guest, GuestKind, Holder, Need
+from pvegpuhook.model import Guest, GuestKind, Holder, Need, start_failure
 from pvegpuhook.plan import HandoverDecision, HandoverVerdict, Stop, decide_handover
 from pvegpuhook.records import duration
 from pvegpuhook.settings import Settings, load_settings
@@ -91,7 +91,10 @@ def start_needs(inventory: Inventory, guest: Guest) -> tuple[list[Need], list[st
     """What ``guest`` claims at its next start: a VM's passthrough lines (pending applied), a
     CT's GPUs through the host driver (one need per claim)."""
     if guest.kind == GuestKind.QEMU:
-        return inventory.needs(guest, for_start=True)
+        needs, problems = inventory.needs(guest, for_start=True)
+        if start_failure(needs) is not None:
+            problems = problems[:-1]  # the line saying so: the refusal says it
+        return needs, problems
     claims = inventory.reader.ct_claims(guest.config, with_pending=True)
     return [Need(c.source, [(c,)]) for c in claims], list(guest.config.warnings)
 

@@ -450,6 +450,10 @@ def decide_handover(
         return refuse(f"{guest.label} is locked ({guest.lock}): PVE would not start it")
     if not needs:
         return HandoverDecision(guest, HandoverVerdict.START, "no passthrough device")
+    failed = start_failure(needs)
+    if failed is not None:  # stopping holders would not help it
+        where = f"{failed.blame}: " if failed.blame else ""
+        return refuse(f"PVE will not start it: {where}{failed.source}: {failed.failure}")
     plan = plan_free(guest, needs, holders, protect)
     if plan.refusal is not None:
         refusal = plan.refusal

@@ -76,6 +76,23 @@ def test_a_protected_holder_refuses_and_nobody_is_stopped(tmp_path: Path) -> Non
     assert node.running_guests() == {104, 106}
 
 
+def test_a_start_pve_will_fail_stops_nobody(tmp_path: Path) -> None:
+    """VM 131 passes GPU 03:00 through whole, so it is on vfio-pci, where no mdev can be
+    created (docs/pve-facts.md §5): shutting 131 down would not let VM 130's mdev start."""
+    node = FakeNode(tmp_path)
+    node.add_gpu("0000:03:00", group=20, mdev_types=("nvidia-35",))
+    node.write_override(FAST)
+    node.add_vm(130, name="vgpu", hostpci=["03:00.0,mdev=nvidia-35"])
+    node.add_vm(131, name="whole", hostpci=["03:00.0"], running=True)
+    result = cli(node, "start", "130")
+    assert result.returncode == 1
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("VM 130 (vgpu): PVE will not start it: ")
+    assert "130.conf:2: hostpci0: could not create mediated device: pci device" in line
+    assert "does not support mediated devices (bound to vfio-pci); nobody was stopped" in line
+    assert node.calls() == [] and node.running_guests() == {131}
+
+
 def test_a_ct_holder_is_shut_down_for_a_vm(tmp_path: Path) -> None:
     node = seed_node(tmp_path)
     node.stop(104)

@@ -12,6 +12,7 @@ from tests.unit.test_plan import (
     GPU,
     GPU2,
     LXC,
+    NO_MDEV,
     NONE,
     RESERVED_GPU,
     RESERVED_GPU2,
@@ -79,6 +80,16 @@ CASES = [
         None,
     ),
     ("a CT holder", {}, [need([GPU])], [holder(200, CT_GPU, kind=LXC)], NONE, START, [200], None),
+    (
+        "a start PVE will fail: nobody is stopped for it",
+        {},
+        [need([GPU]), NO_MDEV],
+        [holder(104, GPU)],
+        NONE,
+        REFUSE,
+        [],
+        None,
+    ),
     ("a template", {"template": "1"}, [need([GPU])], [], NONE, REFUSE, [], None),
     ("a locked guest", {"lock": "backup"}, [need([GPU])], [], NONE, REFUSE, [], None),
     (
@@ -116,6 +127,8 @@ def test_decide_handover(
     assert (decision.refusal.holder.vmid if decision.refusal else None) == refusing
     if verdict == REFUSE:
         assert decision.reason
+    if any(n.failure for n in needs):
+        assert decision.reason.startswith("PVE will not start it: hostpci1: could not create")
 
 
 def test_a_ct_target_and_a_vm_holder() -> None:
