@@ -1783,7 +1783,7 @@ class Pve:
                         # pve-common SysFSTools.pm pci_dev_bind_to_vfio writes to the host
                         # driver's unbind whoever uses it: the CT's processes lose the GPU
                         self.log_call(
-                            ["kernel", "host driver unbind in use", pci_id, user],
+                            ["kernel", "host driver unbind in use", pci_id, user, f"VM {vmid}"],
                             1,
                             time.time(),
                             Out(),
