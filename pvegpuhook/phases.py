@@ -14,6 +14,7 @@ from pvegpuhook.errors import ConfigError, StateError
 from pvegpuhook.inventory import Inventory, config_path, load_guest, local_vmids
 from pvegpuhook.log import Log
 from pvegpuhook.model import (
+    MDEV_UNAVAILABLE,
     RESERVED,
     Claim,
     ClaimKind,
@@ -29,6 +30,7 @@ from pvegpuhook.plan import (
     decide_backup,
     keep_down_through,
     keep_down_until,
+    same_function,
 )
 from pvegpuhook.pveconf import parse_guest_config
 from pvegpuhook.records import Record, RecordStatus, duration
@@ -98,10 +100,13 @@ def free_for_backup(log: Log, vmid: int, mode: str, text: str) -> int:
         return 0  # snapshot/suspend: its QEMU keeps running and keeps its devices
     inventory = Inventory()
     needs, warnings = inventory.needs(guest, for_start=True)
+    store = StateStore(report=log.say)
+    if _give_back_mdev_parents(log, guest, needs, store):
+        inventory = Inventory()  # sysfs changed: the mdev can be created now
+        needs, warnings = inventory.needs(guest, for_start=True)
     for warning in [*warnings, *inventory.mapping_warnings]:
         log.say(f"warning: {warning}")
     settings, config_error = settings_or_error(log)
-    store = StateStore(report=log.say)
 
     def decide(protect: frozenset[int]) -> BackupDecision:
         # holders are read only when the decision can depend on them
@@ -172,6 +177,40 @@ def free_for_backup(log: Log, vmid: int, mode: str, text: str) -> int:
 def _say_moves(log: Log, decision: BackupDecision) -> None:
     for move in decision.moves:
         log.say(f"note: {decision.guest.label} will take {move} at vzdump's restart")
+
+
+def _give_back_mdev_parents(log: Log, guest: Guest, needs: list[Need], store: StateStore) -> bool:
+    """An mdev PVE cannot create because its parent GPU sits on vfio-pci (an earlier backup of
+    the job passed it through whole; PVE never binds it back): when the record of a guest the hook
+    stopped knows the GPU's host driver, the GPU goes back to it now, not only at that guest's
+    restart, and the backup goes on (docs/pve-facts.md §5). Whether something was given back."""
+    wanted = [
+        claim.address
+        for need in needs
+        if need.failure is not None and need.failure.startswith(MDEV_UNAVAILABLE)
+        for claim in need.claims()
+        if claim.kind == ClaimKind.MDEV
+    ]
+    if not wanted:
+        return False
+    try:
+        known = [(f, d, r) for r in store.records() for f, d in sorted(r.drivers.items())]
+    except StateError:
+        return False  # said when the store is read for the decision
+    given = False
+    for function, driver, record in known:
+        if not any(same_function(function, address) for address in wanted):
+            continue
+        problem = act.rebind(function, driver)
+        if problem is None:
+            log.say(
+                f"{function} given back to {driver} (as {record.label} had it), so that the "
+                f"mdev of {guest.label} can be created"
+            )
+            given = True
+        else:
+            log.say(f"warning: {problem}")
+    return given
 
 
 def _let_cts_start(log: Log, needs: list[Need], inventory: Inventory) -> None:

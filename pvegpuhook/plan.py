@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from pvegpuhook.model import (
+    MDEV_UNAVAILABLE,
     RESERVED,
     Claim,
     ClaimKind,
@@ -710,14 +711,36 @@ def forecast_job(
     down_since: dict[int, float] = {}  # holder → when it went down, on the job's timeline
     clock = 0.0
 
+    # the units a start of this job binds to vfio-pci, and whose: PVE never binds them back
+    bound: dict[str, int] = {}
+
     def bring_back(vmid: int, at: float, step: GuestForecast | None) -> None:
         del stopped_for[vmid]
         running.add(vmid)
         forecast.holders[vmid].down_seconds += at - down_since.pop(vmid)
         if step is not None:
             step.restarted.append(vmid)
+        for claim in held.get(vmid, []):  # the hook gives its GPU back to the host driver
+            if claim.kind != ClaimKind.EXCLUSIVE:
+                for unit in claim.units:
+                    bound.pop(unit, None)
+
+    def known() -> set[str]:
+        """Units whose host driver the record of a holder that is down knows: the hook gives
+        them back when an mdev on them is needed (before that holder's restart)."""
+        return {
+            unit
+            for vmid in stopped_for
+            for claim in held.get(vmid, [])
+            if claim.kind != ClaimKind.EXCLUSIVE
+            for unit in claim.units
+        }
 
     for index, (guest, _, needs) in enumerate(order):
+        for claim in (c for n in needs for c in n.claims() if c.kind == ClaimKind.MDEV):
+            for unit in claim.units & known():
+                bound.pop(unit, None)
+        needs = _after_binds(needs, bound)
         decision = decide_backup(
             guest,
             job_mode=mode,
@@ -730,6 +753,11 @@ def forecast_job(
         )
         step = GuestForecast(decision, [c.address for n in needs for c in n.claims()], needs)
         forecast.guests.append(step)
+        if step.outcome == Forecast.OK and guest.vmid not in running and not guest.template:
+            for need, pick in zip(needs, decision.picks, strict=False):
+                for claim in need.alternatives[pick] if pick is not None else ():
+                    if claim.kind == ClaimKind.EXCLUSIVE:
+                        bound.update(dict.fromkeys(claim.units, guest.vmid))
         for vmid in decision.restart_first:  # started again before this guest's restart
             bring_back(vmid, clock, step)
         for stop in decision.stops:
@@ -742,7 +770,8 @@ def forecast_job(
         for vmid in stopped_for:
             forecast.holders[vmid].during.append(guest.vmid)
         clock += durations.get(guest.vmid, UNKNOWN_DURATION)
-        later = [(g, g.vmid in running, n) for g, _, n in order[index + 1 :]]
+        lasting = {unit: vmid for unit, vmid in bound.items() if unit not in known()}
+        later = [(g, g.vmid in running, _after_binds(n, lasting)) for g, _, n in order[index + 1 :]]
         for vmid in sorted(stopped_for):
             if restart == "after-guest":
                 back = stopped_for[vmid] == guest.vmid
@@ -758,6 +787,35 @@ def forecast_job(
     for vmid in forecast.restarted_at_end:
         forecast.holders[vmid].down_seconds += clock - down_since[vmid]
     return forecast
+
+
+def _after_binds(needs: list[Need], bound: dict[str, int]) -> list[Need]:
+    """``needs`` as a start later in the job meets them: an mdev whose parent an earlier start of
+    the job bound to vfio-pci (``bound``) cannot be created, unless the hook gave it back to its
+    host driver in between (docs/pve-facts.md §5)."""
+    result = []
+    for need in needs:
+        blocked = next(
+            (
+                (claim, bound[unit])
+                for claim in need.claims()
+                if claim.kind == ClaimKind.MDEV
+                for unit in claim.units
+                if unit in bound
+            ),
+            None,
+        )
+        if need.failure is None and blocked is not None:
+            claim, vmid = blocked
+            failure = (
+                f"{MDEV_UNAVAILABLE}: pci device '{claim.address}' does not support mediated "
+                f"devices (bound to vfio-pci by the backup of VM {vmid} before it)"
+            )
+            need = Need(
+                need.source, need.alternatives, need.mapping, failure=failure, blame=need.blame
+            )
+        result.append(need)
+    return result
 
 
 # ---- making room for a recorded guest -----------------------------------------------------------

@@ -81,6 +81,31 @@ def mdev(root: Path) -> tuple[FakeNode, list[int] | None]:
     return node, None
 
 
+def mdev_after_whole(root: Path, override: str = FAST) -> tuple[FakeNode, list[int] | None]:
+    """131's backup binds GPU 03:00 to vfio-pci and PVE never binds it back: 132's mdev cannot
+    be created after it, unless the restart of 130 (an mdev holder, stopped for 131) gave the
+    GPU back to its driver in between (docs/pve-facts.md §5). 133, with no mdev, is not
+    concerned."""
+    node = FakeNode(root)
+    node.write_override(override)
+    node.add_gpu("0000:03:00", group=20, functions=("0",), mdev_types=("nvidia-35",))
+    node.add_vm(130, hostpci=["03:00.0,mdev=nvidia-35"], running=True)
+    node.add_vm(131, hostpci=["03:00.0"])
+    node.add_vm(132, hostpci=["03:00.0,mdev=nvidia-35"])
+    node.add_vm(133, hostpci=["03:00.0"])
+    return node, [131, 132, 133]
+
+
+def mdev_after_whole_no_holder(root: Path) -> tuple[FakeNode, list[int] | None]:
+    node, vmids = mdev_after_whole(root)
+    node.stop(130)
+    return node, vmids
+
+
+def mdev_after_whole_after_job(root: Path) -> tuple[FakeNode, list[int] | None]:
+    return mdev_after_whole(root, FAST + "restart: after-job\n")
+
+
 def containers(root: Path) -> tuple[FakeNode, list[int] | None]:
     node = seed_node(root)
     node.stop(104)
@@ -226,6 +251,9 @@ SCENARIOS: dict[str, Scenario] = {
     "mapping-busy": mappings,
     "mapping-free": mapping_free,
     "mdev": mdev,
+    "mdev-after-whole": mdev_after_whole,
+    "mdev-after-whole-no-holder": mdev_after_whole_no_holder,
+    "mdev-after-whole-after-job": mdev_after_whole_after_job,
     "containers": containers,
     "template-and-plain": template_and_plain,
     "protected": protected,

@@ -383,6 +383,21 @@ def test_an_mdev_holder_gets_its_parent_back_from_vfio_pci(tmp_path: Path) -> No
     assert records(node) == [] and node.kernel_faults() == []
 
 
+def test_an_mdev_backup_gets_the_parent_a_down_holders_record_knows(tmp_path: Path) -> None:
+    """130 stays down from 131's backup to 133's (one shutdown for the night); 132's mdev in
+    between needs the GPU on nvidia, which 130's record knows: it is given back for 132."""
+    node = mdev_gpu(tmp_path)
+    node.add_vm(132, name="vgpu2", hostpci=["03:00.0,mdev=nvidia-35"])
+    node.add_vm(133, name="whole2", hostpci=["03:00.0"])
+    job = run_job(node, [131, 132, 133])
+    assert job.ok, job.log
+    assert [c[:3] for c in commands(node, "shutdown")] == [["qm", "shutdown", "130"]]
+    said = "0000:03:00.0 given back to nvidia (as VM 130 (vgpu) had it), so that the mdev of VM 132"
+    assert any(said in line for line in job.log), job.log
+    assert node.running_guests() == {130} and node.driver("0000:03:00.0") == "nvidia"
+    assert records(node) == [] and node.kernel_faults() == []
+
+
 def test_an_mdev_vm_on_a_parent_left_on_vfio_pci_fails_its_backup_clearly(tmp_path: Path) -> None:
     """Nobody ran on an mdev of the GPU, so nobody's record knows its driver: after 131's backup
     it stays on vfio-pci, and PVE cannot create 132's mdev. The hook says so, and stops nobody
