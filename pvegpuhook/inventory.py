@@ -202,4 +202,10 @@ class Inventory:
                     claims.extend(need.alternatives[0])
         if not claims:
             return None
-        return Holder(guest, claims)
+        holder = Holder(guest, claims)
+        # whether PVE would start it again: a hostpci line or pci.cfg changed since its start,
+        # or its start bound a GPU of an mdev-marked mapping to vfio-pci (docs/pve-facts.md §5)
+        failed = start_failure(self.needs(guest, for_start=True)[0])
+        if failed is not None:
+            holder.restart_failure = f"{failed.source}: {failed.failure}"
+        return holder

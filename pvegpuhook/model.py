@@ -168,14 +168,16 @@ JobOrder = list[tuple[Guest, bool, list[Need]]]
 
 class Holder:
     """A running guest and the claims it holds now; ``starting``: a VM whose start is under way
-    (its devices reserved, its QEMU not running yet)."""
+    (its devices reserved, its QEMU not running yet); ``restart_failure``: why PVE would not
+    start it again, once stopped (its next start's first failing line), or None."""
 
-    __slots__ = ("guest", "claims", "starting")
+    __slots__ = ("guest", "claims", "starting", "restart_failure")
 
     def __init__(self, guest: Guest, claims: list[Claim], *, starting: bool = False) -> None:
         self.guest = guest
         self.claims = claims
         self.starting = starting
+        self.restart_failure: str | None = None
 
     @property
     def vmid(self) -> int:

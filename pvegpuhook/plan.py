@@ -318,6 +318,18 @@ def decide_backup(
         )
         decision.refusal = refusal
         return decision
+    doomed = next((s for s in plan.stops if s.holder.restart_failure is not None), None)
+    if doomed is not None:
+        # stopped, it would stay off: a holder PVE will not start again is never shut down
+        why = f"could not be started again: PVE will not start it ({doomed.holder.restart_failure})"
+        decision = BackupDecision(
+            guest,
+            mode,
+            Verdict.REFUSE,
+            f"cannot free {doomed.address}: {doomed.holder.guest.label} {why}",
+        )
+        decision.refusal = Refusal(doomed.address, doomed.holder, why)
+        return decision
     if not plan.stops:
         decision = BackupDecision(guest, mode, Verdict.NOTHING, "every device it needs is free")
     else:

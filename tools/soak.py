@@ -69,6 +69,7 @@ SHUTDOWN_WATCH = 10
 LATE_POWEROFF = 1.5  # s after its shutdown gave up, at the latest
 
 # a failed backup must say why in one of these words (invariant 5)
+RAW_DEVICE = re.compile(r"-device vfio-pci,host=(\S+?)\.0,")
 KNOWN_FAILURES = (
     "pve-gpu-hook",
     "Cannot execute a backup with stop mode on a HA managed",
@@ -456,11 +457,15 @@ class Result:
 
 def build_node(sc: Scenario, root: Path) -> FakeNode:
     node = FakeNode(root, ct_cgroup=sc.ct_cgroup)
+    # QEMU opens a raw "args: -device vfio-pci" device only when it is bound to vfio-pci already
+    # (PVE binds only hostpci devices): an admin who passes a GPU that way binds it at boot
+    raw = {m.group(1) for g in sc.guests.values() for m in RAW_DEVICE.finditer(g.config)}
     for gpu in sc.gpus:
         node.add_gpu(
             gpu.slot,
             group=gpu.group,
             functions=gpu.functions,
+            driver="vfio-pci" if gpu.slot in raw else "nvidia",
             nvidia_minor=gpu.index,
             drm=(f"card{gpu.index}", f"renderD{128 + gpu.index}"),
             mdev_types=(MDEV_TYPE,) if gpu.mdev else (),

@@ -434,3 +434,30 @@ def test_a_vm_whose_mdev_cannot_be_created_is_refused_before_it_takes_a_cts_gpu(
     assert not node.calls("qm") and commands(node, "shutdown") == []
     assert node.running_guests() == {200} and node.driver("0000:01:00.0") == "nvidia"
     assert node.kernel_faults() == []
+
+
+def test_a_holder_pve_will_not_start_again_is_not_shut_down(tmp_path: Path) -> None:
+    """VM 111 passes a GPU of a mapping marked ``mdev 1`` through whole: its start bound the GPU
+    to vfio-pci, which makes the mapping out of date for PVE (Mapping/PCI.pm assert_valid), so
+    111 could not start again once stopped. 112's backup fails instead; 111 keeps running."""
+    node = FakeNode(tmp_path)
+    node.write_override(FAST)
+    node.add_gpu("0000:03:00", group=20, mdev_types=("nvidia-35",))
+    node.set_mapping(
+        "gpu\n\tmdev 1\n\tmap node=pve1,path=0000:03:00.0,id=10de:2204,iommugroup=20\n"
+    )
+    node.add_vm(111, name="whole", hostpci=["mapping=gpu"], running=True)
+    node.add_vm(112, hostpci=["03:00.0"])
+    job = run_job(node, [112])
+    assert not job.guests[112].ok
+    said = [
+        line for line in job.log if "cannot free 0000:03:00.0 for VM 112: VM 111 (whole)" in line
+    ]
+    assert (
+        said
+        and "could not be started again: PVE will not start it (hostpci0: PCI device "
+        "mapping invalid (hardware probably changed): 'mdev' does not match"
+        in said[0]
+    ), job.log
+    assert commands(node, "shutdown") == [] and node.running_guests() == {111}
+    assert records(node) == []

@@ -246,6 +246,7 @@ class FakeNode:
             (tdir / "device_api").write_text("vfio-pci\n")
             (tdir / "available_instances").write_text(f"{mdev_instances}\n")
             (tdir / "create").touch()
+        self.pve.sync_mdev_types(first)  # only under its vendor driver
 
     def _boot_drivers_update(self, addr: str, driver: str | None) -> None:
         """Remember the host driver a device gets at boot (reboot() rebinds it)."""
