@@ -795,3 +795,24 @@ def test_a_pool_needer_needs_the_holder_only_when_the_other_card_is_taken() -> N
     desk = holder(104, RESERVED_GPU)
     assert keep_down_until(desk, later, {}, 1800, []) is None
     assert keep_down_until(desk, later, {}, 1800, [holder(130, RESERVED_GPU2)]) == 120
+
+
+def test_a_holder_pve_would_not_start_again_is_never_stopped() -> None:
+    """Stopped, it would stay off: the backup is refused instead, naming why."""
+    doomed = holder(104, GPU)
+    doomed.restart_failure = "hostpci0: PCI device mapping invalid (hardware probably changed)"
+    decision = decide_backup(
+        guest(102), job_mode="stop", running=False, needs=[need([GPU])], holders=[doomed],
+        protect=NONE,
+    )  # fmt: skip
+    assert decision.verdict == Verdict.REFUSE and decision.stops == []
+    assert decision.refusal is not None and decision.refusal.holder is doomed
+    assert decision.reason == (
+        "cannot free 0000:01:00.0: VM 104 could not be started again: PVE will not start it "
+        "(hostpci0: PCI device mapping invalid (hardware probably changed))"
+    )
+    fine = decide_backup(
+        guest(102), job_mode="stop", running=False, needs=[need([GPU])],
+        holders=[holder(104, GPU)], protect=NONE,
+    )  # fmt: skip
+    assert fine.verdict == Verdict.FREE
