@@ -732,21 +732,13 @@ def forecast_job(
         forecast.holders[vmid].down_seconds += at - down_since.pop(vmid)
         if step is not None:
             step.restarted.append(vmid)
-        for claim in held.get(vmid, []):  # the hook gives its GPU back to the host driver
-            if claim.kind != ClaimKind.EXCLUSIVE:
-                for unit in claim.units:
-                    bound.pop(unit, None)
+        for unit in _host_driver_units(held.get(vmid, [])):  # the hook gives these back
+            bound.pop(unit, None)
 
     def known() -> set[str]:
         """Units whose host driver the record of a holder that is down knows: the hook gives
         them back when an mdev on them is needed (before that holder's restart)."""
-        return {
-            unit
-            for vmid in stopped_for
-            for claim in held.get(vmid, [])
-            if claim.kind != ClaimKind.EXCLUSIVE
-            for unit in claim.units
-        }
+        return {unit for vmid in stopped_for for unit in _host_driver_units(held.get(vmid, []))}
 
     for index, (guest, _, needs) in enumerate(order):
         for claim in (c for n in needs for c in n.claims() if c.kind == ClaimKind.MDEV):
@@ -799,6 +791,12 @@ def forecast_job(
     for vmid in forecast.restarted_at_end:
         forecast.holders[vmid].down_seconds += clock - down_since[vmid]
     return forecast
+
+
+def _host_driver_units(claims: list[Claim]) -> set[str]:
+    """The units a guest uses through their host driver (a CT's nodes, an mdev's parent): those
+    its record knows the driver of."""
+    return {u for c in claims if c.kind != ClaimKind.EXCLUSIVE for u in c.units}
 
 
 def _after_binds(needs: list[Need], bound: dict[str, int]) -> list[Need]:
