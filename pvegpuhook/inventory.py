@@ -205,7 +205,8 @@ class Inventory:
         holder = Holder(guest, claims)
         # whether PVE would start it again: a hostpci line or pci.cfg changed since its start,
         # or its start bound a GPU of an mdev-marked mapping to vfio-pci (docs/pve-facts.md §5)
-        failed = start_failure(self.needs(guest, for_start=True)[0])
+        holder.restart_needs = self.needs(guest, for_start=True)[0]
+        failed = start_failure(holder.restart_needs)
         if failed is not None:
             holder.restart_failure = f"{failed.source}: {failed.failure}"
         return holder

@@ -168,15 +168,17 @@ JobOrder = list[tuple[Guest, bool, list[Need]]]
 
 class Holder:
     """A running guest and the claims it holds now; ``starting``: a VM whose start is under way
-    (its devices reserved, its QEMU not running yet); ``restart_failure``: why PVE would not
+    (its devices reserved, its QEMU not running yet); ``restart_needs``: what a VM's next start
+    will claim (a mapping's device is chosen again then); ``restart_failure``: why PVE would not
     start it again, once stopped (its next start's first failing line), or None."""
 
-    __slots__ = ("guest", "claims", "starting", "restart_failure")
+    __slots__ = ("guest", "claims", "starting", "restart_needs", "restart_failure")
 
     def __init__(self, guest: Guest, claims: list[Claim], *, starting: bool = False) -> None:
         self.guest = guest
         self.claims = claims
         self.starting = starting
+        self.restart_needs: list[Need] = []
         self.restart_failure: str | None = None
 
     @property

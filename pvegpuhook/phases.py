@@ -11,12 +11,10 @@ import time
 from pvegpuhook import act, metrics, paths, runtime, timing, vzdumpjob
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import ConfigError, StateError
-from pvegpuhook.inventory import Inventory, config_path, load_guest, local_vmids
+from pvegpuhook.inventory import Inventory, load_guest, local_vmids
 from pvegpuhook.log import Log
 from pvegpuhook.model import (
     MDEV_UNAVAILABLE,
-    RESERVED,
-    Claim,
     ClaimKind,
     Guest,
     GuestKind,
@@ -34,7 +32,7 @@ from pvegpuhook.plan import (
 )
 from pvegpuhook.pveconf import parse_guest_config
 from pvegpuhook.records import Record, RecordStatus, duration
-from pvegpuhook.restart import restart, watch_detached
+from pvegpuhook.restart import record_holder, restart, watch_detached
 from pvegpuhook.settings import Settings, load_settings
 from pvegpuhook.state import StateStore
 from pvegpuhook.vzdumpjob import Unknown
@@ -306,20 +304,6 @@ def job_ahead(
     return later, vzdumpjob.previous_durations(later)
 
 
-def _as_holder(record: Record, inventory: Inventory) -> Holder:
-    """A stopped holder as it will be when started again: holding the units it held (a VM
-    reserving them, as PVE does at its start)."""
-    guest = load_guest(record.vmid, record.kind) or Guest(
-        record.vmid, record.kind, parse_guest_config("", config_path(record.kind, record.vmid))
-    )
-    if record.kind == GuestKind.QEMU:
-        kind, source = ClaimKind.EXCLUSIVE, RESERVED
-    else:
-        kind, source = ClaimKind.SHARED, "record"
-    claims = [Claim(a, inventory.sysfs.units(a), kind, source) for a in record.addresses]
-    return Holder(guest, claims)
-
-
 def _until_whom(
     log: Log,
     store: StateStore,
@@ -358,7 +342,7 @@ def _until_whom(
 
     def until(record: Record) -> str:
         last = keep_down_through(
-            _as_holder(record, inventory), later, durations, settings.keep_down_max, others
+            record_holder(record, inventory), later, durations, settings.keep_down_max, others
         )
         if last is None:
             return after_this
@@ -550,7 +534,7 @@ def _kept_down(
     others = inventory.holders()
     keep = set()
     for record in stopped:
-        holder = _as_holder(record, inventory)
+        holder = record_holder(record, inventory)
         until = keep_down_until(holder, later, durations, settings.keep_down_max, others)
         if until is not None and not runtime.running(record.kind, record.vmid):
             keep.add(record.vmid)

@@ -498,6 +498,7 @@ class RestartAction(StrEnum):
     START = "start"  # stopped, its units are free: start it
     DROP = "drop"  # already running again: forget the record
     BLOCKED = "blocked"  # another running guest holds its units now
+    AFTER = "after"  # its start would take the units of a recorded guest still down: later
     MISSING = "missing"  # its config is gone: keep the record for the admin
     MOVED = "moved"  # it lives on another node now (HA placed it there): nothing to do here
     WAIT = "wait"  # running, but its shutdown may still take effect: watch it, decide later
@@ -529,6 +530,7 @@ def plan_restart(
     settling: dict[int, str] | set[int] | frozenset[int] = frozenset(),
     ranks: dict[int, int] | None = None,
     moved: dict[int, str] | None = None,
+    after: dict[int, str] | None = None,
 ) -> list[RestartStep]:
     """Start the guests the hook stopped, in ``startup`` order and then VMID order (as PVE
     boots them).
@@ -538,9 +540,11 @@ def plan_restart(
     each had — then every guest gets the device it had before. ``settling``: running guests
     whose shutdown was interrupted or timed out recently; they may still go down, so their
     record must stay until that is known. ``moved``: guests now on another node (vmid → node).
+    ``after``: guests that wait for another recorded guest to start first (:func:`hold_back`).
     """
     ranks = ranks or {}
     moved = moved or {}
+    after = after or {}
     steps = []
     for vmid in sorted(vmids, key=lambda v: restart_order(v, orders, ranks)):
         if vmid in moved:
@@ -559,9 +563,59 @@ def plan_restart(
             steps.append(RestartStep(vmid, RestartAction.MISSING, "its config no longer exists"))
         elif vmid in blocked:
             steps.append(RestartStep(vmid, RestartAction.BLOCKED, blocked[vmid]))
+        elif vmid in after:
+            steps.append(RestartStep(vmid, RestartAction.AFTER, after[vmid]))
         else:
             steps.append(RestartStep(vmid, RestartAction.START))
     return steps
+
+
+def hold_back(
+    starting: list[tuple[Holder, list[Need]]], running: list[Holder], waiting: list[Holder]
+) -> dict[int, str]:
+    """Of the guests about to start (in their order, each as the holder it was and the needs of
+    its start), those whose start would take what a guest still down (``waiting``) needs:
+    vmid → why. They wait for it, and start after it.
+
+    A mapping's device is chosen again at each start: the first one no running VM has reserved
+    (docs/pve-facts.md §5). PVE knows nothing of a guest kept down, so a mapped guest started
+    before it may take its device, and that guest could not start again. A guest held back
+    waits too, so others may in turn take its device.
+    """
+    held: dict[int, str] = {}
+    while True:
+        down = waiting + [h for h, _ in starting if h.vmid in held]
+        before = list(running)
+        found = None
+        for holder, needs in starting:
+            if holder.vmid in held:
+                continue
+            found = _takes_from(holder.guest, needs, before, down)
+            if found is not None:
+                taken, address = found
+                name = taken.guest.label
+                held[holder.vmid] = (
+                    f"its start now would take {address}, which {name} needs and is still down: "
+                    f"it starts after {name}"
+                )
+                break
+            before.append(holder)
+        if found is None:
+            return held
+
+
+def _takes_from(
+    guest: Guest, needs: list[Need], running: list[Holder], down: list[Holder]
+) -> tuple[Holder, str] | None:
+    """The guest of ``down`` whose units the start of ``guest`` now would take, and what."""
+    plan = plan_free(guest, needs, running, frozenset())
+    for need, pick in zip(needs, plan.picks, strict=False):
+        for claim in need.alternatives[pick] if pick is not None else ():
+            for holder in down:
+                if any(claim.conflicts_with(h) for h in holder.claims):
+                    of = f" (mapping {need.mapping})" if need.mapping else ""
+                    return holder, f"{claim.address}{of}"
+    return None
 
 
 # ---- when the job no longer needs a holder's GPU ------------------------------------------------
@@ -776,16 +830,24 @@ def forecast_job(
         clock += durations.get(guest.vmid, UNKNOWN_DURATION)
         lasting = {unit: vmid for unit, vmid in bound.items() if unit not in known()}
         later = [(g, g.vmid in running, _after_binds(n, lasting)) for g, _, n in order[index + 1 :]]
+        others = [h for h in holders if h.vmid in running]
+        back = []
         for vmid in sorted(stopped_for):
             if restart == "after-guest":
-                back = stopped_for[vmid] == guest.vmid
+                if stopped_for[vmid] == guest.vmid:
+                    back.append(vmid)
             elif restart == "job-aware":
-                others = [h for h in holders if h.vmid in running]
                 until = keep_down_until(by_vmid[vmid], later, durations, keep_down_max, others)
-                back = until is None
-            else:
-                back = False
-            if back:
+                if until is None:
+                    back.append(vmid)
+        # fixed devices first, as the hook starts them
+        back.sort(key=lambda v: (any(len(n.alternatives) > 1 for n in by_vmid[v].restart_needs), v))
+        waiting = [by_vmid[v] for v in stopped_for if v not in back]
+        later_still = hold_back(
+            [(by_vmid[v], by_vmid[v].restart_needs) for v in back], others, waiting
+        )
+        for vmid in back:
+            if vmid not in later_still:
                 bring_back(vmid, clock, step)
     forecast.restarted_at_end = sorted(stopped_for)
     for vmid in forecast.restarted_at_end:

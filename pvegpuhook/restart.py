@@ -13,11 +13,20 @@ import time
 from pvegpuhook import act, metrics, runtime, timing
 from pvegpuhook.crashpoints import crash_point
 from pvegpuhook.errors import StateError
-from pvegpuhook.inventory import Inventory, load_guest
+from pvegpuhook.inventory import Inventory, config_path, load_guest
 from pvegpuhook.log import Log
-from pvegpuhook.model import Claim, ClaimKind, Guest, GuestKind, Holder, Need
-from pvegpuhook.plan import RestartAction, RestartStep, Stop, plan_free, plan_restart, same_function
-from pvegpuhook.pveconf import guest_node, node_name
+from pvegpuhook.model import RESERVED, Claim, ClaimKind, Guest, GuestKind, Holder, Need
+from pvegpuhook.plan import (
+    RestartAction,
+    RestartStep,
+    Stop,
+    hold_back,
+    plan_free,
+    plan_restart,
+    restart_order,
+    same_function,
+)
+from pvegpuhook.pveconf import guest_node, node_name, parse_guest_config
 from pvegpuhook.records import Record, RecordStatus, duration
 from pvegpuhook.settings import Settings
 from pvegpuhook.state import StateStore
@@ -62,8 +71,28 @@ def first_conflict(
     return None
 
 
-def survey(records: list[Record], inventory: Inventory, settings: Settings) -> list[RestartStep]:
-    """Read what the restart decision needs, then plan it."""
+def record_holder(record: Record, inventory: Inventory) -> Holder:
+    """A stopped holder as it will be when started again: holding the units it held (a VM
+    reserving them, as PVE does at its start)."""
+    guest = load_guest(record.vmid, record.kind) or Guest(
+        record.vmid, record.kind, parse_guest_config("", config_path(record.kind, record.vmid))
+    )
+    if record.kind == GuestKind.QEMU:
+        kind, source = ClaimKind.EXCLUSIVE, RESERVED
+    else:
+        kind, source = ClaimKind.SHARED, "record"
+    claims = [Claim(a, inventory.sysfs.units(a), kind, source) for a in record.addresses]
+    return Holder(guest, claims)
+
+
+def survey(
+    records: list[Record],
+    inventory: Inventory,
+    settings: Settings,
+    waiting: list[Record] | None = None,
+) -> list[RestartStep]:
+    """Read what the restart decision needs, then plan it. ``waiting``: other recorded guests,
+    not started now: a guest whose start would take what one of them needs waits for it."""
     running = {r.vmid for r in records if runtime.running(r.kind, r.vmid)}
     orders: dict[int, int | None] = {}
     missing: set[int] = set()
@@ -82,6 +111,8 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
             )
     ranks: dict[int, int] = {}
     holders = None
+    startable: dict[int, tuple[Record, list[Need]]] = {}
+    after: dict[int, str] = {}
     here = None
     for record in records:
         guest = load_guest(record.vmid, record.kind)
@@ -108,6 +139,14 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
             blocked[record.vmid] = (
                 f"{conflict.address} is held by {conflict.holder.guest.label}{starting}"
             )
+        else:
+            startable[record.vmid] = (record, needs)
+    down = [r for r in waiting or [] if not runtime.running(r.kind, r.vmid)]
+    if startable and down:
+        order = sorted(startable, key=lambda v: restart_order(v, orders, ranks))
+        starting = [(record_holder(startable[v][0], inventory), startable[v][1]) for v in order]
+        others = [record_holder(r, inventory) for r in down]
+        after = hold_back(starting, holders or [], others)
     return plan_restart(
         [r.vmid for r in records],
         running=running,
@@ -117,6 +156,7 @@ def survey(records: list[Record], inventory: Inventory, settings: Settings) -> l
         blocked=blocked,
         settling=settling,
         ranks=ranks,
+        after=after,
     )
 
 
@@ -171,11 +211,13 @@ def restart(
 ) -> RestartReport:
     """Start every selected recorded guest that is down and whose devices are free."""
     report = RestartReport()
-    chosen = [r for r in store.records() if select(r)]
+    records = store.records()
+    chosen = [r for r in records if select(r)]
     if not chosen:
         return report
     by_vmid = {r.vmid: r for r in chosen}
-    for step in survey(chosen, Inventory(), settings):
+    waiting = [r for r in records if r.vmid not in by_vmid]
+    for step in survey(chosen, Inventory(), settings, waiting):
         record = by_vmid[step.vmid]
         if step.action == RestartAction.DROP:
             report.dropped.append(record)
@@ -192,6 +234,10 @@ def restart(
             report.watching.append((record, step.reason))
             if not dry_run:
                 log.file(f"{record.label} not started again: {step.reason}; record kept")
+        elif step.action == RestartAction.AFTER:
+            report.kept.append((record, step.reason))
+            if not dry_run:
+                log.say(f"{record.label} stays down: {step.reason}")
         elif step.action in (RestartAction.BLOCKED, RestartAction.MISSING, RestartAction.WAIT):
             report.kept.append((record, step.reason))
             if not dry_run:

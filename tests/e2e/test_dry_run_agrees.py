@@ -162,6 +162,21 @@ def running_mapped_guest(root: Path) -> tuple[FakeNode, list[int] | None]:
     return node, [101, 109]
 
 
+def mapped_holder_waits(root: Path) -> tuple[FakeNode, list[int] | None]:
+    """Job-aware: 107 stays down for 111; 109, needed by 110 only, would take 107's device if
+    it started after 110 (its mapping's first free one), so it waits for 107."""
+    node = seed_node(root)
+    node.stop(104)
+    node.add_gpu("0000:02:00", group=15, functions=("0",))
+    node.set_mapping(MAPPING)
+    node.add_vm(107, hostpci=["01:00.0"], running=True)
+    node.add_vm(109, hostpci=["mapping=gpu"], running=True)  # gets 02:00.0
+    node.add_vm(101, hostpci=["01:00.0", "02:00.0"])
+    node.add_vm(110, hostpci=["02:00.0"])
+    node.add_vm(111, hostpci=["01:00.0"])
+    return node, [101, 110, 111]
+
+
 # ---- backups that fail whatever the hook does: the forecast says so, the hook stops nobody ----
 
 
@@ -235,6 +250,7 @@ def running_vm_mapping_broken(root: Path) -> tuple[FakeNode, list[int] | None]:
 SCENARIOS: dict[str, Scenario] = {
     "ha-states": ha_states,
     "running-mapped-guest": running_mapped_guest,
+    "mapped-holder-waits": mapped_holder_waits,
     "missing-device": missing_device,
     "mapping-out-of-date": mapping_out_of_date,
     "mapping-elsewhere": mapping_elsewhere,

@@ -124,3 +124,40 @@ def test_the_holders_own_backup_in_the_job(tmp_path: Path) -> None:
     assert cycles(node, 104) == (1, 1)
     assert node.running_guests() == {104} and records(node) == []
     assert job.guests[104].mode == "stop"  # vzdump found it stopped: a stopped guest's backup
+
+
+POOL = """\
+gpu0
+\tmap node=pve1,path=0000:01:00.0,id=10de:2204,iommugroup=14
+\tmap node=pve1,path=0000:02:00.0,id=10de:2204,iommugroup=15
+"""
+
+
+def test_a_mapped_holder_waits_for_the_holder_kept_down_whose_device_it_would_take(
+    tmp_path: Path,
+) -> None:
+    """Both holders go down for 101. The mapped 109 is needed again by 110 only, 107 by 111:
+    after 110, 109's start would take the first free device of its mapping
+    (choose_hostpci_devices, qemu-server PVE/QemuServer/PCI.pm), 107's own 01:00.0, and 107
+    could not start again after 111. So 109 waits, and both start after 111, 107 first."""
+    node = seed_node(tmp_path)
+    node.stop(104)
+    node.add_gpu("0000:02:00", group=15)
+    node.set_mapping(POOL)
+    node.add_vm(107, name="holder", hostpci=["01:00.0"], running=True)
+    node.add_vm(109, name="mapped", hostpci=["mapping=gpu0"], running=True)  # gets 02:00.0
+    assert node.reservations()["0000:02:00.0"]["vmid"] == 109
+    node.add_vm(101, hostpci=["01:00.0", "02:00.0"])
+    node.add_vm(110, hostpci=["02:00.0"])
+    node.add_vm(111, hostpci=["01:00.0"])
+    job = run_job(node, [101, 110, 111], "stop")
+    assert job.ok, job.log
+    assert cycles(node, 107) == (1, 1) and cycles(node, 109) == (1, 1)
+    assert started_at(job, "VM 107 (holder)") == [("log-end", 111)]
+    assert started_at(job, "VM 109 (mapped)") == [("log-end", 111)]
+    waits = [line for line in hook_lines(job) if "VM 109 (mapped) stays down: its start" in line]
+    assert len(waits) == 1 and "0000:01:00.0 (mapping gpu0)" in waits[0], hook_lines(job)
+    reservations = node.reservations()
+    assert reservations["0000:01:00.0"]["vmid"] == 107
+    assert reservations["0000:02:00.0"]["vmid"] == 109
+    assert node.running_guests() == {107, 109} and records(node) == []

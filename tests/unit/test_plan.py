@@ -25,6 +25,7 @@ from pvegpuhook.plan import (
     Verdict,
     decide_backup,
     forecast_job,
+    hold_back,
     keep_down_through,
     keep_down_until,
     plan_free,
@@ -816,3 +817,54 @@ def test_a_holder_pve_would_not_start_again_is_never_stopped() -> None:
         holders=[holder(104, GPU)], protect=NONE,
     )  # fmt: skip
     assert fine.verdict == Verdict.FREE
+
+
+# ---- a mapped guest started while another holder stays down ------------------------------------
+
+POOL = need([GPU], [GPU2], mapping="pool")
+
+
+def test_a_mapped_guest_waits_for_the_holder_whose_device_it_would_take() -> None:
+    """PVE gives a mapped VM the first device no running VM reserved: with 107 down, 109 would
+    take 107's 01:00.0 instead of the 02:00.0 it had, and 107 could not start again."""
+    mapped = holder(109, RESERVED_GPU2)
+    kept = holder(107, RESERVED_GPU)
+    assert hold_back([(mapped, [POOL])], [], [kept]) == {
+        109: "its start now would take 0000:01:00.0 (mapping pool), which VM 107 needs and is "
+        "still down: it starts after VM 107"
+    }
+    # 01:00.0 reserved by a running VM: it takes 02:00.0, which nobody down needs
+    assert hold_back([(mapped, [POOL])], [holder(130, RESERVED_GPU)], [kept]) == {}
+    # started together, 107 first (fixed devices first): 109 takes 02:00.0 again
+    assert hold_back([(kept, [need([GPU])]), (mapped, [POOL])], [], []) == {}
+    # a holder down that needs neither of its devices keeps nobody waiting
+    assert hold_back([(mapped, [POOL])], [], [holder(108, RESERVED_GPU3)]) == {}
+
+
+def test_a_guest_held_back_keeps_its_own_device_for_itself() -> None:
+    """109 waits for 107; 111 (another mapping of 02:00.0 and 03:00.0) would then take 109's
+    02:00.0: it waits too."""
+    other = need([GPU2], [GPU3], mapping="other")
+    starting = [(holder(109, RESERVED_GPU2), [POOL]), (holder(111, RESERVED_GPU3), [other])]
+    held = hold_back(starting, [], [holder(107, RESERVED_GPU)])
+    assert sorted(held) == [109, 111]
+    assert "0000:02:00.0 (mapping other), which VM 109 needs" in held[111]
+
+
+def test_forecast_keeps_a_mapped_holder_down_until_the_fixed_one_starts() -> None:
+    """vzdump 101 110 111: 101 needs both GPUs, 110 the second, 111 the first. Job-aware,
+    109 (mapped, on 02:00.0) is needed last by 110, 107 (01:00.0) by 111: 109 waits for 107."""
+    mapped = holder(109, RESERVED_GPU2)
+    mapped.restart_needs = [POOL]
+    order = [
+        (guest(101), False, [need([GPU]), need([GPU2])]),
+        (guest(110), False, [need([GPU2])]),
+        (guest(111), False, [need([GPU])]),
+    ]
+    forecast = forecast_job(
+        order, [holder(107, RESERVED_GPU), mapped], mode="stop", protect=NONE,
+        restart="job-aware", ha=set(),
+    )  # fmt: skip
+    assert [[s.holder.vmid for s in g.stops] for g in forecast.guests] == [[107, 109], [], []]
+    assert [g.restarted for g in forecast.guests] == [[], [], [107, 109]]
+    assert forecast.down_for == {107: 3, 109: 3}
