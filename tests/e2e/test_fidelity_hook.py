@@ -302,16 +302,22 @@ gpu0
 """
 
 
-def test_a_mapped_guest_restarted_by_vzdump_keeps_its_device(tmp_path: Path) -> None:
-    """choose_hostpci_devices picks at every start, also vzdump's restart in stop mode
-    (qemu-server PVE/QemuServer/PCI.pm): VM 109 would move to the device freed from 107."""
-    node = seed_node(tmp_path, FAST + "restart: after-job\n")
+def add_mapped_pair(node: FakeNode) -> None:
+    """VM 107 on 01:00.0 and VM 109 on ``mapping=gpu0`` (01:00.0 | 02:00.0), both running: 109
+    got 02:00.0, the first device of its mapping nobody reserved. The seed's 104 is off."""
     node.stop(104)
     node.add_gpu("0000:02:00", group=15)
     node.set_mapping(POOL)
     node.add_vm(107, name="holder", hostpci=["01:00.0"], running=True)
-    node.add_vm(109, name="mapped", hostpci=["mapping=gpu0"], running=True)  # gets 02:00.0
+    node.add_vm(109, name="mapped", hostpci=["mapping=gpu0"], running=True)
     assert node.reservations()["0000:02:00.0"]["vmid"] == 109
+
+
+def test_a_mapped_guest_restarted_by_vzdump_keeps_its_device(tmp_path: Path) -> None:
+    """choose_hostpci_devices picks at every start, also vzdump's restart in stop mode
+    (qemu-server PVE/QemuServer/PCI.pm): VM 109 would move to the device freed from 107."""
+    node = seed_node(tmp_path, FAST + "restart: after-job\n")
+    add_mapped_pair(node)
     node.add_vm(101, hostpci=["01:00.0"])
     job = run_job(node, [101, 109], mode="stop")
     assert job.ok, job.log
@@ -332,11 +338,7 @@ def test_a_holder_powering_off_late_gets_its_device_before_a_mapped_guest(
         tmp_path,
         "shutdown_timeout: 1\nstart_timeout: 5\nshutdown_watch: 60\nrestart: after-guest\n",
     )
-    node.stop(104)
-    node.add_gpu("0000:02:00", group=15)
-    node.set_mapping(POOL)
-    node.add_vm(107, name="holder", hostpci=["01:00.0"], running=True)
-    node.add_vm(109, name="mapped", hostpci=["mapping=gpu0"], running=True)  # gets 02:00.0
+    add_mapped_pair(node)
     node.add_vm(101, hostpci=["01:00.0"])
     node.add_vm(110, hostpci=["02:00.0"])
     node.set_fault(107, ignore_shutdown=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.e2e.test_fidelity_hook import add_mapped_pair
 from tests.fronts import FAST, commands, hook_lines, records, seed_node
 from tests.sim.node import FakeNode
 from tests.sim.vzdump import JobOutcome, run_job
@@ -126,13 +127,6 @@ def test_the_holders_own_backup_in_the_job(tmp_path: Path) -> None:
     assert job.guests[104].mode == "stop"  # vzdump found it stopped: a stopped guest's backup
 
 
-POOL = """\
-gpu0
-\tmap node=pve1,path=0000:01:00.0,id=10de:2204,iommugroup=14
-\tmap node=pve1,path=0000:02:00.0,id=10de:2204,iommugroup=15
-"""
-
-
 def test_a_mapped_holder_waits_for_the_holder_kept_down_whose_device_it_would_take(
     tmp_path: Path,
 ) -> None:
@@ -141,12 +135,7 @@ def test_a_mapped_holder_waits_for_the_holder_kept_down_whose_device_it_would_ta
     (choose_hostpci_devices, qemu-server PVE/QemuServer/PCI.pm), 107's own 01:00.0, and 107
     could not start again after 111. So 109 waits, and both start after 111, 107 first."""
     node = seed_node(tmp_path)
-    node.stop(104)
-    node.add_gpu("0000:02:00", group=15)
-    node.set_mapping(POOL)
-    node.add_vm(107, name="holder", hostpci=["01:00.0"], running=True)
-    node.add_vm(109, name="mapped", hostpci=["mapping=gpu0"], running=True)  # gets 02:00.0
-    assert node.reservations()["0000:02:00.0"]["vmid"] == 109
+    add_mapped_pair(node)
     node.add_vm(101, hostpci=["01:00.0", "02:00.0"])
     node.add_vm(110, hostpci=["02:00.0"])
     node.add_vm(111, hostpci=["01:00.0"])
