@@ -216,7 +216,10 @@ def restart(
     if not chosen:
         return report
     by_vmid = {r.vmid: r for r in chosen}
-    waiting = [r for r in records if r.vmid not in by_vmid]
+    # guests still to be started later; one whose start failed waits for the admin, not for us
+    waiting = [
+        r for r in records if r.vmid not in by_vmid and r.status != RecordStatus.START_FAILED
+    ]
     for step in survey(chosen, Inventory(), settings, waiting):
         record = by_vmid[step.vmid]
         if step.action == RestartAction.DROP:
