@@ -595,8 +595,8 @@ def hold_back(
                 taken, address = found
                 name = taken.guest.label
                 held[holder.vmid] = (
-                    f"its start now would take {address}, which {name} needs and is still down: "
-                    f"it starts after {name}"
+                    f"its start now would take {address}, which {name}, still down, needs: it "
+                    f"starts after {name}"
                 )
                 break
             before.append(holder)

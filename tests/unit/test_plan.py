@@ -830,8 +830,8 @@ def test_a_mapped_guest_waits_for_the_holder_whose_device_it_would_take() -> Non
     mapped = holder(109, RESERVED_GPU2)
     kept = holder(107, RESERVED_GPU)
     assert hold_back([(mapped, [POOL])], [], [kept]) == {
-        109: "its start now would take 0000:01:00.0 (mapping pool), which VM 107 needs and is "
-        "still down: it starts after VM 107"
+        109: "its start now would take 0000:01:00.0 (mapping pool), which VM 107, still down, "
+        "needs: it starts after VM 107"
     }
     # 01:00.0 reserved by a running VM: it takes 02:00.0, which nobody down needs
     assert hold_back([(mapped, [POOL])], [holder(130, RESERVED_GPU)], [kept]) == {}
@@ -848,7 +848,7 @@ def test_a_guest_held_back_keeps_its_own_device_for_itself() -> None:
     starting = [(holder(109, RESERVED_GPU2), [POOL]), (holder(111, RESERVED_GPU3), [other])]
     held = hold_back(starting, [], [holder(107, RESERVED_GPU)])
     assert sorted(held) == [109, 111]
-    assert "0000:02:00.0 (mapping other), which VM 109 needs" in held[111]
+    assert "0000:02:00.0 (mapping other), which VM 109, still down, needs" in held[111]
 
 
 def test_forecast_keeps_a_mapped_holder_down_until_the_fixed_one_starts() -> None:
