@@ -607,14 +607,34 @@ def hold_back(
 def _takes_from(
     guest: Guest, needs: list[Need], running: list[Holder], down: list[Holder]
 ) -> tuple[Holder, str] | None:
-    """The guest of ``down`` whose units the start of ``guest`` now would take, and what."""
+    """The guest of ``down`` whose units the start of ``guest`` now would take, and what: a guest
+    with a mapping of its own (its ``restart_needs``) is only robbed when no alternative is left
+    free for it once ``guest`` runs."""
     plan = plan_free(guest, needs, running, frozenset())
-    for need, pick in zip(needs, plan.picks, strict=False):
-        for claim in need.alternatives[pick] if pick is not None else ():
-            for holder in down:
-                if any(claim.conflicts_with(h) for h in holder.claims):
-                    of = f" (mapping {need.mapping})" if need.mapping else ""
-                    return holder, f"{claim.address}{of}"
+    taken = [
+        (need, claim)
+        for need, pick in zip(needs, plan.picks, strict=False)
+        for claim in (need.alternatives[pick] if pick is not None else ())
+    ]
+    # as it will run: its devices reserved, as PVE does at the start
+    started = Holder(guest, [Claim(c.address, c.units, c.kind, RESERVED) for _, c in taken])
+    for holder in down:
+        hit = next(
+            ((n, c) for n, c in taken if any(c.conflicts_with(h) for h in holder.claims)), None
+        )
+        if hit is None:
+            continue
+        if holder.restart_needs:
+            # the others still down count as holding theirs: they start again too
+            others = [h for h in down if h is not holder]
+            later = plan_free(
+                holder.guest, holder.restart_needs, [*running, *others, started], frozenset()
+            )
+            if not later.stops and later.refusal is None:
+                continue  # another alternative stays free for it
+        need, claim = hit
+        of = f" (mapping {need.mapping})" if need.mapping else ""
+        return holder, f"{claim.address}{of}"
     return None
 
 

@@ -82,7 +82,11 @@ def record_holder(record: Record, inventory: Inventory) -> Holder:
     else:
         kind, source = ClaimKind.SHARED, "record"
     claims = [Claim(a, inventory.sysfs.units(a), kind, source) for a in record.addresses]
-    return Holder(guest, claims)
+    holder = Holder(guest, claims)
+    if record.kind == GuestKind.QEMU:
+        # a mapping chooses again at the start: what it needs, not only what it had
+        holder.restart_needs = inventory.needs(guest, for_start=True)[0]
+    return holder
 
 
 def survey(

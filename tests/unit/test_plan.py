@@ -845,10 +845,25 @@ def test_a_guest_held_back_keeps_its_own_device_for_itself() -> None:
     """109 waits for 107; 111 (another mapping of 02:00.0 and 03:00.0) would then take 109's
     02:00.0: it waits too."""
     other = need([GPU2], [GPU3], mapping="other")
-    starting = [(holder(109, RESERVED_GPU2), [POOL]), (holder(111, RESERVED_GPU3), [other])]
+    mapped = holder(109, RESERVED_GPU2)
+    mapped.restart_needs = [POOL]  # 01:00.0 stays 107's: 02:00.0 is all that is left for it
+    starting = [(mapped, [POOL]), (holder(111, RESERVED_GPU3), [other])]
     held = hold_back(starting, [], [holder(107, RESERVED_GPU)])
     assert sorted(held) == [109, 111]
     assert "0000:02:00.0 (mapping other), which VM 109, still down, needs" in held[111]
+
+
+def test_a_guest_down_with_a_mapping_of_its_own_is_robbed_of_nothing() -> None:
+    """``recover 104 --swap``: 105 (mapping 01:00.0 or 41:00.0) was shut down to give 104 its
+    01:00.0 back. 104 starts first; 105, started after it, takes the other device."""
+    mapped = holder(105, RESERVED_GPU)
+    mapped.restart_needs = [POOL]
+    assert hold_back([(holder(104, RESERVED_GPU), [need([GPU])])], [], [mapped]) == {}
+    # with 02:00.0 reserved by a running VM, 01:00.0 is the only one left for 105
+    busy = [holder(130, RESERVED_GPU2)]
+    held = hold_back([(holder(104, RESERVED_GPU), [need([GPU])])], busy, [mapped])
+    assert held == {104: "its start now would take 0000:01:00.0, which VM 105, still down, "
+                    "needs: it starts after VM 105"}  # fmt: skip
 
 
 def test_forecast_keeps_a_mapped_holder_down_until_the_fixed_one_starts() -> None:
