@@ -571,11 +571,11 @@ def plan_restart(
 
 
 def hold_back(
-    starting: list[tuple[Holder, list[Need]]], running: list[Holder], waiting: list[Holder]
+    starting: list[Holder], running: list[Holder], waiting: list[Holder]
 ) -> dict[int, str]:
-    """Of the guests about to start (in their order, each as the holder it was and the needs of
-    its start), those whose start would take what a guest still down (``waiting``) needs:
-    vmid → why. They wait for it, and start after it.
+    """Of the guests about to start (in their order, each as the holder it was, with the
+    ``restart_needs`` of its start), those whose start would take what a guest still down
+    (``waiting``) needs: vmid → why. They wait for it, and start after it.
 
     A mapping's device is chosen again at each start: the first one no running VM has reserved
     (docs/pve-facts.md §5). PVE knows nothing of a guest kept down, so a mapped guest started
@@ -584,13 +584,13 @@ def hold_back(
     """
     held: dict[int, str] = {}
     while True:
-        down = waiting + [h for h, _ in starting if h.vmid in held]
+        down = waiting + [h for h in starting if h.vmid in held]
         before = list(running)
         found = None
-        for holder, needs in starting:
+        for holder in starting:
             if holder.vmid in held:
                 continue
-            found = _takes_from(holder.guest, needs, before, down)
+            found = _takes_from(holder.guest, holder.restart_needs, before, down)
             if found is not None:
                 taken, address = found
                 name = taken.guest.label
@@ -604,20 +604,25 @@ def hold_back(
             return held
 
 
+def _picked(needs: list[Need], plan: FreePlan) -> list[tuple[Need, Claim]]:
+    """What a start by ``plan`` takes, each claim with the need it serves, reserved as PVE
+    reserves a VM's devices at its start."""
+    return [
+        (need, Claim(c.address, c.units, c.kind, RESERVED))
+        for need, pick in zip(needs, plan.picks, strict=True)
+        if pick is not None
+        for c in need.alternatives[pick]
+    ]
+
+
 def _takes_from(
     guest: Guest, needs: list[Need], running: list[Holder], down: list[Holder]
 ) -> tuple[Holder, str] | None:
     """The guest of ``down`` whose units the start of ``guest`` now would take, and what: a guest
     with a mapping of its own (its ``restart_needs``) is only robbed when no alternative is left
     free for it once ``guest`` runs."""
-    plan = plan_free(guest, needs, running, frozenset())
-    taken = [
-        (need, claim)
-        for need, pick in zip(needs, plan.picks, strict=False)
-        for claim in (need.alternatives[pick] if pick is not None else ())
-    ]
-    # as it will run: its devices reserved, as PVE does at the start
-    started = Holder(guest, [Claim(c.address, c.units, c.kind, RESERVED) for _, c in taken])
+    taken = _picked(needs, plan_free(guest, needs, running, frozenset()))
+    started = Holder(guest, [c for _, c in taken])  # as it will run
     for holder in down:
         hit = next(
             ((n, c) for n, c in taken if any(c.conflicts_with(h) for h in holder.claims)), None
@@ -863,9 +868,7 @@ def forecast_job(
         # fixed devices first, as the hook starts them
         back.sort(key=lambda v: (any(len(n.alternatives) > 1 for n in by_vmid[v].restart_needs), v))
         waiting = [by_vmid[v] for v in stopped_for if v not in back]
-        later_still = hold_back(
-            [(by_vmid[v], by_vmid[v].restart_needs) for v in back], others, waiting
-        )
+        later_still = hold_back([by_vmid[v] for v in back], others, waiting)
         for vmid in back:
             if vmid not in later_still:
                 bring_back(vmid, clock, step)
@@ -954,12 +957,8 @@ def plan_swap(
         return None, f"{label} {why}"
     if blocker.guest.kind != GuestKind.QEMU or blocker.starting:
         return None, f"{label} has no other device to take"
-    reserved: list[Claim] = []
-    for need, pick in zip(needs, plan.picks, strict=True):
-        chosen = need.alternatives[pick] if pick is not None else ()
-        reserved += [Claim(c.address, c.units, c.kind, RESERVED) for c in chosen]
     others = [h for h in holders if h.vmid not in (blocker.vmid, target.vmid)]
-    others.append(Holder(target, reserved))
+    others.append(Holder(target, [c for _, c in _picked(needs, plan)]))
     back = plan_free(blocker.guest, blocker_needs, others, frozenset())
     if back.stops or back.refusal is not None or None in back.picks:
         return None, f"{label} would find no other free device if started after {target.label}"

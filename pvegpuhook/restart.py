@@ -115,7 +115,7 @@ def survey(
             )
     ranks: dict[int, int] = {}
     holders = None
-    startable: dict[int, tuple[Record, list[Need]]] = {}
+    startable: dict[int, Record] = {}
     after: dict[int, str] = {}
     here = None
     for record in records:
@@ -144,11 +144,11 @@ def survey(
                 f"{conflict.address} is held by {conflict.holder.guest.label}{starting}"
             )
         else:
-            startable[record.vmid] = (record, needs)
+            startable[record.vmid] = record
     down = [r for r in waiting or [] if not runtime.running(r.kind, r.vmid)]
     if startable and down:
         order = sorted(startable, key=lambda v: restart_order(v, orders, ranks))
-        starting = [(record_holder(startable[v][0], inventory), startable[v][1]) for v in order]
+        starting = [record_holder(startable[v], inventory) for v in order]
         others = [record_holder(r, inventory) for r in down]
         after = hold_back(starting, holders or [], others)
     return plan_restart(

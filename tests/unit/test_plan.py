@@ -824,30 +824,36 @@ def test_a_holder_pve_would_not_start_again_is_never_stopped() -> None:
 POOL = need([GPU], [GPU2], mapping="pool")
 
 
+def again(vmid: int, held: Claim, *needs: Need) -> Holder:
+    """A recorded VM as it will start again: it held ``held``; its start needs ``needs``."""
+    found = holder(vmid, held)
+    found.restart_needs = list(needs)
+    return found
+
+
 def test_a_mapped_guest_waits_for_the_holder_whose_device_it_would_take() -> None:
     """PVE gives a mapped VM the first device no running VM reserved: with 107 down, 109 would
     take 107's 01:00.0 instead of the 02:00.0 it had, and 107 could not start again."""
-    mapped = holder(109, RESERVED_GPU2)
-    kept = holder(107, RESERVED_GPU)
-    assert hold_back([(mapped, [POOL])], [], [kept]) == {
+    mapped = again(109, RESERVED_GPU2, POOL)
+    kept = again(107, RESERVED_GPU, need([GPU]))
+    assert hold_back([mapped], [], [kept]) == {
         109: "its start now would take 0000:01:00.0 (mapping pool), which VM 107, still down, "
         "needs: it starts after VM 107"
     }
     # 01:00.0 reserved by a running VM: it takes 02:00.0, which nobody down needs
-    assert hold_back([(mapped, [POOL])], [holder(130, RESERVED_GPU)], [kept]) == {}
+    assert hold_back([mapped], [holder(130, RESERVED_GPU)], [kept]) == {}
     # started together, 107 first (fixed devices first): 109 takes 02:00.0 again
-    assert hold_back([(kept, [need([GPU])]), (mapped, [POOL])], [], []) == {}
+    assert hold_back([kept, mapped], [], []) == {}
     # a holder down that needs neither of its devices keeps nobody waiting
-    assert hold_back([(mapped, [POOL])], [], [holder(108, RESERVED_GPU3)]) == {}
+    assert hold_back([mapped], [], [holder(108, RESERVED_GPU3)]) == {}
 
 
 def test_a_guest_held_back_keeps_its_own_device_for_itself() -> None:
     """109 waits for 107; 111 (another mapping of 02:00.0 and 03:00.0) would then take 109's
-    02:00.0: it waits too."""
+    02:00.0: it waits too. (107's record knows only what it held: a CT's, say.)"""
     other = need([GPU2], [GPU3], mapping="other")
-    mapped = holder(109, RESERVED_GPU2)
-    mapped.restart_needs = [POOL]  # 01:00.0 stays 107's: 02:00.0 is all that is left for it
-    starting = [(mapped, [POOL]), (holder(111, RESERVED_GPU3), [other])]
+    # 01:00.0 stays 107's: 02:00.0 is all that is left for 109
+    starting = [again(109, RESERVED_GPU2, POOL), again(111, RESERVED_GPU3, other)]
     held = hold_back(starting, [], [holder(107, RESERVED_GPU)])
     assert sorted(held) == [109, 111]
     assert "0000:02:00.0 (mapping other), which VM 109, still down, needs" in held[111]
@@ -856,12 +862,11 @@ def test_a_guest_held_back_keeps_its_own_device_for_itself() -> None:
 def test_a_guest_down_with_a_mapping_of_its_own_is_robbed_of_nothing() -> None:
     """``recover 104 --swap``: 105 (mapping 01:00.0 or 41:00.0) was shut down to give 104 its
     01:00.0 back. 104 starts first; 105, started after it, takes the other device."""
-    mapped = holder(105, RESERVED_GPU)
-    mapped.restart_needs = [POOL]
-    assert hold_back([(holder(104, RESERVED_GPU), [need([GPU])])], [], [mapped]) == {}
+    mapped = again(105, RESERVED_GPU, POOL)
+    fixed = again(104, RESERVED_GPU, need([GPU]))
+    assert hold_back([fixed], [], [mapped]) == {}
     # with 02:00.0 reserved by a running VM, 01:00.0 is the only one left for 105
-    busy = [holder(130, RESERVED_GPU2)]
-    held = hold_back([(holder(104, RESERVED_GPU), [need([GPU])])], busy, [mapped])
+    held = hold_back([fixed], [holder(130, RESERVED_GPU2)], [mapped])
     assert held == {104: "its start now would take 0000:01:00.0, which VM 105, still down, "
                     "needs: it starts after VM 105"}  # fmt: skip
 
@@ -869,8 +874,7 @@ def test_a_guest_down_with_a_mapping_of_its_own_is_robbed_of_nothing() -> None:
 def test_forecast_keeps_a_mapped_holder_down_until_the_fixed_one_starts() -> None:
     """vzdump 101 110 111: 101 needs both GPUs, 110 the second, 111 the first. Job-aware,
     109 (mapped, on 02:00.0) is needed last by 110, 107 (01:00.0) by 111: 109 waits for 107."""
-    mapped = holder(109, RESERVED_GPU2)
-    mapped.restart_needs = [POOL]
+    mapped = again(109, RESERVED_GPU2, POOL)
     order = [
         (guest(101), False, [need([GPU]), need([GPU2])]),
         (guest(110), False, [need([GPU2])]),
